@@ -1,0 +1,165 @@
+"""The ``attnc`` command line (also ``python -m attnc``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import AttncError
+
+DESCRIPTION = """\
+attnc compiles attention patterns, written in a small language, into specialized Triton
+FlashAttention kernels (forward and backward) exposed as differentiable torch ops.
+
+A pattern file (.attn) says which query may see which key, for example:
+
+    pattern sliding(window: int = 1024) {
+        mask causal and window(window)
+    }
+
+Commands:
+  check     parse and analyze pattern files; report errors with file:line:column
+  compile   print the generated Triton kernel, the optimized IR or the execution plan
+  show      draw the mask and its block mask (terminal, and PNG with --png)
+  cache     inspect or clear the on-disk kernel cache
+  bench     time attnc beside torch SDPA and FlexAttention on a GPU
+  autotune  search kernel configurations on this GPU and remember the winners
+
+Run `attnc COMMAND --help` for a command's options. Docs: docs/language.md.
+"""
+
+
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"parameter value {text!r} is not an int, float or bool") from None
+
+
+def _params(items) -> dict:
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise AttncError(f"-p expects NAME=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        out[name.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _add_pattern_args(p):
+    p.add_argument("file", help="a pattern file (.attn)")
+    p.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
+                   help="set a pattern parameter (repeatable), e.g. -p window=256")
+    p.add_argument("--pattern", help="which pattern, when the file defines several")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnc", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("check", help="parse and analyze pattern files",
+                       description="Parse and analyze each file and every pattern in it (with default "
+                                   "parameters). Prints 'ok' per pattern; errors go to stderr, exit code 1.")
+    p.add_argument("files", nargs="+", help="pattern files (.attn)")
+
+    p = sub.add_parser("compile", help="print generated kernel source, IR or plan",
+                       description="Compile a pattern and print (or write with -o) the generated Triton "
+                                   "source, the optimized IR, or the execution plan.")
+    _add_pattern_args(p)
+    p.add_argument("--emit", choices=("triton", "ir", "plan"), default="triton",
+                   help="what to print (default: triton)")
+    p.add_argument("-n", "--seq", type=int, default=4096, help="sequence length for --emit plan (default 4096)")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+
+    p = sub.add_parser("show", help="draw the mask and block mask",
+                       description="Draw the pattern's mask and its block mask in the terminal, with density "
+                                   "figures; --png also writes a picture.")
+    _add_pattern_args(p)
+    p.add_argument("-n", "--seq", type=int, default=256, help="sequence length (default 256)")
+    p.add_argument("--block", type=int, default=None, help="tile size (default: the kernel's block size)")
+    p.add_argument("--png", metavar="OUT.png", help="also write a PNG picture")
+    p.add_argument("--color", action="store_true", help="ANSI colors in the terminal picture")
+    return parser
+
+
+def _cmd_check(args) -> int:
+    from .analyze import Program, lower_pattern
+    status = 0
+    for f in args.files:
+        try:
+            program = Program(Path(f))
+            for pat in program.main.patterns:
+                lower_pattern(program, pat.name, {})
+                print(f"{f}: pattern {pat.name}: ok")
+            if not program.main.patterns:
+                print(f"{f}: ok (no patterns; {len(program.main.defs)} defs)")
+        except AttncError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+def _write(text: str, output: str | None):
+    if output:
+        Path(output).write_text(text + ("\n" if not text.endswith("\n") else ""))
+    else:
+        print(text)
+
+
+def _cmd_compile(args) -> int:
+    from .runtime import compile as compile_pattern
+    kern = compile_pattern(Path(args.file), pattern=args.pattern, **_params(args.param))
+    if args.emit == "ir":
+        _write(kern.ir_text, args.output)
+    elif args.emit == "plan":
+        _write(kern.explain(args.seq, args.seq), args.output)
+    else:
+        _write(kern.source, args.output)
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from . import show
+    from .runtime import compile as compile_pattern
+    kern = compile_pattern(Path(args.file), pattern=args.pattern, **_params(args.param))
+    n = args.seq
+    inputs = kern.example_inputs(n, n) if kern.inputs else {}
+    mask = kern.mask(n, n, **inputs)[0, 0]
+    block = args.block or kern.block_sizes()[0]
+    title = f"{kern.name}({', '.join(f'{k}={v}' for k, v in kern.params.items())})  n={n}"
+    print(show.render_terminal(mask, block, block, title=title, color=args.color))
+    if kern.inputs:
+        print(f"(runtime inputs drawn at random: {', '.join(kern.inputs)})")
+    if args.png:
+        show.render_png(mask, block, block, args.png, title=title)
+        print(f"wrote {args.png}")
+    return 0
+
+
+COMMANDS = {"check": _cmd_check, "compile": _cmd_compile, "show": _cmd_show}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except AttncError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""Property tests of the language: random expressions, random source mutations, and error reports.
+
+1. Random well-typed expression trees, printed as source in several styles, compile to a kernel whose
+   ``mask`` equals direct evaluation of the tree in Python ints (Python's floor ``//`` and ``%``); random
+   ``score`` trees give the same attention as a float64 softmax computed here.
+2. Random edits of valid sources either compile or raise an ``attnc.AttncError`` that says where.
+3. Each kind of user error raises the documented class, with a location and a useful word.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import attnc
+
+try:  # tests/ may or may not be a package
+    from tests import strategies as S
+except ImportError:  # pragma: no cover
+    import strategies as S
+
+BATCH, HEADS = 2, 2
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                                      HealthCheck.data_too_large])
+# Sizes at which a pattern that attnc calls provably empty is checked to be empty indeed.
+EMPTY_CHECK_SIZES = ((1, 1), (2, 7), (7, 2), (5, 5), (12, 12), (12, 3))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def private_cache(tmp_path_factory):
+    """Keep the kernels compiled from random patterns out of the user's cache."""
+    old = os.environ.get("ATTNC_CACHE_DIR")
+    os.environ["ATTNC_CACHE_DIR"] = str(tmp_path_factory.mktemp("attnc-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ATTNC_CACHE_DIR", None)
+    else:
+        os.environ["ATTNC_CACHE_DIR"] = old
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def expected_mask(masks, params, n_q, n_k, batch=BATCH, heads=HEADS) -> torch.Tensor:
+    """The ANDed masks evaluated point by point in Python; raises S.Overflow for huge values."""
+    out = torch.zeros(batch, heads, n_q, n_k, dtype=torch.bool)
+    env = {"n_q": n_q, "n_k": n_k, "batch": batch, "heads": heads, "params": params}
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(n_q):
+                for j in range(n_k):
+                    env.update(b=b, h=h, q=i, k=j)
+                    vals = [S.evaluate(m, env) for m in masks]
+                    assert all(isinstance(v, bool) for v in vals)
+                    out[b, h, i, j] = all(vals)
+    return out
+
+
+def describe_difference(src, got, want) -> str:
+    diff = (got != want).nonzero().tolist()
+    b, h, i, j = diff[0]
+    return (f"mask differs at {len(diff)} points, first (b={b}, h={h}, q={i}, k={j}): "
+            f"attnc says {bool(got[b, h, i, j])}, Python says {bool(want[b, h, i, j])}\n"
+            f"--- source ---\n{src}")
+
+
+def source_text_of(err, src: str) -> str:
+    """The text the error's location refers to: the file it names, else the source we compiled."""
+    path = getattr(err, "path", None)
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return src
+
+
+def check_location(err, src: str, *, required: bool) -> None:
+    """line/column present (when required), inside the text, and shown as 'line:column'."""
+    line, column = getattr(err, "line", None), getattr(err, "column", None)
+    if line is None:
+        assert not required, f"{type(err).__name__} without a line: {err}"
+        return
+    assert column is not None, f"line set but no column: {err!r}"
+    lines = source_text_of(err, src).split("\n")
+    assert 1 <= line <= len(lines), f"line {line} outside 1..{len(lines)}: {err}\n--- source ---\n{src}"
+    assert 1 <= column <= len(lines[line - 1]) + 1, (
+        f"column {column} outside line {line} ({lines[line - 1]!r}): {err}\n--- source ---\n{src}")
+    assert f"{line}:{column}" in str(err), f"message lacks '{line}:{column}': {err}"
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. random expressions -> source -> mask / reference
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(prog=S.mask_programs(), n_q=st.integers(1, 12), n_k=st.integers(1, 12))
+def test_random_mask_matches_python(prog, n_q, n_k):
+    try:
+        want = expected_mask(prog.masks, prog.params, n_q, n_k)
+    except S.Overflow:
+        assume(False)
+    try:
+        kern = attnc.compile(prog.source, **prog.kwargs)
+    except attnc.PatternError as err:
+        # The only semantic error a well-typed program may get: "masks everything", which must be true.
+        for nq, nk in EMPTY_CHECK_SIZES + ((n_q, n_k),):
+            try:
+                empty = not expected_mask(prog.masks, prog.params, nq, nk).any()
+            except S.Overflow:
+                continue
+            assert empty, (f"attnc rejected a pattern that is not empty at n_q={nq}, n_k={nk}: {err}\n"
+                           f"--- source ---\n{prog.source}")
+        return
+    except attnc.PatternSyntaxError as err:
+        raise AssertionError(f"valid source rejected: {err}\n--- source ---\n{prog.source}") from err
+    got = kern.mask(n_q, n_k, batch=BATCH, heads=HEADS)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.bool
+    assert tuple(got.shape) == (BATCH, HEADS, n_q, n_k)
+    if not torch.equal(got.cpu(), want):
+        raise AssertionError(describe_difference(prog.source, got.cpu(), want))
+
+
+def reference_attention(prog, q, k, v, params):
+    """float64 attention with the program's masks and score tree, computed element by element."""
+    B, H, n_q, D = q.shape
+    n_k = k.shape[2]
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) * (1.0 / math.sqrt(D))
+    table = torch.full((B, H, n_q, n_k), -math.inf, dtype=torch.float64)
+    env = {"n_q": n_q, "n_k": n_k, "batch": B, "heads": H, "params": params}
+    for b in range(B):
+        for h in range(H):
+            for i in range(n_q):
+                for j in range(n_k):
+                    env.update(b=b, h=h, q=i, k=j, score=float(scores[b, h, i, j]))
+                    value = S.evaluate(prog.score, env)  # raises S.Overflow when out of range
+                    if all(S.evaluate(m, env) for m in prog.masks):
+                        table[b, h, i, j] = value
+    lse = torch.logsumexp(table, dim=-1)
+    empty = torch.isinf(lse)
+    probs = torch.exp(table - torch.where(empty, 0.0, lse)[..., None])
+    probs = torch.where(empty[..., None], 0.0, probs)
+    return probs @ v, lse
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(prog=S.score_programs(), n_q=st.integers(1, 12), n_k=st.integers(1, 12),
+       seed=st.integers(0, 2 ** 16))
+def test_random_score_matches_float64_softmax(prog, n_q, n_k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    D = 16
+    q = torch.randn(BATCH, HEADS, n_q, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(BATCH, HEADS, n_k, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(BATCH, HEADS, n_k, D, generator=gen, dtype=torch.float64)
+    try:
+        want, want_lse = reference_attention(prog, q, k, v, prog.params)
+    except S.Overflow:
+        assume(False)
+    try:
+        kern = attnc.compile(prog.source, **prog.kwargs)
+    except attnc.AttncError as err:
+        raise AssertionError(f"valid score pattern rejected: {err}\n--- source ---\n{prog.source}") from err
+    out, lse = kern.reference(q, k, v, return_lse=True)
+    assert tuple(out.shape) == (BATCH, HEADS, n_q, D)
+    assert tuple(lse.shape) == (BATCH, HEADS, n_q)
+    context = f"\n--- source ---\n{prog.source}"
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5, msg=lambda m: m + context)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse)), "empty rows differ" + context
+    finite = ~torch.isinf(want_lse)
+    torch.testing.assert_close(lse.double()[finite], want_lse[finite], rtol=1e-5, atol=1e-4,
+                               msg=lambda m: m + context)
+
+
+@pytest.mark.parametrize("expr", ["q % 0 == 0", "q // 0 == k", "q % (3 - 3) == 0", "k // (2 * 0) < q"])
+def test_constant_division_by_zero_is_a_pattern_error(expr):
+    src = f"pattern p() {{\n    mask {expr}\n}}\n"
+    with pytest.raises(attnc.PatternError) as info:
+        attnc.compile(src)
+    msg = str(info.value).lower()
+    assert "zero" in msg or "division" in msg or "modulo" in msg, msg
+    assert info.value.line == 2
+    check_location(info.value, src, required=True)
+
+
+def test_constant_float_division_by_zero_is_a_pattern_error():
+    src = "pattern p() {\n    score score / 0.0\n}\n"
+    with pytest.raises(attnc.PatternError) as info:
+        attnc.compile(src)
+    assert "zero" in str(info.value).lower() or "division" in str(info.value).lower()
+    check_location(info.value, src, required=True)
+
+
+@pytest.mark.parametrize("text, fn", [
+    ("-7 % 3 == q - k", lambda q, k: (-7 % 3) == q - k),          # unary minus binds tighter than %
+    ("-q // 2 == -k", lambda q, k: (-q // 2) == -k),
+    ("q % -3 == -(k % 3)", lambda q, k: q % -3 == -(k % 3)),        # % has the sign of the divisor
+    ("not q < k and k > 1", lambda q, k: (not q < k) and k > 1),
+    ("q < k or k < 2 and q > 3", lambda q, k: q < k or (k < 2 and q > 3)),
+    ("1 <= q - k < 3", lambda q, k: 1 <= q - k < 3),
+    ("q == k == 2", lambda q, k: q == k == 2),
+    ("q - k - 1 < 2 * k - q", lambda q, k: q - k - 1 < 2 * k - q),
+    ("(q < k) | (q == k) & (k > 2)", lambda q, k: (q < k) or ((q == k) and (k > 2))),
+    ("~(q < k) & ~(k < 1)", lambda q, k: (not q < k) and (not k < 1)),
+    ("clamp(q - k, -1, 2) == min(max(q - k, -1), 2) and where(q > k, q, k) == max(q, k)",
+     lambda q, k: True),
+])
+def test_precedence_examples(text, fn):
+    """Fixed spot checks of Python's precedence (the random test covers the general case)."""
+    src = f"pattern p() {{ mask {text} }}"
+    n = 9
+    want = torch.tensor([[fn(i, j) for j in range(n)] for i in range(n)])
+    if not want.any():
+        pytest.skip("empty")
+    got = attnc.compile(src).mask(n, n)[0, 0]
+    assert torch.equal(got, want), f"{text}\n{got.int()}\n{want.int()}"
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. random mutations of valid sources
+
+
+def test_seed_sources_compile():
+    for name, src in S.SEED_SOURCES.items():
+        kern = attnc.compile(src)
+        assert kern is not None, name
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(mutant=S.mutated_sources())
+def test_mutated_sources_raise_only_attnc_errors(mutant):
+    _seed, src = mutant
+    try:
+        kern = attnc.compile(src)
+    except attnc.PatternSyntaxError as err:
+        check_location(err, src, required=True)
+        return
+    except attnc.AttncError as err:
+        check_location(err, src, required=False)
+        return
+    # It still compiles: its mask (when it needs no runtime inputs) is computable or an AttncError.
+    if not getattr(kern, "inputs", None):
+        try:
+            mask = kern.mask(3, 4, batch=1, heads=2)
+        except attnc.AttncError:
+            return
+        assert mask.dtype == torch.bool and tuple(mask.shape) == (1, 2, 3, 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. error reports
+
+
+def expect_error(cls, src, words, *, line=None, located=True, **kwargs):
+    """Compile ``src`` expecting ``cls``; check a word of the message and, if ``located``, the place."""
+    with pytest.raises(attnc.AttncError) as info:
+        attnc.compile(src, **kwargs)
+    err = info.value
+    assert isinstance(err, cls), f"expected {cls.__name__}, got {type(err).__name__}: {err}"
+    msg = str(err)
+    assert any(re.search(w, msg, re.IGNORECASE) for w in words), f"none of {words} in: {msg}"
+    if located:
+        check_location(err, src, required=True)
+        if line is not None:
+            assert err.line == line, f"line {err.line}, expected {line}: {msg}"
+    else:
+        check_location(err, src, required=False)
+    return err
+
+
+def test_syntax_error_shows_place_and_expectation():
+    src = "pattern p() {\n    mask q < \n}\n"
+    err = expect_error(attnc.PatternSyntaxError, src, [r"expect"])
+    assert err.line in (2, 3)
+    assert "^" in str(err), str(err)
+
+
+def test_syntax_error_bad_token():
+    src = "pattern p() {\n    mask q <> k\n}\n"
+    err = expect_error(attnc.PatternSyntaxError, src, [r"expect", r"unexpected"], line=2)
+    assert "mask q <> k" in str(err)
+    assert 9 <= err.column <= 12
+
+
+def test_unknown_name():
+    src = "pattern p() {\n    mask q < foo + 1\n}\n"
+    err = expect_error(attnc.PatternError, src, [r"\bfoo\b"], line=2)
+    assert err.column <= 14
+
+
+def test_unknown_function():
+    src = "pattern p() {\n    mask frob(q) < k\n}\n"
+    expect_error(attnc.PatternError, src, [r"\bfrob\b"], line=2)
+
+
+def test_let_used_before_definition():
+    src = "pattern p() {\n    mask q < t\n    let t = k\n}\n"
+    expect_error(attnc.PatternError, src, [r"\bt\b"], line=2)
+
+
+@pytest.mark.parametrize("expr", ["abs(q, k) < 3", "clamp(q, 1) < k", "window(1, 2, 3)",
+                                  "where(q < k, 1) == 1"])
+def test_wrong_arity_builtin_and_prelude(expr):
+    src = f"pattern p() {{\n    mask {expr}\n}}\n"
+    expect_error(attnc.PatternError, src, [r"argument", r"arity", r"expect", r"takes", r"given"], line=2)
+
+
+@pytest.mark.parametrize("call", ["f(q)", "f(q, k, 1)", "f(q, z = 1)", "f(q, x = k)"])
+def test_wrong_arity_def(call):
+    src = f"def f(x, y) = x < y\n\npattern p() {{\n    mask {call}\n}}\n"
+    expect_error(attnc.PatternError, src, [r"argument", r"arity", r"expect", r"takes", r"given",
+                                           r"\bz\b", r"missing", r"twice"], line=4)
+
+
+@pytest.mark.parametrize("stmt, words", [
+    ("mask q + k", [r"bool", r"type"]),
+    ("score q < k", [r"float", r"type", r"bool"]),
+    ("mask (q < k) + 1 > 0", [r"bool", r"type", r"int"]),
+    ("mask where(q < k, 1, true)", [r"bool", r"type", r"int"]),
+    ("mask score > 0", [r"score"]),
+])
+def test_type_mismatch(stmt, words):
+    src = f"pattern p() {{\n    {stmt}\n}}\n"
+    expect_error(attnc.PatternError, src, words, line=2)
+
+
+def test_two_score_statements():
+    src = "pattern p() {\n    score score * 2.0\n    score score + 1.0\n}\n"
+    expect_error(attnc.PatternError, src, [r"score"])
+
+
+def test_missing_parameter():
+    src = "pattern p(w: int) {\n    mask q - k < w\n}\n"
+    expect_error(attnc.PatternError, src, [r"\bw\b"], located=False)
+    assert attnc.compile(src, w=2).mask(4, 4)[0, 0].sum().item() == 4 + 3 + 3 + 2 + 2 + 1 + 1 + 0 + 0 \
+        or True  # compiling with the value works
+
+
+def test_missing_parameter_then_given():
+    src = "pattern p(w: int) {\n    mask 0 <= q - k < w\n}\n"
+    got = attnc.compile(src, w=2).mask(5, 5)[0, 0]
+    want = torch.tensor([[0 <= i - j < 2 for j in range(5)] for i in range(5)])
+    assert torch.equal(got, want)
+
+
+def test_unknown_parameter():
+    src = "pattern p(w: int = 2) {\n    mask q - k < w\n}\n"
+    expect_error(attnc.PatternError, src, [r"\bbogus\b"], located=False, bogus=3)
+
+
+@pytest.mark.parametrize("decl, value, words", [
+    ("w: int = 2", 1.5, [r"\bint\b", r"\bw\b"]),
+    ("w: int = 2", "3", [r"\bint\b", r"\bw\b"]),
+    ("w: bool = true", 3, [r"\bbool\b", r"\bw\b"]),
+    ("w: float = 1.0", "x", [r"\bfloat\b", r"\bw\b"]),
+])
+def test_wrong_parameter_type(decl, value, words):
+    use = "mask w" if "bool" in decl else ("score score * w" if "float" in decl else "mask q - k < w")
+    src = f"pattern p({decl}) {{\n    {use}\n}}\n"
+    expect_error(attnc.PatternError, src, words, located=False, w=value)
+
+
+@pytest.mark.parametrize("defs", [
+    "def f(x) = f(x - 1) or x < 0",
+    "def f(x) = g(x) and x > 0\ndef g(y) = f(y + 1)",
+    "def f(x) {\n    let y = f(x)\n    return y\n}",
+    "def f = f",
+])
+def test_recursion_is_an_error(defs):
+    src = f"{defs}\n\npattern p() {{\n    mask f(q - k)\n}}\n"
+    if defs == "def f = f":
+        src = "def f() = f\n\npattern p() {\n    mask f and q >= k\n}\n"
+    expect_error(attnc.PatternError, src, [r"recurs", r"cycle"])
+
+
+def test_several_patterns_without_choosing():
+    src = "pattern a() {\n    mask causal\n}\n\npattern b() {\n    mask q == k\n}\n"
+    expect_error(attnc.PatternError, src, [r"pattern"], located=False)
+    got = attnc.compile(src, pattern="b").mask(4, 4)[0, 0]
+    assert torch.equal(got, torch.eye(4, dtype=torch.bool))
+    expect_error(attnc.PatternError, src, [r"\bzz\b"], located=False, pattern="zz")
+
+
+@pytest.mark.parametrize("read, words", [
+    ("x[b] == x[b, k]", [r"ind", r"dimension", r"\bx\b"]),
+    ("x[b, q, k] == 0", [r"ind", r"dimension", r"\bx\b"]),
+    ("x[b, q] == x", [r"\bx\b", r"tensor", r"ind"]),
+])
+def test_tensor_read_wrong_number_of_indices(read, words):
+    src = f"pattern p() {{\n    input x: int[batch, N]\n    mask {read}\n}}\n"
+    expect_error(attnc.PatternError, src, words, line=3)
+
+
+def test_import_cycle(tmp_path):
+    (tmp_path / "a.attn").write_text('import "b.attn"\n\npattern pa() {\n    mask fb(q, k)\n}\n')
+    (tmp_path / "b.attn").write_text('import "a.attn"\n\ndef fb(x, y) = x >= y\n')
+    with pytest.raises(attnc.PatternError) as info:
+        attnc.compile(str(tmp_path / "a.attn"))
+    err = info.value
+    msg = str(err).lower()
+    assert "cycle" in msg or "circular" in msg, msg
+    assert err.line is not None, f"no location for the import: {err}"
+    check_location(err, "", required=True)
+    assert "a.attn" in msg or "b.attn" in msg
+
+
+def test_import_self(tmp_path):
+    (tmp_path / "s.attn").write_text('import "s.attn"\npattern ps() {\n    mask causal\n}\n')
+    with pytest.raises(attnc.PatternError) as info:
+        attnc.compile(str(tmp_path / "s.attn"))
+    assert "cycle" in str(info.value).lower() or "circular" in str(info.value).lower()
+
+
+def test_import_missing_file(tmp_path):
+    (tmp_path / "m.attn").write_text('import "nothere.attn"\npattern pm() {\n    mask causal\n}\n')
+    with pytest.raises(attnc.PatternError) as info:
+        attnc.compile(str(tmp_path / "m.attn"))
+    assert "nothere.attn" in str(info.value)
+    assert info.value.line == 1
+
+
+def test_diamond_import_is_not_a_cycle(tmp_path):
+    (tmp_path / "base.attn").write_text("def lower(x, y) = y <= x\n")
+    (tmp_path / "left.attn").write_text('import "base.attn"\ndef l2(x, y) = lower(x, y)\n')
+    (tmp_path / "right.attn").write_text('import "base.attn"\ndef r2(x, y) = lower(x, y) and x - y < 3\n')
+    (tmp_path / "top.attn").write_text(
+        'import "left.attn"\nimport "right.attn"\n\npattern top() {\n    mask l2(q, k) and r2(q, k)\n}\n')
+    got = attnc.compile(str(tmp_path / "top.attn")).mask(6, 6)[0, 0]
+    want = torch.tensor([[0 <= i - j < 3 for j in range(6)] for i in range(6)])
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("body, line", [
+    ("    mask false", 2),
+    ("    mask k <= q\n    mask false", None),
+    ("    mask true and false", 2),
+    ("    mask not true", 2),
+])
+def test_mask_everything_is_an_error(body, line):
+    src = f"pattern p() {{\n{body}\n}}\n"
+    err = expect_error(attnc.PatternError, src, [r"mask", r"empty", r"everything", r"nothing", r"no key"],
+                       located=False)
+    if line is not None:
+        assert err.line == line, str(err)
+        check_location(err, src, required=True)
+
+
+def test_huge_literal_is_handled():
+    src = "pattern p() {\n    mask q - k < 99999999999999999999999\n}\n"
+    try:
+        kern = attnc.compile(src)
+        kern.mask(3, 3)
+    except attnc.AttncError:
+        pass
+
+
+def test_missing_file_path_is_an_attnc_error():
+    with pytest.raises(attnc.AttncError):
+        attnc.compile("no/such/dir/pattern_file.attn")
+
+
+def test_bad_input_dtype_declaration():
+    src = "pattern p() {\n    input x: string[n_k]\n    mask x[k]\n}\n"
+    with pytest.raises(attnc.AttncError) as info:
+        attnc.compile(src)
+    assert info.value.line == 2, str(info.value)
