@@ -80,7 +80,18 @@ def time_stats(fn: Callable[[], Any], warmup: float = 50, rep: float = 300,
 
     Uses ``triton.testing.do_bench`` (CUDA events, L2 cleared between runs); ``warmup`` and ``rep``
     are milliseconds of running, as there. ``spread`` is ``(p80 - p20) / median``.
+    On a machine without CUDA (smoke tests only) it falls back to a wall-clock loop.
     """
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(3):
+            for t in grad_to_none or ():
+                t.grad = None
+            times.append(wall_ms(fn, reps=1, warmup=0))
+        times.sort()
+        med = statistics.median(times)
+        return {"median": med, "p20": times[0], "p80": times[-1],
+                "spread": (times[-1] - times[0]) / med if med > 0 else None}
     do_bench, kwargs, mode = _do_bench_kwargs(warmup, rep, grad_to_none, (0.5, 0.2, 0.8))
     res = do_bench(fn, **kwargs)
     if mode == "quantiles" and isinstance(res, (list, tuple)) and len(res) >= 3:
@@ -321,17 +332,23 @@ def env_info(argv: list | None = None) -> dict:
 _FLEX_COMPILED = None
 
 
-def _flex():
-    """FlexAttention compiled once per process, as its users run it (``dynamic=False``)."""
+def _flex(device="cuda"):
+    """FlexAttention compiled once per process, as its users run it (``dynamic=False``).
+
+    On a CPU device (smoke tests) the eager function, as the anchor script's --cpu-smoke does.
+    """
     global _FLEX_COMPILED
+    if torch.device(device).type != "cuda":
+        from torch.nn.attention.flex_attention import flex_attention
+        return flex_attention
     if _FLEX_COMPILED is None:
-        import torch._dynamo
+        from torch._dynamo import config as dynamo_config
         from torch.nn.attention.flex_attention import flex_attention
         # Every mask_mod closure is a new guard; the default limit would fall back to eager.
         for knob in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, knob):
-                if getattr(torch._dynamo.config, knob) < 1000:
-                    setattr(torch._dynamo.config, knob, 1000)
+            if hasattr(dynamo_config, knob):
+                if getattr(dynamo_config, knob) < 1000:
+                    setattr(dynamo_config, knob, 1000)
                 break
         _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
     return _FLEX_COMPILED
@@ -340,7 +357,7 @@ def _flex():
 def _create_block_mask(mask_mod, bh, n_q: int, n_k: int, device):
     from torch.nn.attention.flex_attention import create_block_mask
     B_, H_ = bh if bh is not None else (None, None)
-    if "_compile" in inspect.signature(create_block_mask).parameters:
+    if "_compile" in inspect.signature(create_block_mask).parameters and torch.device(device).type == "cuda":
         return create_block_mask(mask_mod, B_, H_, n_q, n_k, device=device, _compile=True)
     return create_block_mask(mask_mod, B_, H_, n_q, n_k, device=device)
 
@@ -401,6 +418,28 @@ def _plain(x):
     return str(x)
 
 
+def _bool_mean(m: torch.Tensor) -> float:
+    """Fraction of True entries, counted in int64 (no float copy of a large mask)."""
+    return float(m.sum(dtype=torch.int64)) / max(1, m.numel())
+
+
+def _looks_dense_causal(kern, inputs: dict, seq: int, limit: int = 4096) -> bool:
+    """Is the pattern plain causal at this length? (Then SDPA's is_causal is a fair contender.)
+
+    Decided on the mask of batch 0, head 0 at ``min(seq, limit)``: a pattern with runtime inputs
+    is never taken as causal, and one that differs from causal only beyond ``limit`` (a causal
+    window wider than 4096) would be misjudged; pass ``sdpa_causal`` explicitly to be sure.
+    """
+    if inputs or getattr(kern, "inputs", None):
+        return False
+    n = min(seq, limit)
+    try:
+        m = torch.as_tensor(kern.mask(n, n, batch=1, heads=1)).reshape(n, n).bool().cpu()
+    except Exception:  # noqa: BLE001 - then it is not compared with SDPA
+        return False
+    return bool(torch.equal(m, torch.ones(n, n, dtype=torch.bool).tril()))
+
+
 def _round(x, nd=3):
     return None if x is None else round(float(x), nd)
 
@@ -435,9 +474,10 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
        explicit-mask float32 reference from ``kern.mask`` for small sizes, else ``kern.reference``
        on batch element 0; a failure is recorded in ``check`` and timing goes on;
     5. timing (``time_stats``) of attnc, FlexAttention (``create_block_mask`` timed separately,
-       wall clock) and, when the pattern is dense causal (``sdpa_causal``; by default when
-       ``kern.name == 'causal'``), SDPA's cuDNN and flash backends with ``is_causal=True``. SDPA
-       with an explicit boolean mask is not a fair contender (it cannot skip work) and is skipped.
+       wall clock) and, when the pattern is dense causal (``sdpa_causal``; by default when its
+       mask equals causal, see ``_looks_dense_causal``), SDPA's cuDNN and flash backends with
+       ``is_causal=True``. SDPA with an explicit boolean mask is not a fair contender (it cannot
+       skip work) and is skipped.
 
     Ratios ``attnc_vs_X_*`` are speed-ups of attnc over X (X time / attnc time; > 1: attnc faster).
     """
@@ -449,7 +489,7 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
     inputs = dict(inputs or {})
     pname = name or getattr(kern, "name", None) or "pattern"
     if sdpa_causal is None:
-        sdpa_causal = getattr(kern, "name", None) == "causal"
+        sdpa_causal = _looks_dense_causal(kern, inputs, seq)
     if flex_mask_mod is None:
         maker = getattr(kern, "flex_mask_mod", None)   # optional hook: kern.flex_mask_mod(**inputs)
         if callable(maker):
@@ -484,10 +524,10 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
     if dens is None:
         try:
             if inputs and B * H * N * N <= DENSE_MASK_LIMIT:
-                dens, src = float(kern.mask(N, N, batch=B, heads=H, **inputs).float().mean()), "kern.mask"
+                dens, src = _bool_mean(kern.mask(N, N, batch=B, heads=H, **inputs)), "kern.mask"
             elif not inputs and H * N * N <= DENSE_MASK_LIMIT:
                 # no runtime inputs: batch elements are alike, heads may differ
-                dens, src = float(kern.mask(N, N, batch=1, heads=H).float().mean()), "kern.mask(b=0)"
+                dens, src = _bool_mean(kern.mask(N, N, batch=1, heads=H)), "kern.mask(b=0)"
         except Exception as e:  # noqa: BLE001
             row["density_error"] = repr(e)[:200]
     row["density"] = _round(dens, 6)
@@ -499,23 +539,27 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
                for _ in range(3))
     dout = torch.randn(B, H, N, D, device=device, dtype=dtype, generator=gen)
     qkv = [q, k, v]
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    mem0 = torch.cuda.memory_allocated()
+    on_cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    peak = torch.cuda.max_memory_allocated if on_cuda else (lambda: 0)
+    sync()
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    mem0 = peak()
     t0 = time.perf_counter()
     out = kern(q, k, v, **inputs)
-    torch.cuda.synchronize()
+    sync()
     row["attnc_first_fwd_s"] = _round(time.perf_counter() - t0, 2)
-    row["attnc_fwd_extra_mem_mb"] = _round((torch.cuda.max_memory_allocated() - mem0) / 2**20, 1)
+    row["attnc_fwd_extra_mem_mb"] = _round((peak() - mem0) / 2**20, 1)
     bwd_ok, attnc_g = True, None
     try:
         if not out.requires_grad:
             raise NotImplementedError("the output has no grad_fn (no autograd registered)")
         t0 = time.perf_counter()
         out.backward(dout)
-        torch.cuda.synchronize()
+        sync()
         row["attnc_first_bwd_s"] = _round(time.perf_counter() - t0, 2)
-        row["attnc_fwdbwd_extra_mem_mb"] = _round((torch.cuda.max_memory_allocated() - mem0) / 2**20, 1)
+        row["attnc_fwdbwd_extra_mem_mb"] = _round((peak() - mem0) / 2**20, 1)
         attnc_g = _grads(*qkv)
     except Exception as e:  # noqa: BLE001
         bwd_ok = False
@@ -527,34 +571,43 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
     del out
     say(f"[{pname} N={N}] attnc compiled and ran (density {row['density']}, source {src})")
 
-    # 4. FlexAttention: block mask, first calls, reference for the check
+    # 4. FlexAttention: block mask, first calls, reference for the check. On CPU (smoke tests)
+    # FlexAttention has no backward, so its forward gets detached tensors there.
     flex_out = bm = flex_g = None
+    flex_bwd_ok = False
+    fq, fk, fv = (q, k, v) if on_cuda else (q.detach(), k.detach(), v.detach())
     if flex_mask_mod is not None and ("flex" in vs or check):
         try:
-            flex = _flex()
+            flex = _flex(device)
             t0 = time.perf_counter()
             bm = _create_block_mask(flex_mask_mod, flex_mask_bh, N, N, device)
-            torch.cuda.synchronize()
+            sync()
             row["flex_block_mask_first_s"] = _round(time.perf_counter() - t0, 2)
             try:
                 row["flex_block_density"] = _round(1 - float(bm.sparsity()) / 100, 5)
             except Exception:  # noqa: BLE001 - informative only
                 pass
             t0 = time.perf_counter()
-            fo = flex(q, k, v, block_mask=bm)
-            torch.cuda.synchronize()
+            fo = flex(fq, fk, fv, block_mask=bm)
+            sync()
             row["flex_first_fwd_s"] = _round(time.perf_counter() - t0, 2)
             flex_out = fo.detach()
-            t0 = time.perf_counter()
-            fo.backward(dout)
-            torch.cuda.synchronize()
-            row["flex_first_bwd_s"] = _round(time.perf_counter() - t0, 2)
-            flex_g = _grads(*qkv)
-            del fo
         except Exception as e:  # noqa: BLE001 - attnc's figures still count
             row["flex_error"] = repr(e)[:300]
             say(f"[{pname} N={N}] FlexAttention failed: {row['flex_error']}")
             bm = None
+        if flex_out is not None and fo.requires_grad:
+            try:
+                t0 = time.perf_counter()
+                fo.backward(dout)
+                sync()
+                row["flex_first_bwd_s"] = _round(time.perf_counter() - t0, 2)
+                flex_g = _grads(*qkv)
+                flex_bwd_ok = True
+            except Exception as e:  # noqa: BLE001
+                row["flex_bwd_error"] = repr(e)[:300]
+                say(f"[{pname} N={N}] FlexAttention backward failed: {row['flex_bwd_error']}")
+        fo = None
         _clear_grads(*qkv)
 
     # 4b. correctness
@@ -608,15 +661,16 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
         if bm is None:
             row.setdefault("flex_note", "FlexAttention not run (no mask_mod, or it failed)")
         else:
-            flex = _flex()
+            flex = _flex(device)
             row["flex_setup_ms"] = _round(
                 wall_ms(lambda: _create_block_mask(flex_mask_mod, flex_mask_bh, N, N, device)), 4)
-            row["flex_fwd_ms"] = _round(time_ms(lambda: flex(q, k, v, block_mask=bm),
+            row["flex_fwd_ms"] = _round(time_ms(lambda: flex(fq, fk, fv, block_mask=bm),
                                                 warmup=warmup, rep=rep), 4)
 
             def flex_fb():
                 flex(q, k, v, block_mask=bm).backward(dout)
-            row["flex_fwdbwd_ms"] = _round(time_ms(flex_fb, warmup=warmup, rep=rep, grad_to_none=qkv), 4)
+            row["flex_fwdbwd_ms"] = (_round(time_ms(flex_fb, warmup=warmup, rep=rep, grad_to_none=qkv), 4)
+                                     if flex_bwd_ok else None)
             say(f"[{pname} N={N}] flex timed: fwd {row['flex_fwd_ms']} ms, fwd+bwd {row['flex_fwdbwd_ms']} ms")
 
     if "sdpa" in vs:

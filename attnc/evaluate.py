@@ -88,7 +88,7 @@ OPS: dict[str, Op] = {
     "ne": Op(_binary(lambda a, b: a != b, torch.ne), "({0} != {1})"),
     "lt": Op(_binary(lambda a, b: a < b, torch.lt), "({0} < {1})"),
     "le": Op(_binary(lambda a, b: a <= b, torch.le), "({0} <= {1})"),
-    "not": Op(_unary(lambda a: not a, torch.logical_not), "(not_({0}))"),
+    "not": Op(_unary(lambda a: not a, torch.logical_not), "({0} == 0)"),
     "where": Op(_where, "tl.where({0}, {1}, {2})"),
 }
 

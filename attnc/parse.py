@@ -188,7 +188,10 @@ def _resource_text(package: str, local_dir: str, name: str) -> str:
     local = Path(__file__).resolve().parent.parent / local_dir / name
     if local.is_file():
         return local.read_text()
-    return resources.files(package).joinpath(name).read_text()
+    try:
+        return resources.files(package).joinpath(name).read_text()
+    except ModuleNotFoundError:
+        raise FileNotFoundError(f"attnc data file {local_dir}/{name} is missing") from None
 
 
 def grammar_text() -> str:

@@ -99,3 +99,80 @@ class Kernel:
             return self.reference(q, k, v, scale=scale, return_lse=return_lse, **inputs)
         from .launch import attention
         return attention(self, q, k, v, scale=scale, return_lse=return_lse, inputs=inputs)
+
+    # ---- generated code ----------------------------------------------------------------------------
+    @property
+    def source(self) -> str:
+        """The generated Triton source of the forward kernel, readable and commented."""
+        from .codegen import render_forward
+        from .launch import cached_source
+        return cached_source(self.ir, "fwd", render_forward)[0]
+
+    def _forward_module(self):
+        if getattr(self, "_fwd_module", None) is None:
+            from .codegen import render_forward
+            from .launch import cached_source, load_module
+            _, path = cached_source(self.ir, "fwd", render_forward)
+            self._fwd_module = load_module(path)
+        return self._fwd_module
+
+    # ---- planning ----------------------------------------------------------------------------------
+    def block_sizes(self, head_dim: int = 128, device: str = "cuda") -> tuple[int, int]:
+        """(block_m, block_n) of the default forward configuration for a GPU (or the interpreter)."""
+        from .launch import forward_config
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            return 128, 64
+        cfg = forward_config(head_dim, head_dim, dev, torch.bfloat16)
+        return cfg.block_m, cfg.block_n
+
+    def _tile_lists(self, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, device):
+        from .plan import TileClassifier, build_tile_lists
+        status = TileClassifier(self.ir, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs,
+                                device).classify()
+        return build_tile_lists(status)
+
+    def plan(self, n_q: int, n_k: int, batch: int = 1, heads: int = 1, block_m: int | None = None,
+             block_n: int | None = None, **inputs):
+        """The execution plan for these sizes (and runtime inputs): tiles computed, mode, transforms."""
+        from .codegen import kernel_mode
+        from .plan import TileClassifier, list_plan, static_plan
+        bm, bn = self.block_sizes()
+        bm, bn = block_m or bm, block_n or bn
+        sizes = check_inputs(self.ir, inputs, batch=batch, heads=heads, n_q=n_q, n_k=n_k)
+        if kernel_mode(self.ir) == "ranges":
+            return static_plan(self.ir, n_q, n_k, batch, heads, bm, bn)
+        device = next((t.device for t in inputs.values()), torch.device("cpu"))
+        status = TileClassifier(self.ir, n_q, n_k, batch, heads, bm, bn, sizes, inputs, device).classify()
+        return list_plan(self.ir, status, n_q, n_k, batch, heads, bm, bn)
+
+    def explain(self, n_q: int, n_k: int, batch: int = 1, heads: int = 1, **inputs) -> str:
+        """A person's account of the plan (what `attnc compile --emit plan` prints)."""
+        if self.ir.inputs and not inputs:
+            inputs = self.example_inputs(n_q, n_k, batch, heads)
+            note = f"\n  (runtime inputs drawn at random for this explanation: {', '.join(inputs)})"
+        else:
+            note = ""
+        return str(self.plan(n_q, n_k, batch, heads, **inputs)) + note
+
+    def example_inputs(self, n_q: int, n_k: int, batch: int = 1, heads: int = 1, seed: int = 0) -> dict:
+        """Random runtime inputs of the declared shapes (for `attnc show` and explanations).
+
+        Int inputs get small ids in sorted runs (documents), bools keep about half, floats are normal.
+        Size names other than the built-ins are taken as max(n_q, n_k).
+        """
+        g = torch.Generator().manual_seed(seed)
+        n = max(n_q, n_k)
+        known = {"batch": batch, "heads": heads, "n_q": n_q, "n_k": n_k}
+        out = {}
+        for name, decl in self.ir.inputs.items():
+            shape = [d if isinstance(d, int) else known.get(d, n) for d in decl.dims]
+            if decl.dtype == "int":
+                groups = max(2, min(8, shape[-1] // 16 or 2))
+                t = torch.randint(0, groups, shape, generator=g)
+                out[name] = torch.sort(t, dim=-1).values if len(shape) >= 1 else t
+            elif decl.dtype == "bool":
+                out[name] = torch.rand(shape, generator=g) < 0.5
+            else:
+                out[name] = torch.randn(shape, generator=g) * 0.1
+        return out

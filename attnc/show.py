@@ -22,8 +22,8 @@ from attnc.errors import AttncError, InputError
 # Tile classes, in the order of their int8 codes in block_status().
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
-# Elements a counting strip may hold; bounds the temporary memory of the reductions (~4 Mi bools
-# padded, plus the int64 partial sums torch makes while summing).
+# Elements a counting strip may hold; bounds the temporary memory of the reductions (a padded
+# copy of ~4 Mi bools at most, and their column sums).
 _STRIP_ELEMENTS = 1 << 22
 
 # Terminal glyphs. Element cells show the fraction of attended pairs in four steps so that a
@@ -81,10 +81,21 @@ def _true_counts(mask: torch.Tensor, cell_h: int, cell_w: int) -> torch.Tensor:
     for r0 in range(0, rows, strip_rows):
         r1 = min(rows, r0 + strip_rows)
         q0, q1 = r0 * cell_h, min(r1 * cell_h, n_q)
-        # Padding with False keeps the count of a boundary cell equal to its in-range count.
-        strip = torch.zeros((r1 - r0) * cell_h, cols * cell_w, dtype=torch.bool)
-        strip[: q1 - q0, :n_k] = mask[q0:q1]
-        counts[r0:r1] = strip.view(r1 - r0, cell_h, cols, cell_w).sum(dim=(1, 3))
+        strip = mask[q0:q1]
+        if q1 - q0 != (r1 - r0) * cell_h or n_k != cols * cell_w:
+            # Padding with False keeps the count of a boundary cell equal to its in-range count.
+            padded = torch.zeros((r1 - r0) * cell_h, cols * cell_w, dtype=torch.bool)
+            padded[: q1 - q0, :n_k] = strip
+            strip = padded
+        # Rows first, in uint8 while a cell's height fits in it: adding whole rows is a fast
+        # vectorised add, and it shrinks the data cell_h times before the slower column sums.
+        cells = strip.contiguous().view(torch.uint8).view(r1 - r0, cell_h, -1)
+        per_column = sum(cells[:, h:h + 255].sum(dim=1, dtype=torch.uint8).to(torch.int32)
+                         for h in range(0, cell_h, 255))
+        if cell_w == 1:
+            counts[r0:r1] = per_column
+        else:
+            counts[r0:r1] = per_column.view(r1 - r0, cols, cell_w).sum(dim=2, dtype=torch.int64)
     return counts
 
 
@@ -123,7 +134,7 @@ def block_status(mask: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor
 
 
 def density_figures(mask: torch.Tensor, status: torch.Tensor) -> dict:
-    """Density figures of ``mask`` and its tile classification ``status`` (from :func:`block_status`).
+    """Density figures of ``mask`` and of its tile classes ``status`` (from :func:`block_status`).
 
     Returns a dict with ``n_q``, ``n_k``, ``elements`` (n_q * n_k), ``true_elements``,
     ``element_density`` (fraction of ``True``), ``tiles`` (dict ``empty``/``partial``/``full`` ->
@@ -133,7 +144,8 @@ def density_figures(mask: torch.Tensor, status: torch.Tensor) -> dict:
     mask = _as_mask_2d(mask)
     n_q, n_k = mask.shape
     elements = n_q * n_k
-    true_elements = int(mask.sum().item()) if elements else 0
+    # count_nonzero, not sum: summing a bool tensor widens every element to int64 first.
+    true_elements = int(torch.count_nonzero(mask).item()) if elements else 0
     tiles = {
         "empty": int((status == EMPTY).sum().item()),
         "partial": int((status == PARTIAL).sum().item()),
@@ -152,9 +164,10 @@ def density_figures(mask: torch.Tensor, status: torch.Tensor) -> dict:
     }
 
 
-def _tiles_under_cells(status: torch.Tensor, n_q: int, n_k: int, block_m: int, block_n: int,
+def _tiles_under_cells(status: torch.Tensor, block_m: int, block_n: int, cell_h: int, cell_w: int,
                        row_edges: torch.Tensor, col_edges: torch.Tensor) -> torch.Tensor:
-    """Tile class seen by each picture cell; cells are given by their element edges.
+    """Tile class seen by each picture cell of ``cell_h x cell_w`` elements (edges from
+    :func:`_cell_edges`).
 
     A cell shows a tile's class when every tile under it has that class, and partial otherwise.
     Along an axis where tiles are at least as large as cells, a cell samples the single tile under
@@ -167,8 +180,8 @@ def _tiles_under_cells(status: torch.Tensor, n_q: int, n_k: int, block_m: int, b
             return centre, centre
         return start // block, (stop - 1) // block
 
-    row_lo, row_hi = tile_range(row_edges, block_m, int((row_edges[1] - row_edges[0]).item()))
-    col_lo, col_hi = tile_range(col_edges, block_n, int((col_edges[1] - col_edges[0]).item()))
+    row_lo, row_hi = tile_range(row_edges, block_m, cell_h)
+    col_lo, col_hi = tile_range(col_edges, block_n, cell_w)
 
     # 2-D prefix sums answer "how many full / empty tiles in this rectangle" for all cells at once.
     def prefix(flags: torch.Tensor) -> torch.Tensor:
@@ -263,7 +276,7 @@ def render_terminal(mask: torch.Tensor, block_m: int, block_n: int, title: str =
         # Tiles narrower than a character cell are merged, so "partial" may then mean "mixed".
         coarse_tiles = cell > min(block_m, block_n)
         levels = _element_glyph_level(_cell_fraction(mask, cell, cell))
-        shown = _tiles_under_cells(status, n_q, n_k, block_m, block_n,
+        shown = _tiles_under_cells(status, block_m, block_n, cell, cell,
                                    _cell_edges(n_q, cell), _cell_edges(n_k, cell))
         scale = "1 char = 1 element" if cell == 1 else f"1 char = {cell}x{cell} elements"
         left_head = [f"mask q↓ {n_q} x k→ {n_k}", scale]
@@ -284,7 +297,8 @@ def render_terminal(mask: torch.Tensor, block_m: int, block_n: int, title: str =
         f"legend: {key('█', _ANSI_ELEMENT[4])} all attended  "
         f"{key('▓ ▒ ░', _ANSI_ELEMENT[2])} partly attended (more to less)  "
         f"{key('·', _ANSI_ELEMENT[0])} none   |   "
-        f"{key('■', _ANSI_TILE[FULL])} full tile  {key('▣', _ANSI_TILE[PARTIAL])} {partial_note}  "
+        f"{key('■', _ANSI_TILE[FULL])} full tile  "
+        f"{key('▣', _ANSI_TILE[PARTIAL])} {partial_note}  "
         f"{key('·', _ANSI_TILE[EMPTY])} empty tile (skipped)",
         f"elements: {figures['true_elements']:,} of {figures['elements']:,} pairs attended"
         f" (element density {_percent(figures['element_density'])})",
@@ -314,6 +328,11 @@ def _arrange(left_head: list[str], left: list[tuple[str, str]],
 
 # --------------------------------------------------------------------------------------------
 # PNG
+
+
+def _plain_text(text: str) -> str:
+    """Escape ``$`` so matplotlib prints a pattern's text as is instead of reading it as math."""
+    return text.replace("$", r"\$")
 
 
 def render_png(mask: torch.Tensor, block_m: int, block_n: int, path, title: str = "",
@@ -350,8 +369,9 @@ def render_png(mask: torch.Tensor, block_m: int, block_n: int, path, title: str 
 
     summary = (f"{n_q} x {n_k} pairs, {_percent(figures['element_density'])} attended   ·   "
                f"tiles {block_m}x{block_n}: {tiles['full']:,} full, {tiles['partial']:,} partial, "
-               f"{tiles['empty']:,} empty   ·   tile fraction {_percent(figures['tile_fraction'])}")
-    header = ([subtitle] if subtitle else []) + [summary]
+               f"{tiles['empty']:,} empty   ·   "
+               f"tile fraction {_percent(figures['tile_fraction'])}")
+    header = ([_plain_text(subtitle)] if subtitle else []) + [summary]
 
     # Very elongated masks would become slivers at their true aspect; stretch those instead.
     ratio = n_q / n_k
@@ -376,7 +396,7 @@ def render_png(mask: torch.Tensor, block_m: int, block_n: int, path, title: str 
     # which are then drawn in a lighter font over the blank lines. (Constrained layout's own
     # `rect` would be neater, but it then ignores the room the figure legend below needs.)
     title_pt = 15
-    fig.suptitle((title or "attention mask") + "\n" * len(header), fontsize=title_pt,
+    fig.suptitle(_plain_text(title or "attention mask") + "\n" * len(header), fontsize=title_pt,
                  fontweight="bold", linespacing=1.35)
     height_pt = fig.get_figheight() * 72
     top_pt = (1 - 0.98) * height_pt  # suptitle's default top edge
@@ -388,9 +408,9 @@ def render_png(mask: torch.Tensor, block_m: int, block_n: int, path, title: str 
     fraction = _cell_fraction(mask, cell_h, cell_w).numpy()
     rows, cols = fraction.shape
     ax_mask.imshow(fraction, cmap="Greys", vmin=0.0, vmax=1.0,
-                           extent=(0, cols * cell_w, rows * cell_h, 0),
-                           interpolation="antialiased" if averaged else "nearest",
-                           aspect="equal" if keep_aspect else "auto")
+                   extent=(0, cols * cell_w, rows * cell_h, 0),
+                   interpolation="antialiased" if averaged else "nearest",
+                   aspect="equal" if keep_aspect else "auto")
     ax_mask.set_xlim(0, n_k)
     ax_mask.set_ylim(n_q, 0)
     ax_mask.set_xlabel("key position k")
@@ -417,7 +437,7 @@ def render_png(mask: torch.Tensor, block_m: int, block_n: int, path, title: str 
     group_k = max(1, math.ceil(blocks_k / _PNG_MAX_CELLS))
     if group_q * group_k > 1:
         # Too many tiles to draw one pixel each: show groups, partial when they are mixed.
-        shown = _tiles_under_cells(status, blocks_q, blocks_k, 1, 1,
+        shown = _tiles_under_cells(status, 1, 1, group_q, group_k,
                                    _cell_edges(blocks_q, group_q), _cell_edges(blocks_k, group_k))
     else:
         shown = status

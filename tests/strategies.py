@@ -567,16 +567,20 @@ def assemble(rng: random.Random, style: str, param_decls, statements, *, lets: f
     if layout == 0:
         body = header + " { " + "; ".join(lines) + " }"
     else:
-        out = []
+        groups = []  # statements sharing one line, joined by ';'
         for line in lines:
-            if layout == 2 and out and rng.random() < 0.4:
-                out[-1] += "; " + line
-                continue
+            if layout == 2 and groups and rng.random() < 0.4:
+                groups[-1].append(line)
+            else:
+                groups.append([line])
+        out = []
+        for group in groups:
             if rng.random() < 0.2:
                 out.append(rng.choice(LINE_COMMENTS))
             if rng.random() < 0.1:
                 out.append("")
-            out.append(line + ("  " + rng.choice(LINE_COMMENTS) if rng.random() < 0.2 else ""))
+            # A trailing comment only after the last statement of a line (it runs to the end).
+            out.append("; ".join(group) + ("  " + rng.choice(LINE_COMMENTS) if rng.random() < 0.2 else ""))
         body = header + " {\n" + "\n".join("    " + x if x else "" for x in out) + "\n}"
     items = list(renderer.defs)
     before = [d for d in items if rng.random() < 0.6]

@@ -410,7 +410,7 @@ INPUT_DECLS = {
 
 def test_every_example_file_is_covered():
     files = {p.name for p in EXAMPLES.glob("*.attn")}
-    assert files == set(DEFAULTS) | {"multi.attn"}
+    assert files == set(DEFAULTS) | {"multi.attn"}, "add new example files to DEFAULTS and CASES"
     assert {case.file for case in CASES} == files
 
 
@@ -462,7 +462,7 @@ def softmax_reference(q, k, v, allowed, scale, score_mod=None):
     s = scale * torch.einsum("bhqd,bhkd->bhqk", q, k)
     if score_mod is not None:
         s = score_mod(s)
-    allowed = torch.as_tensor(np.ascontiguousarray(allowed)).expand_as(s)
+    allowed = torch.from_numpy(np.array(allowed, dtype=bool)).expand_as(s)
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.where(allowed, torch.exp(s - lse.unsqueeze(-1)), torch.zeros((), dtype=s.dtype))

@@ -1,0 +1,185 @@
+"""Stage 6: render Triton kernels from the Jinja templates in ``templates/``.
+
+Pattern code reaches the templates at named hooks only: the element-wise mask (``mask_lines``), the
+score modifier (``score_lines``), the runtime-input arguments, and the closed-form key ranges
+(``range_lines``). Each hook is a list of ``name = expression`` lines printed from the IR with the op
+table of :mod:`attnc.evaluate`, so the kernel and the reference compute the same function.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jinja2
+
+from . import ir
+from .analyze import PatternIR
+from .evaluate import OPS
+from .interval import Emitter, IntervalEvaluator, Sym, TritonOps
+from .parse import _resource_text
+from .plan import RangeProgram, block_ranges, range_program
+
+# How the element-wise code names the index variables and sizes inside a tile.
+LEAF_NAMES = {"q": "q_pos", "k": "k_pos", "b": "off_b", "h": "off_h",
+              "n_q": "n_q", "n_k": "n_k", "batch": "batch", "heads": "heads"}
+
+
+@dataclass(frozen=True)
+class InputArg:
+    """How a runtime input reaches the kernel: a pointer, one stride and one size per dimension."""
+    name: str
+    dtype: str
+    ndim: int
+
+    @property
+    def params(self) -> list[str]:
+        return ([f"{self.name}_ptr"] + [f"{self.name}_s{i}" for i in range(self.ndim)]
+                + [f"{self.name}_d{i}" for i in range(self.ndim)])
+
+
+def _float_literal(v: float) -> str:
+    if v != v:
+        return "float('nan')"
+    if v in (float("inf"), float("-inf")):
+        return f"float('{v}')"
+    return repr(float(v))
+
+
+class ElementwisePrinter:
+    """Prints IR nodes as Triton expressions over tiles, one named line per shared subexpression."""
+
+    def __init__(self, prefix: str):
+        self.em = Emitter(prefix)
+        self.names: dict[ir.Node, str] = {}
+
+    def __call__(self, node: ir.Node) -> str:
+        if node in self.names:
+            return self.names[node]
+        text = self._expr(node)
+        if node.op in ("var", "size", "const", "score"):
+            self.names[node] = text
+            return text
+        name = self.em.value(text).text
+        self.names[node] = name
+        return name
+
+    def _expr(self, node: ir.Node) -> str:
+        op = node.op
+        if op == "const":
+            v = node.value
+            if isinstance(v, bool):
+                return "True" if v else "False"
+            return _float_literal(v) if isinstance(v, float) else str(v)
+        if op in ("var", "size"):
+            return LEAF_NAMES[node.attr]
+        if op == "score":
+            return "s"
+        args = [self(a) for a in node.args]
+        if op == "lin":
+            items, c = node.attr
+            parts = []
+            for (term, coeff), a in zip(items, args):
+                parts.append(f"{'+' if coeff > 0 else '-'} {a if abs(coeff) == 1 else f'{abs(coeff)} * {a}'}")
+            text = " ".join(parts)
+            text = text[2:] if text.startswith("+ ") else "-" + text[2:]
+            if c:
+                text += f" {'+' if c > 0 else '-'} {abs(c)}"
+            return f"({text})"
+        if op == "tofloat":
+            return f"({args[0]}).to(tl.float32)"
+        if op in ("and", "or"):
+            return "(" + (" & " if op == "and" else " | ").join(args) + ")"
+        if op == "read":
+            return self._read(node, args)
+        return OPS[op].triton.format(*args)
+
+    def _read(self, node: ir.Node, args: list[str]) -> str:
+        """A runtime-input read; out-of-range indices read 0 (False), as in the reference.
+
+        Indices over q or k are tiles and become the load's mask; scalar indices (over b, h, sizes)
+        are clamped and checked with a select, since a scalar mask does not broadcast in every Triton.
+        """
+        name = node.attr
+        offsets, tile_checks, scalar_checks = [], [], []
+        for i, (index, a) in enumerate(zip(node.args, args)):
+            ok = f"({a} >= 0) & ({a} < {name}_d{i})"
+            if ir.free_vars(index) & {"q", "k"}:
+                tile_checks.append(ok)
+                offsets.append(f"({a}).to(tl.int64) * {name}_s{i}")
+            else:
+                scalar_checks.append(ok)
+                offsets.append(f"tl.minimum(tl.maximum({a}, 0), {name}_d{i} - 1).to(tl.int64) * {name}_s{i}")
+        ptr = f"{name}_ptr + " + " + ".join(offsets)
+        load = f"tl.load({ptr}, mask={' & '.join(tile_checks)}, other=0)" if tile_checks else f"tl.load({ptr})"
+        if scalar_checks:
+            load = f"tl.where({' & '.join(scalar_checks)}, {load}, 0)"
+        if node.type == "bool":
+            return f"({load} != 0)"
+        if node.type == "float":
+            return f"({load}).to(tl.float32)"
+        return load
+
+
+def _range_code(program: RangeProgram) -> tuple[list[str], int]:
+    """Scalar Triton code computing, per disjunct i, key-block ranges lo_i, hi_i, flo_i, fhi_i."""
+    em = Emitter("r")
+    ops = TritonOps(em)
+    leaves = {"q": (Sym(em, "q_first"), Sym(em, "q_last")), "n_q": (Sym(em, "n_q"), Sym(em, "n_q")),
+              "n_k": (Sym(em, "n_k"), Sym(em, "n_k"))}
+    ev = IntervalEvaluator(ops, leaves)
+    ranges = block_ranges(program, ops, ev, Sym(em, "n_k"), Sym(em, "BLOCK_N"))
+    for i, (lo, hi, flo, fhi) in enumerate(ranges):
+        em.named(f"lo{i}", lo)
+        em.named(f"hi{i}", hi)
+        em.named(f"flo{i}", flo)
+        em.named(f"fhi{i}", fhi)
+    return em.lines, len(ranges)
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FunctionLoader(lambda name: _resource_text("attnc.templates",
+                                                                                          "templates", name)),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True)
+    return env
+
+
+def kernel_mode(pir: PatternIR) -> str:
+    """'lists' when the mask reads runtime inputs (tiles classified on the device), else 'ranges'."""
+    return "lists" if ir.uses(pir.mask, "read") else "ranges"
+
+
+def render_forward(pir: PatternIR) -> str:
+    """The Triton source of the forward kernel (and its helpers) for this pattern."""
+    mask_printer = ElementwisePrinter("m")
+    mask_var = mask_printer(pir.mask)
+    score_lines, score_var = [], "s"
+    if pir.score is not None:
+        score_printer = ElementwisePrinter("sc")
+        score_var = score_printer(pir.score)
+        score_lines = score_printer.em.lines
+    mode = kernel_mode(pir)
+    range_lines, n_parts = _range_code(range_program(pir.mask)) if mode == "ranges" else ([], 0)
+    inputs = [InputArg(d.name, d.dtype, len(d.dims)) for d in pir.inputs.values()]
+    input_params = [p for a in inputs for p in a.params]
+    context = dict(
+        pattern=pir.name,
+        params=", ".join(f"{k}={v!r}" for k, v in pir.params.items()) or "none",
+        mask_notes=pir.mask_notes,
+        score_note=pir.score_note,
+        mask_text=ir.to_text(pir.mask),
+        score_text=ir.to_text(pir.score) if pir.score is not None else None,
+        mask_lines=mask_printer.em.lines,
+        mask_var=mask_var,
+        score_lines=score_lines,
+        score_var=score_var,
+        has_score=pir.score is not None,
+        mode=mode,
+        range_lines=range_lines,
+        n_parts=n_parts,
+        input_params=input_params,
+        inputs=inputs,
+    )
+    return _environment().get_template("attn_fwd.py.j2").render(**context)

@@ -1,0 +1,194 @@
+"""Loading generated kernels (through the on-disk cache) and launching them."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .analyze import PatternIR
+from .errors import InputError
+
+KERNEL_FORMAT = 1    # bump when the generated code's calling convention changes
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ATTNC_CACHE_DIR", Path.home() / ".cache" / "attnc"))
+
+
+@functools.lru_cache(maxsize=1)
+def generator_fingerprint() -> str:
+    """A hash of the templates and code generator, so a changed generator never reuses old sources."""
+    from .parse import _resource_text
+    h = hashlib.sha256()
+    for name in ("attn_fwd.py.j2", "attn_bwd.py.j2"):
+        try:
+            h.update(_resource_text("attnc.templates", "templates", name).encode())
+        except (FileNotFoundError, OSError):
+            pass
+    for mod in ("codegen.py", "interval.py", "plan.py", "evaluate.py"):
+        h.update((Path(__file__).parent / mod).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def source_key(pir: PatternIR, kind: str) -> str:
+    from . import __version__
+    text = (f"{kind}\n{pir.key_text()}\nversion {__version__}\nformat {KERNEL_FORMAT}\n"
+            f"generator {generator_fingerprint()}")
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _checksum(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _atomic_write(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)          # atomic on POSIX: readers see the old file or the new one
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def cached_source(pir: PatternIR, kind: str, render) -> tuple[str, Path]:
+    """The kernel source for ``pir`` from the cache, rendering (and storing) it when absent or corrupt.
+
+    Each file starts with a line holding the checksum of the rest; a file that does not match is
+    regenerated, never trusted.
+    """
+    key = source_key(pir, kind)
+    path = cache_dir() / "kernels" / f"{kind}_{key}.py"
+    try:
+        text = path.read_text()
+        header, body = text.split("\n", 1)
+        if header == f"# attnc-checksum: {_checksum(body)}":
+            return body, path
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    body = render(pir)
+    _atomic_write(path, f"# attnc-checksum: {_checksum(body)}\n{body}")
+    return body, path
+
+
+_modules: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def load_module(path: Path):
+    """Import a generated kernel file (Triton's JIT needs the source in a real file)."""
+    key = str(path)
+    with _lock:
+        if key not in _modules:
+            name = f"attnc_generated_{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            _modules[key] = module
+        return _modules[key]
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype) -> FwdConfig:
+    """Default tiles: a table per GPU family, small tiles under the interpreter."""
+    if device.type != "cuda":
+        return FwdConfig(32, 32, 4, 1)
+    d = max(head_dim, head_dim_v)
+    major, _ = torch.cuda.get_device_capability(device)
+    if dtype == torch.float32:
+        return FwdConfig(64, 32, 4, 2) if d > 64 else FwdConfig(64, 64, 4, 2)
+    if major >= 9:
+        if d <= 64:
+            return FwdConfig(128, 64, 4, 3)
+        if d <= 128:
+            return FwdConfig(128, 64, 8, 3)
+        return FwdConfig(64, 64, 4, 2)
+    if d <= 64:
+        return FwdConfig(128, 64, 4, 3)
+    if d <= 128:
+        return FwdConfig(128, 32, 4, 2)
+    return FwdConfig(64, 32, 4, 1)
+
+
+def input_launch_args(pir: PatternIR, inputs: dict) -> list:
+    """Pointer, strides and sizes of each runtime input, in declaration order (bools as uint8)."""
+    args = []
+    for name, decl in pir.inputs.items():
+        t = inputs[name]
+        if t.dtype == torch.bool:
+            t = t.view(torch.uint8)
+        args.append(t)
+        args.extend(t.stride(i) for i in range(t.dim()))
+        args.extend(t.shape[i] for i in range(t.dim()))
+    return args
+
+
+def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, config: FwdConfig | None = None,
+                   out: torch.Tensor | None = None):
+    """Run the forward kernel; returns (out, lse, plan_state)."""
+    from .codegen import kernel_mode
+    pir = kern.ir
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    cfg = config or forward_config(D, Dv, q.device, q.dtype)
+    module = kern._forward_module()
+    if out is None:
+        out = torch.empty(B, Hq, Nq, Dv, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
+    if Nq == 0 or B * Hq == 0:
+        return out, lse, None
+    grid = (math.ceil(Nq / cfg.block_m), B * Hq)
+    qk_scale = scale * 1.4426950408889634
+    extra = []
+    lists = None
+    if kernel_mode(pir) == "lists":
+        lists = kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
+        extra = [lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt,
+                 lists.full_idx.shape[0], lists.full_idx.shape[1], lists.full_idx.shape[-1],
+                 lists.part_idx.shape[-1]]
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    module.attnc_fwd[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        B, Hq, Hkv, Nq, Nk, scale, qk_scale,
+        *extra,
+        *input_launch_args(pir, inputs),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv,
+        REVERSE=True, DOT_PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse, lists
+
+
+def attention(kern, q, k, v, *, scale, return_lse, inputs):
+    """The kernel path of ``kern(q, k, v)``."""
+    from .validate import check_inputs, check_qkv
+    shapes = check_qkv(q, k, v, kernel_dims=True)
+    sizes = check_inputs(kern.ir, inputs, batch=shapes.batch, heads=shapes.heads_q, n_q=shapes.n_q,
+                         n_k=shapes.n_k, device=q.device)
+    scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
+    out, lse, _ = launch_forward(kern, q, k, v, scale=scale, sizes=sizes, inputs=inputs)
+    return (out, lse) if return_lse else out

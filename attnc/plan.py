@@ -1,0 +1,408 @@
+"""Stage 4: tile planning without materializing the Nq x Nk mask.
+
+Two kinds of plan:
+
+* **ranges** (patterns without runtime inputs): the mask is put in disjunctive normal form; in each
+  disjunct, atoms that bound the key position (``k >= F(q)``, ``k <= G(q)``, also through ``k // c``)
+  are solved for ``k``. For a query block ``[q0, q1]`` interval reasoning over ``F`` and ``G`` gives the
+  key blocks that may be needed (the *hull*) and those certainly full. These formulas are evaluated
+  for a whole plan at once in torch (``kern.plan``) and printed into the kernel as scalar Triton code,
+  so the kernel needs no block table at all.
+* **lists** (patterns reading runtime inputs): each (query block, key block) tile is classified by the
+  same interval rules, with tensor reads summarized per block (min/max of ids, any/all of keep flags),
+  and compact per-query-block lists of full and partial key blocks are built on the device: O(N) for
+  the summaries plus O(N/Bm * N/Bn) for the classification.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ir
+from .analyze import PatternIR
+from .interval import IntervalEvaluator, TorchOps
+
+MAX_DISJUNCTS = 8
+
+
+# --------------------------------------------------------------------------------------------------
+# Disjunctive normal form and key bounds
+
+
+def disjuncts(formula: ir.Node, limit: int = MAX_DISJUNCTS) -> list[list[ir.Node]] | None:
+    """The formula as a list of conjunctions of atoms, or None when that would exceed ``limit``."""
+    if formula.op == "or":
+        out = []
+        for a in formula.args:
+            sub = disjuncts(a, limit)
+            if sub is None:
+                return None
+            out.extend(sub)
+            if len(out) > limit:
+                return None
+        return out
+    if formula.op == "and":
+        out = [[]]
+        for a in formula.args:
+            sub = disjuncts(a, limit)
+            if sub is None:
+                return None
+            out = [x + y for x in out for y in sub]
+            if len(out) > limit:
+                return None
+        return out
+    if formula is ir.TRUE:
+        return [[]]
+    return [[formula]]
+
+
+@dataclass
+class KeyBounds:
+    """One disjunct solved for k: k >= max(lower), k <= min(upper); ``rest`` are atoms not solved."""
+    lower: list[ir.Node] = field(default_factory=list)
+    upper: list[ir.Node] = field(default_factory=list)
+    query_atoms: list[ir.Node] = field(default_factory=list)   # atoms without k (may vary with q)
+    rest: list[ir.Node] = field(default_factory=list)          # atoms with k that are not bounds
+
+
+def _k_free(node: ir.Node) -> bool:
+    return "k" not in ir.free_vars(node) and not ir.uses(node, "read") and not ir.uses(node, "score")
+
+
+def solve_for_k(atom: ir.Node):
+    """``('lower'|'upper'|'both', F)`` when the atom is ``k >= F``, ``k <= F`` or ``k == F`` with F free
+    of k (also through ``k // c`` for a positive constant c); else None."""
+    if atom.op not in ("le", "eq") or atom.args[0].type != "int":
+        return None
+    terms, _ = ir.linear(atom.args[0])
+    rhs = atom.args[1].value
+    k = ir.var("k")
+    kterms = [t for t in terms if not _k_free(t)]
+    if len(kterms) != 1:
+        return None
+    term = kterms[0]
+    coeff = terms[term]
+    if abs(coeff) != 1:
+        return None
+    rest = ir.linear_node({t: v for t, v in terms.items() if t is not term}, 0)
+    if ir.uses(rest, "read"):
+        return None
+    # coeff * X + rest <= rhs   =>   X <= rhs - rest (coeff 1)   or   X >= rest - rhs (coeff -1)
+    bound = ir.sub(ir.const(rhs), rest) if coeff == 1 else ir.sub(rest, ir.const(rhs))
+    direction = "both" if atom.op == "eq" else ("upper" if coeff == 1 else "lower")
+    if term is k:
+        return direction, bound, None
+    if term.op == "floordiv" and term.args[0] is k and term.args[1].is_const and term.args[1].value > 0:
+        return direction, bound, term.args[1].value
+    return None
+
+
+def key_bounds(conj: list[ir.Node]) -> KeyBounds:
+    kb = KeyBounds()
+    for atom in conj:
+        if _k_free(atom):
+            kb.query_atoms.append(atom)
+            continue
+        solved = solve_for_k(atom)
+        if solved is None:
+            kb.rest.append(atom)
+            continue
+        direction, bound, div = solved
+        # k // c <= G  <=>  k <= c*G + c - 1 ;  k // c >= F  <=>  k >= c*F
+        if direction in ("upper", "both"):
+            kb.upper.append(bound if div is None else ir.add(ir.mul(ir.const(div), bound), ir.const(div - 1)))
+        if direction in ("lower", "both"):
+            kb.lower.append(bound if div is None else ir.mul(ir.const(div), bound))
+    return kb
+
+
+@dataclass
+class RangeProgram:
+    """The symbolic key-range rules of a static pattern: one :class:`KeyBounds` per disjunct."""
+    parts: list[KeyBounds]
+    exact_dnf: bool
+
+
+def range_program(mask: ir.Node) -> RangeProgram:
+    dnf = disjuncts(mask)
+    if dnf is None:
+        # Too many disjuncts: one part with every atom unsolved (the whole key range, masked).
+        return RangeProgram([KeyBounds(rest=[mask])], False)
+    return RangeProgram([key_bounds(c) for c in dnf], True)
+
+
+def evaluate_part(part: KeyBounds, ev: IntervalEvaluator, ops, n_k, q_bounds):
+    """Element ranges for one disjunct: (active, hull_lo, hull_hi, full_ok, full_lo, full_hi), inclusive.
+
+    ``ev`` evaluates intervals over the query block; the hull holds every key the disjunct may accept,
+    the full range only keys accepted by every query of the block.
+    """
+    active, full_ok = True, True
+    for atom in part.query_atoms:
+        must, may = ev(atom)
+        active = active & may
+        full_ok = full_ok & must
+    if part.rest:
+        full_ok = False
+    lo, hi = 0, n_k - 1
+    flo, fhi = 0, n_k - 1
+    for f in part.lower:
+        iv = ev(f)
+        if iv is None:
+            full_ok = False
+            continue
+        lo = ops.maximum(lo, iv[0])
+        flo = ops.maximum(flo, iv[1])
+    for g in part.upper:
+        iv = ev(g)
+        if iv is None:
+            full_ok = False
+            continue
+        hi = ops.minimum(hi, iv[1])
+        fhi = ops.minimum(fhi, iv[0])
+    return active, lo, hi, full_ok, flo, fhi
+
+
+def block_ranges(program: RangeProgram, ops, ev, n_k, block_n):
+    """Per disjunct, key-block ranges ``[lo, hi)`` (may be needed) and ``[flo, fhi)`` (full).
+
+    Full blocks stop before the last, ragged key block so the full loop never needs bounds checks.
+    """
+    out = []
+    full_end = ops.floordiv(n_k, block_n)          # blocks entirely inside [0, n_k)
+    for part in program.parts:
+        active, lo, hi, full_ok, flo, fhi = evaluate_part(part, ev, ops, n_k, None)
+        blo = ops.floordiv(ops.maximum(lo, 0), block_n)
+        bhi = ops.floordiv(hi, block_n) + 1
+        bhi = ops.where(active & (hi >= lo) & (hi >= 0), ops.minimum(bhi, ops.floordiv(n_k + block_n - 1, block_n)), blo)
+        # full blocks: first block starting at or after flo, up to the last block ending at or before fhi
+        bflo = ops.floordiv(flo + block_n - 1, block_n)
+        bfhi = ops.minimum(ops.floordiv(fhi + 1, block_n), full_end)
+        ok = active & full_ok & (bfhi > bflo)
+        bflo = ops.where(ok, ops.maximum(bflo, blo), 0)
+        bfhi = ops.where(ok, ops.minimum(bfhi, bhi), 0)
+        out.append((blo, bhi, bflo, bfhi))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Plans for users
+
+
+@dataclass
+class Plan:
+    """How a call with these sizes runs: tile counts, the fraction computed, the transforms applied."""
+    pattern: str
+    n_q: int
+    n_k: int
+    batch: int
+    heads: int
+    block_m: int
+    block_n: int
+    mode: str                      # 'ranges' (closed form in the kernel) or 'lists' (device tile lists)
+    tiles: dict
+    transforms: list = field(default_factory=list)
+    setup: str = ""
+    disjuncts: int = 1
+
+    @property
+    def tile_fraction(self) -> float:
+        total = self.tiles["full"] + self.tiles["partial"] + self.tiles["empty"]
+        return (self.tiles["full"] + self.tiles["partial"]) / total if total else 0.0
+
+    def __str__(self) -> str:
+        t = self.tiles
+        total = t["full"] + t["partial"] + t["empty"]
+        lines = [
+            f"plan for pattern {self.pattern}: n_q={self.n_q} n_k={self.n_k} batch={self.batch} heads={self.heads}",
+            f"  tiles: {self.block_m} x {self.block_n} (query block x key block), "
+            f"{math.ceil(self.n_q / self.block_m)} x {math.ceil(self.n_k / self.block_n)} per (batch, head)",
+            f"  mode: {self.mode} — " + ("key-block ranges computed in the kernel in closed form, no block table"
+                                        if self.mode == "ranges" else
+                                        "per-query-block lists of full and partial key blocks built on the device"),
+            f"  computed tiles: {t['full'] + t['partial']} of {total} ({100 * self.tile_fraction:.1f}%): "
+            f"{t['full']} full (no mask code), {t['partial']} partial (mask evaluated), {t['empty']} skipped",
+            f"  layout transforms: {', '.join(self.transforms) if self.transforms else 'none'}",
+        ]
+        if self.setup:
+            lines.append(f"  setup: {self.setup}")
+        return "\n".join(lines)
+
+
+def _union_length(los: list[torch.Tensor], his: list[torch.Tensor]) -> torch.Tensor:
+    """Per row, the size of the union of half-open intervals [lo_i, hi_i) (vectorized over rows)."""
+    lo = torch.stack(los, dim=1)
+    hi = torch.stack(his, dim=1)
+    hi = torch.maximum(hi, lo)
+    order = torch.argsort(lo, dim=1)
+    lo = torch.gather(lo, 1, order)
+    hi = torch.gather(hi, 1, order)
+    total = torch.zeros(lo.shape[0], dtype=torch.int64)
+    reach = torch.full((lo.shape[0],), -(1 << 62), dtype=torch.int64)
+    for i in range(lo.shape[1]):
+        start = torch.maximum(lo[:, i], reach)
+        total += torch.clamp(hi[:, i] - start, min=0)
+        reach = torch.maximum(reach, hi[:, i])
+    return total
+
+
+def static_block_ranges(pir: PatternIR, n_q: int, n_k: int, block_m: int, block_n: int,
+                        program: RangeProgram | None = None):
+    """Evaluate the closed-form ranges for every query block at once (torch, O(N / block_m))."""
+    program = program or range_program(pir.mask)
+    nqb = math.ceil(n_q / block_m)
+    m = torch.arange(nqb, dtype=torch.int64)
+    q0 = m * block_m
+    q1 = torch.clamp(q0 + block_m, max=n_q) - 1
+    leaves = {"q": (q0, q1), "n_q": (n_q, n_q), "n_k": (n_k, n_k)}
+    ev = IntervalEvaluator(TorchOps, leaves)
+    ranges = block_ranges(program, TorchOps, ev, n_k, block_n)
+    as_t = lambda x: torch.as_tensor(x, dtype=torch.int64).expand(nqb).clone()
+    return [tuple(as_t(v) for v in r) for r in ranges]
+
+
+def static_plan(pir: PatternIR, n_q: int, n_k: int, batch: int, heads: int, block_m: int,
+                block_n: int) -> Plan:
+    ranges = static_block_ranges(pir, n_q, n_k, block_m, block_n)
+    computed = _union_length([r[0] for r in ranges], [r[1] for r in ranges])
+    full = _union_length([r[2] for r in ranges], [r[3] for r in ranges])
+    nkb = math.ceil(n_k / block_n)
+    per_bh = batch * heads
+    nqb = math.ceil(n_q / block_m)
+    tiles = {"full": int(full.sum()) * per_bh, "partial": int((computed - full).sum()) * per_bh,
+             "empty": (nqb * nkb - int(computed.sum())) * per_bh}
+    return Plan(pir.name, n_q, n_k, batch, heads, block_m, block_n, "ranges", tiles,
+                disjuncts=len(ranges))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tile lists for patterns with runtime inputs
+
+
+def _block_summary(x: torch.Tensor, axis: int, block: int, n: int):
+    """(min, max) of ``x`` over blocks of ``block`` positions along ``axis`` (positions < n)."""
+    x = x.movedim(axis, -1)[..., :n]
+    if x.dtype == torch.bool:
+        x = x.to(torch.int8)
+    pad = (-x.shape[-1]) % block
+    xmin = torch.nn.functional.pad(x.to(torch.int64), (0, pad), value=(1 << 62)) if pad else x.to(torch.int64)
+    xmax = torch.nn.functional.pad(x.to(torch.int64), (0, pad), value=-(1 << 62)) if pad else x.to(torch.int64)
+    lo = xmin.unflatten(-1, (-1, block)).amin(-1)
+    hi = xmax.unflatten(-1, (-1, block)).amax(-1)
+    return lo.movedim(-1, axis), hi.movedim(-1, axis)
+
+
+class TileClassifier:
+    """Classifies every (query block, key block) tile of a call, vectorized on the inputs' device."""
+
+    def __init__(self, pir: PatternIR, n_q: int, n_k: int, batch: int, heads: int, block_m: int,
+                 block_n: int, sizes: dict, inputs: dict, device):
+        self.pir, self.inputs = pir, inputs
+        self.block_m, self.block_n = block_m, block_n
+        self.nqb, self.nkb = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
+        self.per_head = "h" in ir.free_vars(pir.mask)
+        self.per_batch = "b" in ir.free_vars(pir.mask)
+        self.batch, self.heads = batch, heads
+        self.n_q, self.n_k = n_q, n_k
+        self.device = device
+        m = torch.arange(self.nqb, device=device, dtype=torch.int64)
+        j = torch.arange(self.nkb, device=device, dtype=torch.int64)
+        shape_q, shape_k = (1, 1, self.nqb, 1), (1, 1, 1, self.nkb)
+        q0 = (m * block_m).view(shape_q)
+        k0 = (j * block_n).view(shape_k)
+        leaves = {name: (v, v) for name, v in sizes.items()}
+        leaves["q"] = (q0, torch.clamp(q0 + block_m, max=n_q) - 1)
+        leaves["k"] = (k0, torch.clamp(k0 + block_n, max=n_k) - 1)
+        hb = heads if self.per_head else 1
+        bb = batch if self.per_batch else 1
+        b = torch.arange(bb, device=device).view(bb, 1, 1, 1)
+        h = torch.arange(hb, device=device).view(1, hb, 1, 1)
+        leaves["b"], leaves["h"] = (b, b), (h, h)
+        self.leaves = leaves
+        self._summaries: dict = {}
+
+    def _read(self, node: ir.Node, idx):
+        """Interval of a tensor read: exact indices read the value; an index that is exactly ``q`` or
+        ``k`` uses the per-block min/max along that axis; anything else is unknown."""
+        x = self.inputs[node.attr]
+        block_axes = [(axis, a.attr) for axis, a in enumerate(node.args) if a.op == "var" and a.attr in ("q", "k")]
+        if len(block_axes) > 1 or any(i is None for i in idx):
+            return None
+        exact = [a for a in node.args if not (a.op == "var" and a.attr in ("q", "k"))]
+        if any(ir.free_vars(a) & {"q", "k"} for a in exact):
+            return None
+        if not block_axes:
+            return None
+        axis, which = block_axes[0]
+        key = (node.attr, axis, which)
+        if key not in self._summaries:
+            block, n = (self.block_m, self.n_q) if which == "q" else (self.block_n, self.n_k)
+            self._summaries[key] = _block_summary(x, axis, block, n)
+        lo_t, hi_t = self._summaries[key]
+        # Index the summaries with the exact indices and the block index along `axis`.
+        blocks = torch.arange(lo_t.shape[axis], device=lo_t.device)
+        view = [1, 1, 1, 1]
+        view[2 if which == "q" else 3] = -1
+        index = []
+        for a, (ilo, _) in zip(range(len(node.args)), idx):
+            if a == axis:
+                index.append(blocks.view(view))
+            else:
+                index.append(torch.as_tensor(ilo, device=lo_t.device).clamp(0, x.shape[a] - 1))
+        lo = lo_t[tuple(index)]
+        hi = hi_t[tuple(index)]
+        if node.type == "bool":
+            return lo > 0, hi > 0
+        return lo, hi
+
+    def classify(self) -> torch.Tensor:
+        """int8 tensor (B', H', nqb, nkb): 0 empty, 1 partial, 2 full (B', H' are 1 when unused)."""
+        ev = IntervalEvaluator(TorchOps, self.leaves, self._read)
+        must, may = ev(self.pir.mask)
+        shape = (self.batch if self.per_batch else 1, self.heads if self.per_head else 1, self.nqb, self.nkb)
+        must = torch.as_tensor(must, device=self.device).expand(shape)
+        may = torch.as_tensor(may, device=self.device).expand(shape)
+        status = may.to(torch.int8) + must.to(torch.int8)
+        # A ragged last key block is never 'full': the full loop runs without bounds checks.
+        if self.n_k % self.block_n:
+            status[..., -1] = torch.clamp(status[..., -1], max=1)
+        return status
+
+
+@dataclass
+class TileLists:
+    """Per (batch, head, query block): the key blocks to compute, full ones and partial ones."""
+    full_idx: torch.Tensor     # int32 (B', H', nqb, max_full)
+    full_cnt: torch.Tensor     # int32 (B', H', nqb)
+    part_idx: torch.Tensor
+    part_cnt: torch.Tensor
+    status: torch.Tensor
+
+
+def _compact(sel: torch.Tensor):
+    """Indices of True entries along the last axis, left-packed, and their counts."""
+    cnt = sel.sum(-1, dtype=torch.int32)
+    width = max(int(cnt.max()) if cnt.numel() else 0, 1)
+    n = sel.shape[-1]
+    keys = torch.where(sel, torch.arange(n, device=sel.device), n + torch.arange(n, device=sel.device))
+    order = torch.argsort(keys, dim=-1)[..., :width].to(torch.int32)
+    return order.contiguous(), cnt.contiguous()
+
+
+def build_tile_lists(status: torch.Tensor) -> TileLists:
+    full_idx, full_cnt = _compact(status == 2)
+    part_idx, part_cnt = _compact(status == 1)
+    return TileLists(full_idx, full_cnt, part_idx, part_cnt, status)
+
+
+def list_plan(pir: PatternIR, status: torch.Tensor, n_q, n_k, batch, heads, block_m, block_n) -> Plan:
+    reps = (batch // status.shape[0]) * (heads // status.shape[1])
+    tiles = {"full": int((status == 2).sum()) * reps, "partial": int((status == 1).sum()) * reps,
+             "empty": int((status == 0).sum()) * reps}
+    setup = (f"tile classification on {tuple(status.shape)} blocks"
+             f"{' shared across heads' if status.shape[1] == 1 else ''}"
+             f"{' and batch' if status.shape[0] == 1 else ''}")
+    return Plan(pir.name, n_q, n_k, batch, heads, block_m, block_n, "lists", tiles, setup=setup)

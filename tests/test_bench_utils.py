@@ -1,0 +1,389 @@
+"""The benchmark helpers (attnc/bench.py, benchmarks/bench_all.py) on CPU: arithmetic, masks,
+references, the table, and how benchmark patterns map onto the example files. No timing is
+asserted; the GPU parts are skipped without CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnc import bench
+from attnc.bench import (dense_mask_from_mod, effective_tflops, format_table, mask_density,
+                         masked_attention_reference, parse_dtype, relative_error)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def _load_bench_all():
+    spec = importlib.util.spec_from_file_location("bench_all", ROOT / "benchmarks" / "bench_all.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_all"] = mod          # dataclasses look their module up while being built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ba = _load_bench_all()
+
+
+# ---- arithmetic ---------------------------------------------------------------------------------
+
+def test_effective_tflops_formula():
+    # 4 * B * H * N * N * D * density / seconds / 1e12
+    got = effective_tflops(1, 16, 32768, 32768, 128, 0.5, 10.0, fwdbwd=False)
+    assert got == pytest.approx(4 * 16 * 32768**2 * 128 * 0.5 / 0.010 / 1e12)
+    assert effective_tflops(1, 16, 32768, 32768, 128, 0.5, 10.0, fwdbwd=True) == pytest.approx(3.5 * got)
+    assert effective_tflops(2, 4, 100, 50, 64, 1.0, 1.0) == pytest.approx(4 * 2 * 4 * 100 * 50 * 64 / 1e-3 / 1e12)
+
+
+def test_effective_tflops_reproduces_the_anchor_figures():
+    # shared/anchors/h100_n32768_131072.jsonl, causal: density 0.4981, 9.999 ms -> 438.2; 37.479 ms -> 409.2
+    assert round(effective_tflops(1, 16, 32768, 32768, 128, 0.4981, 9.999), 1) == 438.2
+    assert round(effective_tflops(1, 16, 32768, 32768, 128, 0.4981, 37.479, fwdbwd=True), 1) == 409.2
+
+
+def test_effective_tflops_unknowns_are_none():
+    assert effective_tflops(1, 1, 8, 8, 16, None, 1.0) is None
+    assert effective_tflops(1, 1, 8, 8, 16, 0.5, None) is None
+    assert effective_tflops(1, 1, 8, 8, 16, 0.5, 0.0) is None
+
+
+def test_parse_dtype():
+    assert parse_dtype("bf16") is torch.bfloat16
+    assert parse_dtype("float16") is torch.float16
+    assert parse_dtype(torch.float32) is torch.float32
+    with pytest.raises(ValueError, match="bf16"):
+        parse_dtype("int8")
+
+
+def test_relative_error():
+    ref = torch.ones(10)
+    assert relative_error(ref, ref) == 0.0
+    assert relative_error(ref * 1.01, ref) == pytest.approx(0.01)
+    assert math.isnan(relative_error(torch.full((10,), float("nan")), ref))
+
+
+# ---- masks and densities --------------------------------------------------------------------------
+
+def _hash_mod(qb, kb):
+    return lambda b, h, q, k: (qb[b, h, q] == kb[b, h, k]) & (q >= k)
+
+
+def test_mask_density_counts_exactly_in_chunks():
+    g = torch.Generator().manual_seed(0)
+    B, H, N = 2, 3, 37
+    qb, kb = torch.randint(0, 3, (B, H, N), generator=g), torch.randint(0, 3, (B, H, N), generator=g)
+    mod = _hash_mod(qb, kb)
+    dense = dense_mask_from_mod(mod, B, H, N, N)
+    assert dense.shape == (B, H, N, N)
+    want = dense.float().mean().item()
+    for max_elems in (1, 50, 1000, 1 << 20):     # one row per chunk up to everything at once
+        assert mask_density(mod, batch=B, heads=H, n_q=N, n_k=N, device="cpu",
+                            max_elems=max_elems) == pytest.approx(want)
+
+
+def test_mask_density_broadcast_mask_mod():
+    # a mask_mod that ignores b and h returns (1, r, Nk); it still counts every head
+    causal = lambda b, h, q, k: q >= k  # noqa: E731
+    assert mask_density(causal, batch=2, heads=4, n_q=10, n_k=10, device="cpu", max_elems=40) == \
+        pytest.approx(55 / 100)
+    assert mask_density(causal, batch=1, heads=1, n_q=3, n_k=5, device="cpu") == pytest.approx(6 / 15)
+
+
+# ---- the reference ----------------------------------------------------------------------------------
+
+def _sdpa_ref(q, k, v, mask):
+    g = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                          attn_mask=mask)
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (4, 1)])
+def test_masked_attention_reference_matches_sdpa(hq, hkv):
+    g = torch.Generator().manual_seed(1)
+    B, Nq, Nk, D = 2, 9, 13, 8
+    q = torch.randn(B, hq, Nq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, hkv, Nk, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, hkv, Nk, 5, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, hq, Nq, Nk, generator=g) < 0.6
+    mask[..., 0] = True                                     # no empty rows: SDPA would give NaN
+    dout = torch.randn(B, hq, Nq, 5, generator=g, dtype=torch.float64)
+    res = masked_attention_reference(q, k, v, mask, dout=dout)
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    want = _sdpa_ref(qr, kr, vr, mask)
+    want.backward(dout)
+    torch.testing.assert_close(res["out"], want.detach())
+    torch.testing.assert_close(res["dq"], qr.grad)
+    torch.testing.assert_close(res["dk"], kr.grad)
+    torch.testing.assert_close(res["dv"], vr.grad)
+    scale = 1 / math.sqrt(D)
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(hq // hkv, 1)) * scale
+    torch.testing.assert_close(res["lse"], torch.logsumexp(s.masked_fill(~mask, -math.inf), -1))
+
+
+def test_masked_attention_reference_empty_rows_are_zero_not_nan():
+    B, H, N, D = 1, 2, 6, 4
+    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(N, N, dtype=torch.bool).tril()[None, None].expand(B, H, N, N).clone()
+    mask[:, :, 2] = False                                   # query row 2 sees nothing
+    mask[:, :, :, 5] = False
+    res = masked_attention_reference(q, k, v, mask, dout=torch.randn(B, H, N, D, dtype=torch.float64))
+    for key in ("out", "dq", "dk", "dv"):
+        assert torch.isfinite(res[key]).all(), key
+    assert (res["out"][:, :, 2] == 0).all()
+    assert (res["dq"][:, :, 2] == 0).all()
+    assert torch.isinf(res["lse"][:, :, 2]).all() and torch.isfinite(res["lse"][:, :, 3]).all()
+    assert (res["dk"][:, :, 5] == 0).all() and (res["dv"][:, :, 5] == 0).all()
+
+
+def test_masked_attention_reference_low_precision_baseline_runs():
+    q, k, v = (torch.randn(1, 2, 8, 16, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.ones(8, 8, dtype=torch.bool).tril()
+    low = masked_attention_reference(q, k, v, mask, compute_dtype=torch.bfloat16)
+    ref = masked_attention_reference(q, k, v, mask)
+    assert low["out"].dtype == torch.bfloat16 and ref["out"].dtype == torch.float64
+    assert 0 < relative_error(low["out"], ref["out"]) < 3e-2
+
+
+# ---- the table ----------------------------------------------------------------------------------------
+
+def _row(**kw):
+    base = {"pattern": "causal", "N": 32768, "B": 1, "density": 0.4981, "attnc_fwd_tflops": 480.2,
+            "flex_fwd_tflops": 438.2, "attnc_vs_flex_fwd": 1.096, "attnc_fwdbwd_tflops": 450.0,
+            "flex_fwdbwd_tflops": 409.2, "attnc_vs_flex_fwdbwd": 1.1, "attnc_setup_ms": 0.01,
+            "flex_setup_ms": 3.55, "check": "ok"}
+    base.update(kw)
+    return base
+
+
+def test_format_table_columns_and_alignment():
+    rows = [_row(), _row(pattern="hash8_causal", density=0.0623, attnc_fwd_tflops=None,
+                         attnc_vs_flex_fwd=None, check="FAIL out 3.0e-02")]
+    text = format_table(rows)
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["pattern", "N", "B", "density"]
+    assert "fwd attnc" in lines[0] and "f+b attnc" in lines[0] and "setup ms a/flex" in lines[0]
+    assert set(lines[1]) == {"-"}
+    assert "1.10x" in lines[2] and "0.01/3.55" in lines[2] and "480.2" in lines[2]
+    assert "-" in lines[3].split() and "FAIL" in lines[3]
+    # right-aligned numeric columns: the density column ends at the same offset in every row
+    ends = [ln.index(d) + len(d) for ln, d in zip(lines[2:], ("0.4981", "0.0623"))]
+    assert ends[0] == ends[1]
+    assert "target" not in lines[0] and "cuDNN" not in lines[0]
+
+
+def test_format_table_optional_columns_and_errors():
+    rows = [_row(attnc_vs_cudnn_fwd=0.9, attnc_vs_cudnn_fwdbwd=0.87, target_vs_flex=1.1,
+                 vs_own_causal_fwd=1.0, vs_own_causal_fwdbwd=1.0),
+            _row(pattern="dilated_w2048_d2", target_vs_flex=2.5, attnc_vs_flex_fwd=3.0,
+                 attnc_vs_flex_fwdbwd=2.0),
+            {"pattern": "keep50_causal", "N": 8192, "error": "RuntimeError: boom", "target_vs_flex": 2.0}]
+    text = format_table(rows)
+    assert "x cuDNN f/fb" in text and "0.90/0.87" in text
+    assert ">=1.1 MISS" in text.splitlines()[2]          # 1.096 < 1.1 forward
+    assert ">=2.5 MISS" in text.splitlines()[3]
+    assert text.splitlines()[-1].startswith("keep50_causal  N=8192  ERROR: RuntimeError: boom")
+    assert ">=2.5 ok" in format_table([_row(target_vs_flex=2.5, attnc_vs_flex_fwd=2.6,
+                                            attnc_vs_flex_fwdbwd=2.5)])
+
+
+def test_format_table_empty():
+    assert format_table([]).splitlines()[0].startswith("pattern")
+
+
+# ---- bench_all: patterns, example files, inputs ----------------------------------------------------
+
+def test_pattern_headers():
+    text = """# pattern fake(x) { in a comment
+    def f(a) = a
+    pattern one() {
+        mask causal
+    }
+    pattern two(window: int = 3, d,
+                cap: float = 1.5) { mask window(window) }
+    pattern three { mask true }
+    """
+    assert ba.pattern_headers(text) == [("one", []), ("two", [("window", True), ("d", False), ("cap", True)]),
+                                        ("three", [])]
+
+
+def test_example_candidates_map_parameter_names(tmp_path):
+    (tmp_path / "dilated_window.attn").write_text(
+        "pattern a(span: int = 4, step: int = 1) { mask k <= q }\n"
+        "pattern b(window: int, other: int) { mask k <= q }\n"      # 'other' has no default: unusable
+        "pattern c(dilation: int = 2) { mask k <= q }\n")
+    spec = ba.SPEC_BY_NAME["dilated_w2048_d2"]
+    cands = ba.example_candidates(spec, spec.params, tmp_path)
+    got = [(pn, kw) for _, _, pn, kw in cands]
+    assert ("a", {"span": 2048, "step": 2}) in got and ("a", {"span": 2047, "step": 2}) in got
+    assert ("c", {"dilation": 2}) in got
+    assert all(pn != "b" for pn, _ in got)
+    assert ba.example_candidates(spec, spec.params, tmp_path / "missing") == []
+
+
+def test_anchor_inputs_mirror_the_anchor_script():
+    a = ba.anchor_inputs(32768, 1, 16)
+    b = ba.anchor_inputs(32768, 1, 16)
+    assert all(torch.equal(a[n], b[n]) for n in ("doc", "qb", "kb", "keep"))
+    doc = a["doc"]
+    assert doc.shape == (32768,) and (doc[1:] >= doc[:-1]).all()
+    lens = torch.bincount(doc)
+    assert (lens[:-1] >= 512).all() and (lens <= 4096).all()
+    assert a["qb"].shape == (1, 16, 32768) and int(a["qb"].max()) == 7
+    assert abs(a["keep"].float().mean().item() - 0.5) < 0.01
+
+
+def _fake_kern(decls):
+    return SimpleNamespace(inputs={n: SimpleNamespace(name=n, dtype=dt, dims=dims) for n, (dt, dims) in decls.items()})
+
+
+def test_fit_inputs_by_name_rank_and_dtype():
+    canon = ba.anchor_inputs(50, 2, 3, doc_len=(5, 20))
+    spec = ba.SPEC_BY_NAME["document_causal"]
+    got = ba.fit_inputs(_fake_kern({"segment_ids": ("int", ("batch", "N"))}), spec, canon)
+    assert got["segment_ids"].shape == (2, 50) and got["segment_ids"].dtype == torch.int64
+    assert torch.equal(got["segment_ids"][1], canon["doc"])
+    got = ba.fit_inputs(_fake_kern({"whatever": ("int", ("N",))}), spec, canon, torch.int32)
+    assert got["whatever"].shape == (50,) and got["whatever"].dtype == torch.int32
+    hspec = ba.SPEC_BY_NAME["hash8_causal"]
+    got = ba.fit_inputs(_fake_kern({"q_buckets": ("int", ("batch", "heads", "N")),
+                                    "kb": ("int", ("batch", "heads", "N"))}), hspec, canon)
+    assert torch.equal(got["q_buckets"], canon["qb"]) and torch.equal(got["kb"], canon["kb"])
+    with pytest.raises(LookupError):
+        ba.fit_inputs(_fake_kern({"qb": ("int", ("batch", "heads", "N"))}), hspec, canon)
+    kspec = ba.SPEC_BY_NAME["keep50_causal"]
+    got = ba.fit_inputs(_fake_kern({"keep": ("bool", ("batch", "heads", "N"))}), kspec, canon)
+    assert got["keep"].dtype == torch.bool
+
+
+def test_verify_kernel_with_a_fake_kernel():
+    spec = ba.SPEC_BY_NAME["sliding_window_1024"].with_params(window=5)
+
+    def kern_for(width):
+        def mask(n_q, n_k, batch=1, heads=1, **inputs):
+            q = torch.arange(n_q)[:, None]
+            k = torch.arange(n_k)[None, :]
+            return ((k <= q) & (q - k <= width)).expand(batch, heads, n_q, n_k)
+        return SimpleNamespace(inputs={}, mask=mask)
+
+    assert ba.verify_kernel(kern_for(4), spec, spec.params, "cpu", n=40)[0]
+    ok, why = ba.verify_kernel(kern_for(5), spec, spec.params, "cpu", n=40)
+    assert not ok and "differs" in why
+
+
+def test_check_cases_cover_dims_dtypes_lengths_and_gqa():
+    cases = ba.check_cases([64, 128, 256], ["fp16", "bf16"], [1000, 4097], 16, 4, full=False)
+    assert {(c.d, c.dtype) for c in cases} == {(d, t) for d in (64, 128, 256) for t in ("fp16", "bf16")}
+    assert {c.nq for c in cases} == {1000, 4097}
+    assert {(c.hq, c.hkv) for c in cases} == {(16, 16), (16, 4)}
+    assert any(c.layout == "bnhd" for c in cases)
+    assert any(c.nq != c.nk for c in cases)
+    full = ba.check_cases([64, 128, 256], ["fp16", "bf16"], [1000, 4097], 16, 4, full=True)
+    assert len([c for c in full if c.nq == c.nk]) == 24
+
+
+def test_add_relative_figures():
+    rows = [_row(), _row(pattern="prefix_lm_2048", attnc_fwd_tflops=240.1, attnc_fwdbwd_tflops=450.0),
+            _row(pattern="causal", N=8192, attnc_fwd_tflops=None)]
+    ba.add_relative_figures(rows)
+    assert rows[1]["vs_own_causal_fwd"] == pytest.approx(0.5, abs=1e-3)
+    assert rows[1]["vs_own_causal_fwdbwd"] == 1.0
+    assert "vs_own_causal_fwd" not in rows[2]
+
+
+def test_make_random_inputs_from_declarations():
+    kern = _fake_kern({"doc": ("int", ("batch", "N")), "keep": ("bool", ("batch", "heads", "N")),
+                       "slopes": ("float", ("heads",)), "fixed": ("int", (7,))})
+    got = bench.make_random_inputs(kern, seq=33, batch=2, heads=3, device="cpu")
+    assert got["doc"].shape == (2, 33) and got["doc"].dtype == torch.int64 and int(got["doc"].max()) < 8
+    assert got["keep"].shape == (2, 3, 33) and got["keep"].dtype == torch.bool
+    assert got["slopes"].shape == (3,) and got["slopes"].is_floating_point()
+    assert got["fixed"].shape == (7,)
+
+
+# ---- with the real compiler ------------------------------------------------------------------------
+
+SMALL = {"causal": {}, "sliding_window_1024": {"window": 16}, "dilated_w2048_d2": {"window": 24, "dilation": 3},
+         "document_causal": {}, "prefix_lm_2048": {"prefix": 20}, "hash8_causal": {}, "keep50_causal": {}}
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_inline_sources_compile_and_match_their_definitions(name):
+    spec = ba.SPEC_BY_NAME[name].with_params(**SMALL[name])
+    res = ba.resolve_kernel(spec, spec.params, ROOT / "no-such-dir", "cpu", verify_n=72, log=lambda s: None)
+    assert res.source == "inline"
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_example_files_reproduce_the_benchmark_patterns(name):
+    """The examples used by the benchmark are the anchor patterns (window bounds included)."""
+    if not (EXAMPLES / ba.SPEC_BY_NAME[name].example).is_file():
+        pytest.skip("example file not written yet")
+    spec = ba.SPEC_BY_NAME[name].with_params(**SMALL[name])
+    res = ba.resolve_kernel(spec, spec.params, EXAMPLES, "cpu", verify_n=72, log=lambda s: None)
+    assert res.source.startswith("examples/"), res.rejected
+
+
+def test_bench_pattern_cpu_smoke():
+    """The whole bench_pattern path on CPU (attnc's reference path and eager FlexAttention)."""
+    spec = ba.SPEC_BY_NAME["keep50_causal"]
+    res = ba.resolve_kernel(spec, spec.params, ROOT / "no-such-dir", "cpu", verify_n=40, log=lambda s: None)
+    N, B, H = 64, 1, 2
+    canon = ba.anchor_inputs(N, B, H)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        row = bench.bench_pattern(res.kern, seq=N, batch=B, heads=H, dim=16, dtype="fp32",
+                                  inputs=ba.fit_inputs(res.kern, spec, canon),
+                                  flex_mask_mod=spec.mask(canon, spec.params), flex_mask_bh=(B, H),
+                                  device="cpu", warmup=1, rep=1)
+    assert row["check"] == "ok", row
+    assert row["density"] == pytest.approx(dense_mask_from_mod(spec.mask(canon, spec.params), B, H, N, N)
+                                           .float().mean().item(), abs=1e-6)
+    assert row["attnc_fwd_ms"] > 0 and row["attnc_fwdbwd_ms"] > 0 and row["flex_fwd_ms"] > 0
+    assert row["attnc_vs_flex_fwd"] > 0 and row["sdpa_note"].startswith("skipped")
+    json.dumps(row)                                       # the JSONL line must serialize
+
+
+def test_bench_all_main_cpu_smoke(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = ba.main(["--device", "cpu", "--seqs", "48", "--tokens", "48", "--heads", "1", "--dim", "16",
+                      "--dtype", "fp32", "--patterns", "causal,prefix_lm_2048", "--verify-n", "64",
+                      "--warmup", "1", "--rep", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    summary = json.loads((tmp_path / "bench_summary.json").read_text())
+    assert [r["pattern"] for r in summary["rows"]] == ["causal", "prefix_lm_2048"]
+    assert len((tmp_path / "bench.jsonl").read_text().splitlines()) == 2
+
+
+# ---- GPU ----------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_time_ms_on_gpu():
+    x = torch.randn(1 << 20, device="cuda")
+    t = bench.time_ms(lambda: x * 2, warmup=5, rep=20)
+    assert isinstance(t, float) and t > 0
+    st = bench.time_stats(lambda: x * 2, warmup=5, rep=20)
+    assert st["p20"] <= st["median"] <= st["p80"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_pattern_on_gpu_small():
+    spec = ba.SPEC_BY_NAME["causal"]
+    res = ba.resolve_kernel(spec, spec.params, EXAMPLES, "cuda", verify_n=256, log=lambda s: None)
+    row = bench.bench_pattern(res.kern, seq=512, batch=2, heads=4, dim=64, dtype="bf16",
+                              flex_mask_mod=spec.mask({}, {}), sdpa_causal=True, warmup=5, rep=20)
+    assert row["check"] == "ok", row
+    assert row["attnc_fwd_tflops"] > 0 and row["flex_fwd_tflops"] > 0
+    assert row.get("cudnn_fwd_ms") or row.get("flash_fwd_ms")
