@@ -520,7 +520,11 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
     if dens is None and plan is not None and isinstance(getattr(plan, "density", None), (int, float)):
         dens, src = float(plan.density), "plan"
     if dens is None and flex_mask_mod is not None:
-        dens, src = mask_density(flex_mask_mod, batch=B, heads=H, n_q=N, n_k=N, device=device), "mask_mod"
+        try:
+            dens = mask_density(flex_mask_mod, batch=B, heads=H, n_q=N, n_k=N, device=device)
+            src = "mask_mod"
+        except Exception as e:  # noqa: BLE001 - e.g. a mask_mod that does not broadcast over heads
+            row["density_error"] = repr(e)[:200]
     if dens is None:
         try:
             if inputs and B * H * N * N <= DENSE_MASK_LIMIT:
@@ -546,30 +550,36 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     mem0 = peak()
-    t0 = time.perf_counter()
-    out = kern(q, k, v, **inputs)
-    sync()
-    row["attnc_first_fwd_s"] = _round(time.perf_counter() - t0, 2)
-    row["attnc_fwd_extra_mem_mb"] = _round((peak() - mem0) / 2**20, 1)
-    bwd_ok, attnc_g = True, None
+    attnc_ok, bwd_ok, attnc_g, attnc_out = True, False, None, None
     try:
-        if not out.requires_grad:
-            raise NotImplementedError("the output has no grad_fn (no autograd registered)")
         t0 = time.perf_counter()
-        out.backward(dout)
+        out = kern(q, k, v, **inputs)
         sync()
-        row["attnc_first_bwd_s"] = _round(time.perf_counter() - t0, 2)
-        row["attnc_fwdbwd_extra_mem_mb"] = _round((peak() - mem0) / 2**20, 1)
-        attnc_g = _grads(*qkv)
-    except Exception as e:  # noqa: BLE001
-        bwd_ok = False
-        key = "attnc_bwd_unavailable" if _backward_unavailable(e) else "attnc_bwd_error"
-        row[key] = repr(e)[:300]
-        say(f"[{pname}] backward: {row[key]}")
+        row["attnc_first_fwd_s"] = _round(time.perf_counter() - t0, 2)
+        row["attnc_fwd_extra_mem_mb"] = _round((peak() - mem0) / 2**20, 1)
+        attnc_out = out.detach()
+    except Exception as e:  # noqa: BLE001 - FlexAttention and SDPA figures are still worth having
+        attnc_ok = False
+        row["attnc_error"] = f"{type(e).__name__}: {e}"[:400]
+        say(f"[{pname} N={N}] attnc failed: {row['attnc_error']}")
+    if attnc_ok:
+        try:
+            if not out.requires_grad:
+                raise NotImplementedError("the output has no grad_fn (no autograd registered)")
+            t0 = time.perf_counter()
+            out.backward(dout)
+            sync()
+            row["attnc_first_bwd_s"] = _round(time.perf_counter() - t0, 2)
+            row["attnc_fwdbwd_extra_mem_mb"] = _round((peak() - mem0) / 2**20, 1)
+            attnc_g = _grads(*qkv)
+            bwd_ok = True
+        except Exception as e:  # noqa: BLE001
+            key = "attnc_bwd_unavailable" if _backward_unavailable(e) else "attnc_bwd_error"
+            row[key] = repr(e)[:300]
+            say(f"[{pname} N={N}] backward: {row[key]}")
+        del out
+        say(f"[{pname} N={N}] attnc compiled and ran (density {row['density']}, source {src})")
     _clear_grads(*qkv)
-    attnc_out = out.detach()
-    del out
-    say(f"[{pname} N={N}] attnc compiled and ran (density {row['density']}, source {src})")
 
     # 4. FlexAttention: block mask, first calls, reference for the check. On CPU (smoke tests)
     # FlexAttention has no backward, so its forward gets detached tensors there.
@@ -612,7 +622,9 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
 
     # 4b. correctness
     status = "skipped"
-    if check:
+    if not attnc_ok:
+        status = "attnc ERROR: " + row["attnc_error"][:60]
+    elif check:
         problems = []
         if not bool(torch.isfinite(attnc_out).all()):
             problems.append("non-finite output")
@@ -646,15 +658,20 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
     del attnc_out, flex_out
 
     # 5. timing
-    st = time_stats(lambda: kern(q, k, v, **inputs), warmup=warmup, rep=rep)
-    row["attnc_fwd_ms"], row["attnc_fwd_spread"] = _round(st["median"], 4), _round(st["spread"], 3)
-    if bwd_ok:
-        def attnc_fb():
-            kern(q, k, v, **inputs).backward(dout)
-        st = time_stats(attnc_fb, warmup=warmup, rep=rep, grad_to_none=qkv)
-        row["attnc_fwdbwd_ms"], row["attnc_fwdbwd_spread"] = _round(st["median"], 4), _round(st["spread"], 3)
-    else:
-        row["attnc_fwdbwd_ms"] = None
+    row["attnc_fwd_ms"] = row["attnc_fwdbwd_ms"] = None
+    try:
+        if attnc_ok:
+            st = time_stats(lambda: kern(q, k, v, **inputs), warmup=warmup, rep=rep)
+            row["attnc_fwd_ms"], row["attnc_fwd_spread"] = _round(st["median"], 4), _round(st["spread"], 3)
+        if bwd_ok:
+            def attnc_fb():
+                kern(q, k, v, **inputs).backward(dout)
+            st = time_stats(attnc_fb, warmup=warmup, rep=rep, grad_to_none=qkv)
+            row["attnc_fwdbwd_ms"] = _round(st["median"], 4)
+            row["attnc_fwdbwd_spread"] = _round(st["spread"], 3)
+    except Exception as e:  # noqa: BLE001
+        row["attnc_timing_error"] = repr(e)[:300]
+        say(f"[{pname} N={N}] attnc timing failed: {row['attnc_timing_error']}")
     say(f"[{pname} N={N}] attnc timed: fwd {row['attnc_fwd_ms']} ms, fwd+bwd {row['attnc_fwdbwd_ms']} ms")
 
     if "flex" in vs:
@@ -671,7 +688,8 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
                 flex(q, k, v, block_mask=bm).backward(dout)
             row["flex_fwdbwd_ms"] = (_round(time_ms(flex_fb, warmup=warmup, rep=rep, grad_to_none=qkv), 4)
                                      if flex_bwd_ok else None)
-            say(f"[{pname} N={N}] flex timed: fwd {row['flex_fwd_ms']} ms, fwd+bwd {row['flex_fwdbwd_ms']} ms")
+            say(f"[{pname} N={N}] flex timed: fwd {row['flex_fwd_ms']} ms, "
+                f"fwd+bwd {row['flex_fwdbwd_ms']} ms")
 
     if "sdpa" in vs:
         if not sdpa_causal:

@@ -151,20 +151,22 @@ def kernel_mode(pir: PatternIR) -> str:
     return "lists" if ir.uses(pir.mask, "read") else "ranges"
 
 
-def render_forward(pir: PatternIR) -> str:
-    """The Triton source of the forward kernel (and its helpers) for this pattern."""
+def template_context(pir: PatternIR) -> dict:
+    """What the templates need to know about a pattern: the hooks' code and the plan's shape."""
     mask_printer = ElementwisePrinter("m")
     mask_var = mask_printer(pir.mask)
-    score_lines, score_var = [], "s"
+    score_lines, score_var, dscore_lines, dscore_var = [], "s", [], "1.0"
     if pir.score is not None:
         score_printer = ElementwisePrinter("sc")
         score_var = score_printer(pir.score)
         score_lines = score_printer.em.lines
+        dscore_printer = ElementwisePrinter("ds")
+        dscore_var = dscore_printer(ir.derivative(pir.score, ir.score()))
+        dscore_lines = dscore_printer.em.lines
     mode = kernel_mode(pir)
     range_lines, n_parts = _range_code(range_program(pir.mask)) if mode == "ranges" else ([], 0)
     inputs = [InputArg(d.name, d.dtype, len(d.dims)) for d in pir.inputs.values()]
-    input_params = [p for a in inputs for p in a.params]
-    context = dict(
+    return dict(
         pattern=pir.name,
         params=", ".join(f"{k}={v!r}" for k, v in pir.params.items()) or "none",
         mask_notes=pir.mask_notes,
@@ -175,11 +177,23 @@ def render_forward(pir: PatternIR) -> str:
         mask_var=mask_var,
         score_lines=score_lines,
         score_var=score_var,
+        dscore_lines=dscore_lines,
+        dscore_var=dscore_var,
         has_score=pir.score is not None,
         mode=mode,
         range_lines=range_lines,
         n_parts=n_parts,
-        input_params=input_params,
+        range_targets=", ".join(f"lo{i}, hi{i}, flo{i}, fhi{i}" for i in range(n_parts)),
+        input_params=[p for a in inputs for p in a.params],
         inputs=inputs,
     )
-    return _environment().get_template("attn_fwd.py.j2").render(**context)
+
+
+def render_forward(pir: PatternIR) -> str:
+    """The Triton source of the forward kernel (and its helpers) for this pattern."""
+    return _environment().get_template("attn_fwd.py.j2").render(**template_context(pir))
+
+
+def render_backward(pir: PatternIR) -> str:
+    """The Triton source of the backward kernels (dQ, and dK/dV) for this pattern."""
+    return _environment().get_template("attn_bwd.py.j2").render(**template_context(pir))

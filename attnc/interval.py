@@ -67,6 +67,14 @@ class Sym:
         self.em, self.text = em, text
 
     def _bin(self, op, other, swap=False):
+        if op == "&" and isinstance(other, bool):
+            return self if other else False
+        if op == "|" and isinstance(other, bool):
+            return True if other else self
+        if op in ("+", "-") and isinstance(other, int) and not isinstance(other, bool) and other == 0 and not swap:
+            return self
+        if op == "*" and isinstance(other, int) and not isinstance(other, bool) and other == 1:
+            return self
         o = other.text if isinstance(other, Sym) else repr(other)
         a, b = (o, self.text) if swap else (self.text, o)
         return self.em.value(f"{a} {op} {b}")
@@ -134,13 +142,20 @@ class TritonOps:
     def _t(self, x):
         return x.text if isinstance(x, Sym) else repr(x)
 
+    # Python-level values are folded here, so the printed code only holds what depends on the call.
     def minimum(self, a, b):
+        if not isinstance(a, Sym) and not isinstance(b, Sym):
+            return min(a, b)
         return self.em.value(f"tl.minimum({self._t(a)}, {self._t(b)})")
 
     def maximum(self, a, b):
+        if not isinstance(a, Sym) and not isinstance(b, Sym):
+            return max(a, b)
         return self.em.value(f"tl.maximum({self._t(a)}, {self._t(b)})")
 
     def where(self, c, a, b):
+        if not isinstance(c, Sym):
+            return a if c else b
         return self.em.value(f"tl.where({self._t(c)}, {self._t(a)}, {self._t(b)})")
 
     def floordiv(self, a, c: int):

@@ -574,3 +574,70 @@ def affine_detail(atom: Node) -> str:
     if cq and ck:
         return "q - k" if cq == -ck else "q, k"
     return "q" if cq else ("k" if ck else "sizes")
+
+
+# --------------------------------------------------------------------------------------------------
+# Symbolic differentiation (for score modifiers in the backward kernels)
+
+
+def derivative(node: Node, wrt: Node) -> Node:
+    """d node / d wrt for a float expression, simplified by the constructors (memoized per call)."""
+    memo: dict = {}
+
+    def d(n: Node) -> Node:
+        if n in memo:
+            return memo[n]
+        r = _derivative_step(n, wrt, d)
+        memo[n] = r
+        return r
+
+    return d(node)
+
+
+def _derivative_step(n: Node, wrt: Node, d) -> Node:
+    zero, one = const(0.0), const(1.0)
+    if n is wrt:
+        return one
+    if n.type != "float" or n.op in ("const", "read", "tofloat", "var", "size"):
+        return zero
+    a = n.args
+    if n.op == "add":
+        return add(d(a[0]), d(a[1]))
+    if n.op == "sub":
+        return sub(d(a[0]), d(a[1]))
+    if n.op == "neg":
+        return neg(d(a[0]))
+    if n.op == "mul":
+        return add(_mulf(d(a[0]), a[1]), _mulf(a[0], d(a[1])))
+    if n.op == "div":                                    # (u/v)' = u'/v - u v' / v^2
+        return sub(div(d(a[0]), a[1]), div(_mulf(a[0], d(a[1])), _mulf(a[1], a[1])))
+    if n.op == "exp":
+        return _mulf(n, d(a[0]))
+    if n.op == "log":
+        return div(d(a[0]), a[0])
+    if n.op == "sqrt":
+        return div(d(a[0]), _mulf(const(2.0), n))
+    if n.op == "tanh":
+        return _mulf(sub(one, _mulf(n, n)), d(a[0]))
+    if n.op == "sigmoid":
+        return _mulf(_mulf(n, sub(one, n)), d(a[0]))
+    if n.op == "abs":
+        return where(compare("lt", a[0], const(0.0)), neg(d(a[0])), d(a[0]))
+    if n.op in ("min", "max"):
+        first = compare("le", a[0], a[1]) if n.op == "min" else compare("le", a[1], a[0])
+        return where(first, d(a[0]), d(a[1]))
+    if n.op == "where":
+        return where(a[0], d(a[1]), d(a[2]))
+    if n.op in ("floordiv", "mod"):
+        return zero if n.op == "floordiv" else d(a[0])
+    raise NotImplementedError(f"no derivative for {n.op}")
+
+
+def _mulf(x: Node, y: Node) -> Node:
+    """Float product that drops multiplications by 0 and 1."""
+    for u, v in ((x, y), (y, x)):
+        if u.is_const and u.value == 0:
+            return const(0.0)
+        if u.is_const and u.value == 1:
+            return to_float(v)
+    return mul(x, y)

@@ -183,12 +183,97 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     return out, lse, lists
 
 
+def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype) -> FwdConfig:
+    """Default tiles of the backward kernels."""
+    if device.type != "cuda":
+        return FwdConfig(32, 32, 4, 1)
+    d = max(head_dim, head_dim_v)
+    if dtype == torch.float32 or d > 128:
+        return FwdConfig(32, 32, 4, 1)
+    return FwdConfig(64, 64, 4 if d <= 64 else 8, 2)
+
+
+def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes: dict, inputs: dict,
+                    config: FwdConfig | None = None):
+    """dq, dk, dv from the two backward kernels (no atomics)."""
+    from .codegen import kernel_mode
+    pir = kern.ir
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    cfg = config or backward_config(D, Dv, q.device, q.dtype)
+    module = kern._backward_module()
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    if Nq == 0 or Nk == 0 or B * Hq == 0:
+        return dq, dk, dv
+    dout = dout.contiguous() if dout.stride(-1) != 1 else dout
+    # delta = rowsum(dO * O), minus the incoming gradient of lse (d lse / d s = P).
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse2 = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse * 1.4426950408889634).contiguous()
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    nqb, nkb = math.ceil(Nq / cfg.block_m), math.ceil(Nk / cfg.block_n)
+    fwd_lists, bwd_lists = [], []
+    if kernel_mode(pir) == "lists":
+        from .plan import TileClassifier, build_tile_lists
+        status = TileClassifier(pir, Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device).classify()
+        for lists, target in ((build_tile_lists(status), fwd_lists),
+                              (build_tile_lists(status.transpose(-1, -2).contiguous()), bwd_lists)):
+            target.extend([lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt,
+                           lists.full_idx.shape[0], lists.full_idx.shape[1], lists.full_idx.shape[-1],
+                           lists.part_idx.shape[-1]])
+    input_args = input_launch_args(pir, inputs)
+    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    module.attnc_bwd_dq[(nqb, B * Hq)](
+        q, k, v, dout, dq, lse2, delta,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        B, Hq, Hkv, Nq, Nk, scale, *fwd_lists, *input_args, **consts)
+    module.attnc_bwd_dkdv[(nkb, B * Hkv)](
+        q, k, v, dout, dk, dv, lse2, delta,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        B, Hq, Hkv, Nq, Nk, scale, nqb, *bwd_lists, *input_args, **consts)
+    return dq, dk, dv
+
+
+class _Attention(torch.autograd.Function):
+    """Differentiable in q, k and v; the pattern's runtime inputs are constants here."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kern, scale, sizes, names, *values):
+        inputs = dict(zip(names, values))
+        out, lse, _ = launch_forward(kern, q, k, v, scale=scale, sizes=sizes, inputs=inputs)
+        ctx.save_for_backward(q, k, v, out, lse, *values)
+        ctx.kern, ctx.scale, ctx.sizes, ctx.names = kern, scale, sizes, names
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *values = ctx.saved_tensors
+        inputs = dict(zip(ctx.names, values))
+        dq, dk, dv = launch_backward(ctx.kern, q, k, v, out, lse, dout, dlse, scale=ctx.scale, sizes=ctx.sizes,
+                                     inputs=inputs)
+        return (dq, dk, dv, None, None, None, None) + (None,) * len(values)
+
+
 def attention(kern, q, k, v, *, scale, return_lse, inputs):
-    """The kernel path of ``kern(q, k, v)``."""
+    """The kernel path of ``kern(q, k, v)``: validation, then the differentiable kernel call."""
+    from .errors import AttncError
     from .validate import check_inputs, check_qkv
     shapes = check_qkv(q, k, v, kernel_dims=True)
     sizes = check_inputs(kern.ir, inputs, batch=shapes.batch, heads=shapes.heads_q, n_q=shapes.n_q,
                          n_k=shapes.n_k, device=q.device)
     scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
-    out, lse, _ = launch_forward(kern, q, k, v, scale=scale, sizes=sizes, inputs=inputs)
+    names = tuple(kern.ir.inputs)
+    values = tuple(inputs[n] for n in names)
+    if any(t.requires_grad for t in values) and torch.is_grad_enabled():
+        raise AttncError("gradients into runtime inputs of the score are not supported by the kernels yet; "
+                         "detach the input or use kern.reference for that gradient")
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _Attention.apply(q, k, v, kern, scale, sizes, names, *values)
+    else:
+        out, lse, _ = launch_forward(kern, q, k, v, scale=scale, sizes=sizes, inputs=inputs)
     return (out, lse) if return_lse else out

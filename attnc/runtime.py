@@ -116,6 +116,21 @@ class Kernel:
             self._fwd_module = load_module(path)
         return self._fwd_module
 
+    def _backward_module(self):
+        if getattr(self, "_bwd_module", None) is None:
+            from .codegen import render_backward
+            from .launch import cached_source, load_module
+            _, path = cached_source(self.ir, "bwd", render_backward)
+            self._bwd_module = load_module(path)
+        return self._bwd_module
+
+    @property
+    def backward_source(self) -> str:
+        """The generated Triton source of the backward kernels."""
+        from .codegen import render_backward
+        from .launch import cached_source
+        return cached_source(self.ir, "bwd", render_backward)[0]
+
     # ---- planning ----------------------------------------------------------------------------------
     def block_sizes(self, head_dim: int = 128, device: str = "cuda") -> tuple[int, int]:
         """(block_m, block_n) of the default forward configuration for a GPU (or the interpreter)."""

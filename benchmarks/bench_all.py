@@ -11,7 +11,7 @@ of the example file matches, an inline source in the attnc language is used; the
 says which. Results: ``bench.jsonl`` (one row per pattern and length, as they finish) and
 ``bench_summary.json`` in ``--out``; the short table is printed last. See benchmarks/README.md.
 
-Imports only torch, triton (through attnc.bench), numpy-free stdlib and attnc.
+Imports only torch, the standard library and attnc (triton through attnc.bench).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 
 from attnc.bench import (bench_pattern, dense_mask_from_mod, env_info, format_table,  # noqa: E402
                          masked_attention_reference, parse_dtype, _backward_unavailable)
-from attnc.errors import AttncError, InputError  # noqa: E402
+from attnc.errors import InputError  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,8 +358,8 @@ def bench_one(spec: BenchPattern, N: int, args, resolved_cache: dict) -> dict:
             name=spec.name, flex_mask_bh=(B, H) if spec.flex_per_bh else None,
             sdpa_causal=spec.dense_causal, warmup=args.warmup, rep=args.rep, device=args.device,
             log=lambda s: print("  " + s, flush=True))
-        row.update(source=res.source, attnc_compile_s=round(res.compile_s, 4),
-                   attnc_compile_warm_ms=None if res.compile_warm_ms is None else round(res.compile_warm_ms, 2),
+        warm = None if res.compile_warm_ms is None else round(res.compile_warm_ms, 2)
+        row.update(source=res.source, attnc_compile_s=round(res.compile_s, 4), attnc_compile_warm_ms=warm,
                    target_vs_flex=spec.target)
     except Exception as e:  # noqa: BLE001 - one pattern's failure must not stop the run
         traceback.print_exc()
@@ -397,7 +397,8 @@ def run_bench(args, seqs: list[int], specs: list[BenchPattern]) -> list[dict]:
                                         timeout=args.child_timeout).returncode
                 except subprocess.TimeoutExpired:
                     rc = "timeout"
-                got = [json.loads(x) for x in rows_path.read_text().splitlines()] if rows_path.exists() else []
+                got = ([json.loads(x) for x in rows_path.read_text().splitlines()]
+                       if rows_path.exists() else [])
                 if not got:
                     got = [{"pattern": spec.name, "N": N, "error": f"subprocess ended ({rc}) without a row",
                             "target_vs_flex": spec.target}]
@@ -585,12 +586,14 @@ def run_check(args, specs: list[BenchPattern]) -> list[dict]:
                 rec = check_one(res.kern, spec, case, args.device, res.int_dtype, seed=1000 + i)
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
-                rec = {"pattern": spec.name, "case": case.label, "status": f"FAIL {type(e).__name__}: {e}"[:300]}
+                rec = {"pattern": spec.name, "case": case.label,
+                       "status": f"FAIL {type(e).__name__}: {e}"[:300]}
             rec["source"] = res.source
             recs.append(rec)
             _emit(rec, [out / "check.jsonl"])
-            print(_fmt_check(rec) if "out_err" in rec else f"{spec.name:<20} {case.label:<32} {rec['status']}",
-                  flush=True)
+            line = (_fmt_check(rec) if "out_err" in rec
+                    else f"{spec.name:<20} {case.label:<32} {rec['status']}")
+            print(line, flush=True)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return recs
@@ -671,7 +674,8 @@ def main(argv=None) -> int:
 
     if args.check:
         recs = run_check(args, specs)
-        (out / "check_summary.json").write_text(json.dumps({"env": env, "cases": recs}, indent=1, default=str))
+        summary = {"env": env, "cases": recs}
+        (out / "check_summary.json").write_text(json.dumps(summary, indent=1, default=str))
         print()
         print(check_summary(recs))
         return 0 if all(r.get("status") == "ok" for r in recs) else 1

@@ -42,7 +42,8 @@ def test_effective_tflops_formula():
     got = effective_tflops(1, 16, 32768, 32768, 128, 0.5, 10.0, fwdbwd=False)
     assert got == pytest.approx(4 * 16 * 32768**2 * 128 * 0.5 / 0.010 / 1e12)
     assert effective_tflops(1, 16, 32768, 32768, 128, 0.5, 10.0, fwdbwd=True) == pytest.approx(3.5 * got)
-    assert effective_tflops(2, 4, 100, 50, 64, 1.0, 1.0) == pytest.approx(4 * 2 * 4 * 100 * 50 * 64 / 1e-3 / 1e12)
+    want = 4 * 2 * 4 * 100 * 50 * 64 / 1e-3 / 1e12
+    assert effective_tflops(2, 4, 100, 50, 64, 1.0, 1.0) == pytest.approx(want)
 
 
 def test_effective_tflops_reproduces_the_anchor_figures():
@@ -243,7 +244,8 @@ def test_anchor_inputs_mirror_the_anchor_script():
 
 
 def _fake_kern(decls):
-    return SimpleNamespace(inputs={n: SimpleNamespace(name=n, dtype=dt, dims=dims) for n, (dt, dims) in decls.items()})
+    return SimpleNamespace(inputs={n: SimpleNamespace(name=n, dtype=dt, dims=dims)
+                                   for n, (dt, dims) in decls.items()})
 
 
 def test_fit_inputs_by_name_rank_and_dtype():
@@ -312,7 +314,8 @@ def test_make_random_inputs_from_declarations():
 
 # ---- with the real compiler ------------------------------------------------------------------------
 
-SMALL = {"causal": {}, "sliding_window_1024": {"window": 16}, "dilated_w2048_d2": {"window": 24, "dilation": 3},
+SMALL = {"causal": {}, "sliding_window_1024": {"window": 16},
+         "dilated_w2048_d2": {"window": 24, "dilation": 3},
          "document_causal": {}, "prefix_lm_2048": {"prefix": 20}, "hash8_causal": {}, "keep50_causal": {}}
 
 
@@ -351,6 +354,25 @@ def test_bench_pattern_cpu_smoke():
     assert row["attnc_fwd_ms"] > 0 and row["attnc_fwdbwd_ms"] > 0 and row["flex_fwd_ms"] > 0
     assert row["attnc_vs_flex_fwd"] > 0 and row["sdpa_note"].startswith("skipped")
     json.dumps(row)                                       # the JSONL line must serialize
+
+
+def test_bench_pattern_records_an_attnc_failure_and_still_times_flex():
+    class Broken:
+        name, inputs = "broken", {}
+
+        def __call__(self, q, k, v, **kw):
+            raise RuntimeError("no kernel today")
+
+    causal = lambda b, h, q, k: q >= k  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        row = bench.bench_pattern(Broken(), seq=32, batch=1, heads=1, dim=16, dtype="fp32",
+                                  flex_mask_mod=causal, device="cpu", warmup=1, rep=1, vs="flex")
+    assert row["attnc_error"].startswith("RuntimeError: no kernel today")
+    assert row["check"].startswith("attnc ERROR")
+    assert row["attnc_fwd_ms"] is None and row["attnc_fwdbwd_ms"] is None
+    assert row["flex_fwd_ms"] > 0 and "plan_error" in row
+    assert "attnc ERROR" in format_table([row])
 
 
 def test_bench_all_main_cpu_smoke(tmp_path):

@@ -28,8 +28,10 @@ except ImportError:  # pragma: no cover
 BATCH, HEADS = 2, 2
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                                       HealthCheck.data_too_large])
-# Sizes at which a pattern that attnc calls provably empty is checked to be empty indeed.
-EMPTY_CHECK_SIZES = ((1, 1), (2, 7), (7, 2), (5, 5), (12, 12), (12, 3))
+# Sizes (n_q, n_k, batch, heads) at which a pattern attnc calls provably empty is checked to be empty.
+EMPTY_CHECK_SIZES = ((1, 1, 1, 1), (2, 7, 2, 2), (7, 2, 3, 1), (5, 5, 1, 3), (12, 12, 2, 2),
+                     (12, 3, 3, 3), (3, 12, 4, 2), (17, 17, 1, 1))
+EMPTY_WORDS = r"everywhere|everything|empty|nothing|no query|no key"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,13 +73,22 @@ def describe_difference(src, got, want) -> str:
             f"--- source ---\n{src}")
 
 
-def source_text_of(err, src: str) -> str:
-    """The text the error's location refers to: the file it names, else the source we compiled."""
+PRELUDE = os.path.join(os.path.dirname(attnc.__file__), "prelude.attn")
+
+
+def source_text_of(err, src: str) -> str | None:
+    """The text the error's location refers to: the file it names, the prelude, or the source we
+    compiled (path None or '<source>'); None when the path names something else."""
     path = getattr(err, "path", None)
     if path and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return f.read()
-    return src
+    if path == "<prelude>" and os.path.isfile(PRELUDE):
+        with open(PRELUDE, encoding="utf-8") as f:
+            return f.read()
+    if path is None or path == "<source>":
+        return src
+    return None
 
 
 def check_location(err, src: str, *, required: bool) -> None:
@@ -87,7 +98,11 @@ def check_location(err, src: str, *, required: bool) -> None:
         assert not required, f"{type(err).__name__} without a line: {err}"
         return
     assert column is not None, f"line set but no column: {err!r}"
-    lines = source_text_of(err, src).split("\n")
+    assert f"{line}:{column}" in str(err), f"message lacks '{line}:{column}': {err}"
+    text = source_text_of(err, src)
+    if text is None:
+        return
+    lines = text.split("\n")
     assert 1 <= line <= len(lines), f"line {line} outside 1..{len(lines)}: {err}\n--- source ---\n{src}"
     assert 1 <= column <= len(lines[line - 1]) + 1, (
         f"column {column} outside line {line} ({lines[line - 1]!r}): {err}\n--- source ---\n{src}")
@@ -110,13 +125,15 @@ def test_random_mask_matches_python(prog, n_q, n_k):
     except attnc.PatternError as err:
         event("rejected as provably empty")
         # The only semantic error a well-typed program may get: "masks everything", which must be true.
-        for nq, nk in EMPTY_CHECK_SIZES + ((n_q, n_k),):
+        assert re.search(EMPTY_WORDS, str(err), re.IGNORECASE), (
+            f"valid source rejected: {err}\n--- source ---\n{prog.source}")
+        for nq, nk, nb, nh in EMPTY_CHECK_SIZES + ((n_q, n_k, BATCH, HEADS),):
             try:
-                empty = not expected_mask(prog.masks, prog.params, nq, nk).any()
+                empty = not expected_mask(prog.masks, prog.params, nq, nk, nb, nh).any()
             except S.Overflow:
                 continue
-            assert empty, (f"attnc rejected a pattern that is not empty at n_q={nq}, n_k={nk}: {err}\n"
-                           f"--- source ---\n{prog.source}")
+            assert empty, (f"attnc rejected a pattern that is not empty at n_q={nq}, n_k={nk}, "
+                           f"batch={nb}, heads={nh}: {err}\n--- source ---\n{prog.source}")
         return
     except attnc.PatternSyntaxError as err:
         raise AssertionError(f"valid source rejected: {err}\n--- source ---\n{prog.source}") from err
