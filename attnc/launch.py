@@ -30,7 +30,7 @@ def generator_fingerprint() -> str:
     """A hash of the templates and code generator, so a changed generator never reuses old sources."""
     from .parse import _resource_text
     h = hashlib.sha256()
-    for name in ("attn_fwd.py.j2", "attn_bwd.py.j2"):
+    for name in ("attn_common.py.j2", "attn_fwd.py.j2", "attn_bwd.py.j2"):
         try:
             h.update(_resource_text("attnc.templates", "templates", name).encode())
         except (FileNotFoundError, OSError):

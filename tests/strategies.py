@@ -220,7 +220,7 @@ def divisor(draw, ctx: GenContext, depth: int) -> Node:
     return binop("+", call("abs", inner, ty="int"), lit(draw(st.integers(1, 3))))
 
 
-INT_KINDS = ("+", "+", "-", "-", "*", "//", "%", "%", "neg", "abs", "min", "max", "clamp", "where")
+INT_KINDS = ("+", "-", "-", "//", "%", "*", "//", "%", "neg", "+", "abs", "min", "max", "clamp", "where")
 
 
 @st.composite
@@ -236,7 +236,10 @@ def int_expr(draw, ctx: GenContext, depth: int) -> Node:
         a, b = draw(sub), draw(int_leaf(ctx))
         return binop("*", *((a, b) if draw(st.booleans()) else (b, a)))
     if kind in ("//", "%"):
-        return binop(kind, draw(sub), draw(divisor(ctx, depth - 1)))
+        dividend = draw(sub)
+        if draw(st.booleans()):  # often of either sign, where floor and truncation differ
+            dividend = binop("-", dividend, draw(int_leaf(ctx)))
+        return binop(kind, dividend, draw(divisor(ctx, depth - 1)))
     if kind == "neg":
         return Node("neg", "int", None, (draw(sub),))
     if kind == "abs":

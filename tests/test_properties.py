@@ -113,7 +113,7 @@ def check_location(err, src: str, *, required: bool) -> None:
 # 1. random expressions -> source -> mask / reference
 
 
-@settings(max_examples=100, **SETTINGS)
+@settings(max_examples=150, **SETTINGS)
 @given(prog=S.mask_programs(), n_q=st.integers(1, 12), n_k=st.integers(1, 12))
 def test_random_mask_matches_python(prog, n_q, n_k):
     try:

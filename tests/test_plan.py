@@ -1,0 +1,490 @@
+"""Tile planning (attnc.plan) against brute force on small grids.
+
+The kernel computes a (query block, key block) tile when the plan says it may hold a visible key, and
+runs it without any mask code when the plan says it is full. So the plan must be *sound*:
+
+* every tile with at least one visible (q, k) is computed;
+* every tile called full has every (q, k) visible (for q < n_q) and is not ragged (it lies entirely
+  inside [0, n_k), since the full loop loads keys without bounds checks).
+
+Both planners are checked: the closed-form key-block ranges of static patterns
+(``static_block_ranges``, what the kernel evaluates in ranges mode) and the tile classifier used for
+patterns with runtime inputs (``TileClassifier``; also run here on static patterns, where it must be
+just as sound). For affine patterns (causal, window, prefix) the plan must also be exact: it computes
+no empty tile, and finds every full tile.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import attnc
+from attnc.codegen import kernel_mode
+from attnc.plan import TileClassifier, build_tile_lists, static_block_ranges, static_plan
+from attnc.validate import check_inputs
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+SETTINGS = dict(deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+BLOCKS = [(16, 16), (32, 32), (8, 4), (4, 8), (5, 7), (1, 1), (128, 64)]
+SIZES = [(1, 1), (17, 17), (67, 67), (130, 130), (17, 67), (67, 17), (1, 130), (130, 1), (64, 64)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Brute force and the two planners as (full, computed) boolean tile grids.
+
+
+def brute_force_tiles(mask: torch.Tensor, block_m: int, block_n: int):
+    """(any, all) per tile of a (..., n_q, n_k) mask, by slicing each tile; plus the ragged key blocks."""
+    n_q, n_k = mask.shape[-2:]
+    nqb, nkb = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
+    any_t = torch.zeros(*mask.shape[:-2], nqb, nkb, dtype=torch.bool)
+    all_t = torch.zeros_like(any_t)
+    for i in range(nqb):
+        for j in range(nkb):
+            tile = mask[..., i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n]
+            any_t[..., i, j] = tile.flatten(-2).any(-1)
+            all_t[..., i, j] = tile.flatten(-2).all(-1)
+    ragged = torch.zeros(nkb, dtype=torch.bool)
+    if n_k % block_n:
+        ragged[-1] = True
+    return any_t, all_t, ragged
+
+
+def ranges_tiles(kern, n_q, n_k, block_m, block_n):
+    """(full, computed) tile grids (nqb, nkb) as the ranges-mode kernel walks them."""
+    nkb = math.ceil(n_k / block_n)
+    j = torch.arange(nkb).view(1, -1)
+    computed = torch.zeros(math.ceil(n_q / block_m), nkb, dtype=torch.bool)
+    full = torch.zeros_like(computed)
+    for lo, hi, flo, fhi in static_block_ranges(kern.ir, n_q, n_k, block_m, block_n):
+        computed |= (j >= lo.view(-1, 1)) & (j < hi.view(-1, 1))
+        full |= (j >= flo.view(-1, 1)) & (j < fhi.view(-1, 1))
+    return full, computed
+
+
+def classifier_tiles(kern, n_q, n_k, batch, heads, block_m, block_n, inputs):
+    """(full, computed) tile grids broadcast to (batch, heads, nqb, nkb), from TileClassifier."""
+    sizes = check_inputs(kern.ir, inputs, batch=batch, heads=heads, n_q=n_q, n_k=n_k)
+    status = TileClassifier(kern.ir, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs,
+                            torch.device("cpu")).classify()
+    assert status.dtype == torch.int8
+    assert status.shape[-2:] == (math.ceil(n_q / block_m), math.ceil(n_k / block_n))
+    assert set(status.unique().tolist()) <= {0, 1, 2}
+    status = status.expand(batch, heads, *status.shape[-2:])
+    return status == 2, status >= 1, status
+
+
+def assert_sound(full, computed, any_t, all_t, ragged, what: str):
+    missed = any_t & ~computed
+    assert not missed.any(), f"{what}: tiles with visible keys not computed at {missed.nonzero()[:5].tolist()}"
+    wrong_full = full & ~all_t
+    assert not wrong_full.any(), f"{what}: tiles called full that are not at {wrong_full.nonzero()[:5].tolist()}"
+    ragged_full = full & ragged
+    assert not ragged_full.any(), f"{what}: ragged key block called full at {ragged_full.nonzero()[:5].tolist()}"
+    assert not (full & ~computed).any(), f"{what}: a full tile outside the computed range"
+
+
+def assert_exact(full, computed, any_t, all_t, ragged, what: str):
+    wasted = computed & ~any_t
+    assert not wasted.any(), f"{what}: empty tiles computed at {wasted.nonzero()[:5].tolist()}"
+    missed_full = all_t & ~ragged & ~full
+    assert not missed_full.any(), f"{what}: full tiles run masked at {missed_full.nonzero()[:5].tolist()}"
+
+
+def check_static(kern, n_q, n_k, block_m, block_n, exact=False):
+    # Float inputs read only by the score (alibi's slopes) do not change the plan.
+    inputs = {name: torch.rand(*[1 if isinstance(d, str) else d for d in decl.dims])
+              for name, decl in kern.inputs.items()}
+    mask = kern.mask(n_q, n_k, **inputs)[0, 0]
+    any_t, all_t, ragged = brute_force_tiles(mask, block_m, block_n)
+    full, computed = ranges_tiles(kern, n_q, n_k, block_m, block_n)
+    assert_sound(full, computed, any_t, all_t, ragged, f"ranges {n_q}x{n_k} blocks {block_m}x{block_n}")
+    cfull, ccomp, _ = classifier_tiles(kern, n_q, n_k, 1, 1, block_m, block_n, inputs)
+    assert_sound(cfull[0, 0], ccomp[0, 0], any_t, all_t, ragged,
+                 f"classifier {n_q}x{n_k} blocks {block_m}x{block_n}")
+    if exact and mask.any():
+        # (A band narrower than zero, e.g. window(5) and causal at n_q = n_k + 50, is empty on every row
+        # yet its per-block hull is not: interval reasoning over a block can not see that, so an
+        # entirely empty mask is exempt from exactness.)
+        assert_exact(full, computed, any_t, all_t, ragged, f"ranges {n_q}x{n_k} blocks {block_m}x{block_n}")
+    # static_plan counts what the ranges give.
+    plan = static_plan(kern.ir, n_q, n_k, 1, 1, block_m, block_n)
+    assert plan.tiles["full"] == int(full.sum())
+    assert plan.tiles["partial"] == int((computed & ~full).sum())
+    assert plan.tiles["empty"] == int((~computed).sum())
+    return full, computed
+
+
+# ----------------------------------------------------------------------------------------------
+# Every example pattern.
+
+EXAMPLE_PATTERNS = [
+    ("causal.attn", None, {}),
+    ("sliding_window.attn", None, dict(window=5)),
+    ("sliding_window.attn", None, dict(window=45)),
+    ("dilated_window.attn", None, dict(window=9, dilation=3)),
+    ("longformer.attn", None, dict(window=20, globals=7)),
+    ("bigbird.attn", None, dict(block=16, window=6, globals=9)),
+    ("prefix_lm.attn", None, dict(prefix_len=40)),
+    ("block_local.attn", None, dict(block=7)),
+    ("block_local.attn", None, dict(block=32)),
+    ("global_tokens.attn", None, dict(n_global=20)),
+    ("neighborhood1d.attn", None, dict(kernel=9, dilation=2)),
+    ("neighborhood1d.attn", None, dict(kernel=33)),
+    ("neighborhood2d.attn", None, dict(height=8, width=8, kh=3, kw=5)),
+    ("neighborhood3d.attn", None, dict(depth=2, height=4, width=8, kd=1, kh=3, kw=3, dw=2)),
+    ("alibi.attn", None, {}),
+    ("softcap.attn", None, {}),
+    ("multi.attn", "strided", dict(stride=8)),
+    ("multi.attn", "fixed", dict(stride=16, c=3)),
+    ("multi.attn", "longformer_causal", dict(window=12, globals=3)),
+    ("multi.attn", "chunk_lookback", dict(chunk=16, lookback=1)),
+    ("multi.attn", "circular", dict(radius=8)),
+    ("multi.attn", "maybe_causal", dict(is_causal=False)),
+    ("multi.attn", "dilated_neighborhood", {}),
+    ("multi.attn", "self_bonus", dict(window=20)),
+]
+AFFINE = {("causal.attn", None), ("sliding_window.attn", None), ("prefix_lm.attn", None)}
+
+
+def compile_example(file, pattern, params):
+    kw = dict(params)
+    if pattern:
+        kw["pattern"] = pattern
+    return attnc.compile(str(EXAMPLES / file), **kw)
+
+
+@pytest.mark.parametrize("file,pattern,params", EXAMPLE_PATTERNS,
+                         ids=[f"{f[:-5]}-{p or ''}-{'-'.join(f'{k}{v}' for k, v in ps.items())}"
+                              for f, p, ps in EXAMPLE_PATTERNS])
+def test_static_example_plans_are_sound(file, pattern, params):
+    kern = compile_example(file, pattern, params)
+    assert kernel_mode(kern.ir) == "ranges"
+    exact = (file, pattern) in AFFINE
+    for n_q, n_k in SIZES:
+        for block_m, block_n in BLOCKS:
+            check_static(kern, n_q, n_k, block_m, block_n, exact=exact)
+
+
+# Runtime-input examples: the tile classifier with random inputs.
+
+
+def _docs(B, H, N, g, sort):
+    ids = torch.randint(0, 4, (B, N), generator=g)
+    return {"doc": torch.sort(ids, dim=-1).values if sort else ids}
+
+
+INPUT_PATTERNS = [
+    ("documents-sorted", "documents.attn", lambda B, H, N, g: _docs(B, H, N, g, True)),
+    ("documents-unsorted", "documents.attn", lambda B, H, N, g: _docs(B, H, N, g, False)),
+    ("documents-long-runs", "documents.attn",
+     lambda B, H, N, g: {"doc": (torch.arange(N) // 40).expand(B, N).contiguous()}),
+    ("hash_buckets", "hash_buckets.attn",
+     lambda B, H, N, g: {"qb": torch.randint(0, 3, (B, H, N), generator=g),
+                         "kb": torch.randint(0, 3, (B, H, N), generator=g)}),
+    ("dropped_keys", "dropped_keys.attn", lambda B, H, N, g: {"keep": torch.rand(B, H, N, generator=g) < 0.7}),
+    ("dropped_keys-runs", "dropped_keys.attn",
+     lambda B, H, N, g: {"keep": ((torch.arange(N) // 24) % 2 == 0).expand(B, H, N).contiguous()}),
+    ("dropped_queries", "dropped_queries.attn",
+     lambda B, H, N, g: {"keep": torch.rand(B, H, N, generator=g) < 0.8}),
+    ("alibi", "alibi.attn", lambda B, H, N, g: {"slopes": torch.rand(H, generator=g)}),
+]
+
+
+@pytest.mark.parametrize("name,file,make", INPUT_PATTERNS, ids=[p[0] for p in INPUT_PATTERNS])
+def test_input_example_plans_are_sound(name, file, make):
+    kern = attnc.compile(str(EXAMPLES / file))
+    B, H = 2, 3
+    for n in (1, 17, 67, 130):
+        inputs = make(B, H, n, torch.Generator().manual_seed(n))
+        mask = kern.mask(n, n, B, H, **inputs)
+        for block_m, block_n in BLOCKS:
+            any_t, all_t, ragged = brute_force_tiles(mask, block_m, block_n)
+            full, computed, status = classifier_tiles(kern, n, n, B, H, block_m, block_n, inputs)
+            assert_sound(full, computed, any_t, all_t, ragged, f"{name} n={n} blocks {block_m}x{block_n}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Random patterns built from prelude pieces.
+
+
+@st.composite
+def prelude_pieces(draw):
+    kind = draw(st.sampled_from(["causal", "window", "prefix", "global_tokens", "block_local", "dilated",
+                                 "neighborhood"]))
+    small = st.integers(0, 40)
+    if kind == "causal":
+        return "causal"
+    if kind == "window":
+        return f"window({draw(small)}, {draw(small)})"
+    if kind == "prefix":
+        return f"prefix({draw(st.integers(1, 60))})"
+    if kind == "global_tokens":
+        return f"global_tokens({draw(st.integers(1, 40))})"
+    if kind == "block_local":
+        return f"block_local({draw(st.integers(1, 40))})"
+    if kind == "dilated":
+        return f"dilated({draw(st.integers(1, 6))})"
+    return f"neighborhood({draw(st.integers(1, 20))}, dilation = {draw(st.integers(1, 4))})"
+
+
+@st.composite
+def combined_masks(draw):
+    """A prelude piece, or two combined masks under and/or (sometimes negated)."""
+    text = draw(prelude_pieces())
+    for _ in range(draw(st.integers(0, 3))):
+        other = draw(prelude_pieces())
+        if draw(st.integers(0, 5)) == 0:
+            other = f"not {other}"
+        text = f"({text}) {draw(st.sampled_from(['and', 'or']))} ({other})"
+    return text
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(mask=combined_masks(), n_q=st.integers(1, 90), n_k=st.integers(1, 90),
+       blocks=st.sampled_from(BLOCKS[:-1]), extra_mask=st.booleans())
+def test_random_prelude_patterns_are_sound(mask, n_q, n_k, blocks, extra_mask):
+    src = f"pattern random_mask() {{\n    mask {mask}\n"
+    if extra_mask:
+        src += "    mask k <= q + 30\n"
+    src += "}\n"
+    try:
+        kern = attnc.compile(src)
+    except attnc.PatternError:          # provably empty combinations are rejected, which is fine
+        assume(False)
+    check_static(kern, n_q, n_k, *blocks)
+
+
+AFFINE_PIECES = st.sampled_from(["causal", "window({a}, {b})", "prefix({c})"])
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(pieces=st.lists(AFFINE_PIECES, min_size=1, max_size=2), joiner=st.sampled_from(["and", "or"]),
+       a=st.integers(0, 50), b=st.integers(0, 20), c=st.integers(1, 80),
+       n_q=st.integers(1, 100), n_k=st.integers(1, 100), blocks=st.sampled_from(BLOCKS[:-1]))
+def test_random_affine_patterns_are_exact(pieces, joiner, a, b, c, n_q, n_k, blocks):
+    """Causal, window and prefix, alone or two of them combined: no empty tile computed, no full tile
+    run masked."""
+    text = f" {joiner} ".join(f"({p.format(a=a, b=b, c=c)})" for p in pieces)
+    try:
+        kern = attnc.compile(f"pattern affine() {{\n    mask {text}\n}}\n")
+    except attnc.PatternError:
+        assume(False)
+    check_static(kern, n_q, n_k, *blocks, exact=True)
+
+
+@st.composite
+def doc_inputs(draw, batch, n):
+    rows = []
+    for _ in range(batch):
+        ids = draw(st.lists(st.integers(-1, 3), min_size=n, max_size=n))
+        if draw(st.booleans()):
+            ids = sorted(ids)
+        rows.append(ids)
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(data=st.data(), n=st.integers(1, 70), batch=st.integers(1, 2), heads=st.integers(1, 3),
+       blocks=st.sampled_from(BLOCKS[:-1]), extra=st.sampled_from(["", " and causal", " or prefix(5)",
+                                                                   " and window(10, 3)"]))
+def test_random_input_patterns_are_sound(data, n, batch, heads, blocks, extra):
+    """Runtime-input patterns with hypothesis-drawn inputs: documents and kept keys, combined with
+    static pieces."""
+    src = ("pattern mixed() {\n    input doc: int[batch, N]\n    input keep: bool[batch, heads, N]\n"
+           f"    mask (same(doc) and kept(keep)){extra}\n}}\n")
+    kern = attnc.compile(src)
+    doc = data.draw(doc_inputs(batch, n))
+    density = data.draw(st.sampled_from([0.0, 0.5, 0.9, 1.0]))
+    keep = torch.rand(batch, heads, n, generator=torch.Generator().manual_seed(n)) < density
+    inputs = {"doc": doc, "keep": keep}
+    mask = kern.mask(n, n, batch, heads, **inputs)
+    any_t, all_t, ragged = brute_force_tiles(mask, *blocks)
+    full, computed, status = classifier_tiles(kern, n, n, batch, heads, *blocks, inputs)
+    assert_sound(full, computed, any_t, all_t, ragged, f"mixed n={n} blocks {blocks}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile lists and list-mode plans.
+
+
+def test_build_tile_lists_lists_exactly_the_classified_tiles():
+    g = torch.Generator().manual_seed(0)
+    status = torch.randint(0, 3, (2, 3, 5, 9), generator=g).to(torch.int8)
+    status[0, 0, 0] = 0          # a row with nothing to compute
+    status[1, 2, 4] = 2          # a row of only full tiles
+    lists = build_tile_lists(status)
+    for idx, cnt, value in ((lists.full_idx, lists.full_cnt, 2), (lists.part_idx, lists.part_cnt, 1)):
+        assert idx.dtype == torch.int32 and cnt.dtype == torch.int32
+        assert idx.shape[:-1] == status.shape[:-1] and cnt.shape == status.shape[:-1]
+        for b in range(2):
+            for h in range(3):
+                for m in range(5):
+                    want = (status[b, h, m] == value).nonzero().flatten().tolist()
+                    n = int(cnt[b, h, m])
+                    assert n == len(want)
+                    assert sorted(idx[b, h, m, :n].tolist()) == want
+
+
+def test_build_tile_lists_all_empty():
+    lists = build_tile_lists(torch.zeros(1, 1, 3, 4, dtype=torch.int8))
+    assert lists.full_cnt.sum() == 0 and lists.part_cnt.sum() == 0
+    assert lists.full_idx.shape[-1] >= 1 and lists.part_idx.shape[-1] >= 1
+
+
+@pytest.mark.parametrize("file,make", [
+    ("documents.attn", lambda B, H, N, g: _docs(B, H, N, g, True)),
+    ("documents.attn", lambda B, H, N, g: _docs(B, H, N, g, False)),
+    ("dropped_keys.attn", lambda B, H, N, g: {"keep": torch.rand(B, H, N, generator=g) < 0.5}),
+    ("hash_buckets.attn", lambda B, H, N, g: {"qb": torch.randint(0, 4, (B, H, N), generator=g),
+                                              "kb": torch.randint(0, 4, (B, H, N), generator=g)}),
+])
+def test_list_mode_plans(file, make):
+    kern = attnc.compile(str(EXAMPLES / file))
+    assert kernel_mode(kern.ir) == "lists"
+    B, H, N = 2, 3, 300
+    inputs = make(B, H, N, torch.Generator().manual_seed(1))
+    plan = kern.plan(N, N, batch=B, heads=H, block_m=32, block_n=16, **inputs)
+    assert plan.block_m == 32 and plan.block_n == 16
+    assert plan.mode == "lists"
+    nqb, nkb = math.ceil(N / 32), math.ceil(N / 16)
+    assert sum(plan.tiles.values()) == B * H * nqb * nkb
+    _, _, status = classifier_tiles(kern, N, N, B, H, 32, 16, inputs)
+    assert plan.tiles == {"full": int((status == 2).sum()), "partial": int((status == 1).sum()),
+                          "empty": int((status == 0).sum())}
+    assert plan.tile_fraction == pytest.approx((plan.tiles["full"] + plan.tiles["partial"])
+                                               / (B * H * nqb * nkb))
+    assert isinstance(plan.transforms, list)
+    text = str(plan)
+    assert "lists" in text and "tiles" in text and kern.name in text
+    assert str(plan.tiles["partial"]) in text
+
+
+def test_list_plan_sees_every_batch_entry():
+    """Documents differ per batch entry: the plan of batch 1 must not reuse batch 0's tiles."""
+    kern = attnc.compile(str(EXAMPLES / "documents.attn"))
+    doc = torch.stack([torch.zeros(64, dtype=torch.int64), torch.arange(64) // 8])
+    mask = kern.mask(64, 64, 2, 1, doc=doc)
+    any_t, all_t, ragged = brute_force_tiles(mask, 16, 16)
+    full, computed, _ = classifier_tiles(kern, 64, 64, 2, 1, 16, 16, {"doc": doc})
+    assert_sound(full, computed, any_t, all_t, ragged, "per-batch documents")
+    assert full[0].sum() > full[1].sum()
+
+
+def test_explain_draws_inputs_for_runtime_patterns():
+    kern = attnc.compile(str(EXAMPLES / "dropped_keys.attn"))
+    text = kern.explain(512, 512)
+    assert "lists" in text and "keep" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# Static plans at scale: closed form, no Nq x Nk work.
+
+
+@pytest.mark.parametrize("file,params", [
+    ("causal.attn", {}),
+    ("sliding_window.attn", dict(window=1024)),
+    ("prefix_lm.attn", dict(prefix_len=4096)),
+    ("longformer.attn", dict(window=256, globals=16)),
+    ("dilated_window.attn", dict(window=2048, dilation=2)),
+])
+def test_huge_static_plan_counts_are_consistent(file, params):
+    kern = attnc.compile(str(EXAMPLES / file), **params)
+    n = 2 ** 20
+    plan = kern.plan(n, n, batch=2, heads=3)
+    nqb, nkb = math.ceil(n / plan.block_m), math.ceil(n / plan.block_n)
+    assert plan.mode == "ranges"
+    assert all(v >= 0 for v in plan.tiles.values())
+    assert sum(plan.tiles.values()) == 2 * 3 * nqb * nkb
+    assert 0.0 < plan.tile_fraction <= 1.0
+
+
+def test_huge_causal_plan_is_exact():
+    kern = attnc.compile(str(EXAMPLES / "causal.attn"))
+    n = 2 ** 20
+    plan = kern.plan(n, n, block_m=128, block_n=64)
+    nqb = n // 128
+    # Query block m covers keys [0, 128 m + 127]: 2 m full key blocks and 2 partial (the diagonal).
+    assert plan.tiles["full"] == 2 * (nqb * (nqb - 1) // 2)
+    assert plan.tiles["partial"] == 2 * nqb
+    assert sum(plan.tiles.values()) == nqb * (n // 64)
+
+
+def band_tile_counts(n, block_m, block_n, left):
+    """Exact (full, computed) tile counts of ``k in [q - left, q]`` on an n x n grid, from the definition:
+    the bounds grow with q, so a query block's union of keys is [q0 - left, q1] and its intersection
+    [q1 - left, q0] (clipped to [0, n))."""
+    q0 = torch.arange(0, n, block_m, dtype=torch.int64)
+    q1 = torch.clamp(q0 + block_m, max=n) - 1
+    lo = torch.clamp(q0 - left, min=0)
+    computed = q1 // block_n - lo // block_n + 1
+    flo = torch.clamp(q1 - left, min=0)
+    first_full = (flo + block_n - 1) // block_n
+    last_full = torch.minimum((q0 + 1) // block_n, torch.tensor(n // block_n)) - 1
+    full = torch.clamp(last_full - first_full + 1, min=0)
+    return int(full.sum()), int(computed.sum())
+
+
+@pytest.mark.parametrize("left", [0, 100, 1024, 5000])
+def test_huge_window_plan_is_exact(left):
+    kern = attnc.compile(str(EXAMPLES / "sliding_window.attn"), window=left)
+    n = 2 ** 20
+    plan = kern.plan(n, n, block_m=128, block_n=64)
+    full, computed = band_tile_counts(n, 128, 64, left)
+    assert plan.tiles["full"] == full
+    assert plan.tiles["full"] + plan.tiles["partial"] == computed
+    # The same formula agrees with brute force on a small grid.
+    full_s, computed_s = ranges_tiles(kern, 1000, 1000, 128, 64)
+    assert (int(full_s.sum()), int(computed_s.sum())) == band_tile_counts(1000, 128, 64, left)
+
+
+def test_causal_tile_fraction_at_4096():
+    kern = attnc.compile(str(EXAMPLES / "causal.attn"))
+    plan = kern.plan(4096, 4096, block_m=128, block_n=64)
+    assert plan.tile_fraction == pytest.approx(1056 / 2048)
+    assert 0.5 < plan.tile_fraction < 0.52
+    assert plan.tiles == {"full": 992, "partial": 64, "empty": 992}
+    # Batch and heads multiply the counts, not the fraction.
+    plan4 = kern.plan(4096, 4096, batch=2, heads=2, block_m=128, block_n=64)
+    assert plan4.tile_fraction == pytest.approx(plan.tile_fraction)
+    assert plan4.tiles == {k: 4 * v for k, v in plan.tiles.items()}
+
+
+def test_default_blocks_and_str():
+    kern = attnc.compile(str(EXAMPLES / "sliding_window.attn"), window=256)
+    plan = kern.plan(4096, 4096)
+    assert (plan.block_m, plan.block_n) == kern.block_sizes()
+    text = str(plan)
+    assert "mode: ranges" in text
+    assert "tiles" in text and "sliding_window" in text
+    for count in plan.tiles.values():
+        assert str(count) in text
+    assert f"{100 * plan.tile_fraction:.1f}%" in text
+    assert isinstance(plan.transforms, list)
+
+
+def test_plan_with_nq_ne_nk():
+    kern = attnc.compile(str(EXAMPLES / "causal.attn"))
+    # Decoding: 1 query against 4096 keys sees every key.
+    plan = kern.plan(1, 4096, block_m=128, block_n=64)
+    assert plan.tiles["empty"] == 0 and plan.tiles["partial"] + plan.tiles["full"] == 64
+    # More queries than keys: the first queries see nothing.
+    plan = kern.plan(4096, 64, block_m=128, block_n=64)
+    assert plan.tiles["empty"] == 31 and plan.tiles["partial"] == 1 and plan.tiles["full"] == 0
+
+
+def test_plan_rejects_bad_inputs():
+    kern = attnc.compile(str(EXAMPLES / "documents.attn"))
+    with pytest.raises(attnc.InputError):
+        kern.plan(64, 64)                                         # missing doc
+    with pytest.raises(attnc.InputError):
+        kern.plan(64, 64, doc=torch.zeros(1, 64, dtype=torch.bool))   # wrong dtype
