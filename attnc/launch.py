@@ -112,8 +112,23 @@ class FwdConfig:
     num_stages: int
 
 
+def _env_config(name: str) -> FwdConfig | None:
+    """``ATTNC_FWD_CONFIG`` / ``ATTNC_BWD_CONFIG`` = "block_m,block_n,num_warps,num_stages" (for sweeps)."""
+    text = os.environ.get(name)
+    if not text:
+        return None
+    try:
+        bm, bn, warps, stages = (int(x) for x in text.split(","))
+    except ValueError:
+        raise InputError(f"{name} must be 'block_m,block_n,num_warps,num_stages', got {text!r}") from None
+    return FwdConfig(bm, bn, warps, stages)
+
+
 def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype) -> FwdConfig:
     """Default tiles: a table per GPU family, small tiles under the interpreter."""
+    override = _env_config("ATTNC_FWD_CONFIG")
+    if override is not None and device.type == "cuda":
+        return override
     if device.type != "cuda":
         return FwdConfig(32, 32, 4, 1)
     d = max(head_dim, head_dim_v)
@@ -185,6 +200,9 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
 
 def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype) -> FwdConfig:
     """Default tiles of the backward kernels."""
+    override = _env_config("ATTNC_BWD_CONFIG")
+    if override is not None and device.type == "cuda":
+        return override
     if device.type != "cuda":
         return FwdConfig(32, 32, 4, 1)
     d = max(head_dim, head_dim_v)
@@ -218,10 +236,9 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     nqb, nkb = math.ceil(Nq / cfg.block_m), math.ceil(Nk / cfg.block_n)
     fwd_lists, bwd_lists = [], []
     if kernel_mode(pir) == "lists":
-        from .plan import TileClassifier, build_tile_lists
-        status = TileClassifier(pir, Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device).classify()
-        for lists, target in ((build_tile_lists(status), fwd_lists),
-                              (build_tile_lists(status.transpose(-1, -2).contiguous()), bwd_lists)):
+        both = [kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device, transposed=t)
+                for t in (False, True)]
+        for lists, target in zip(both, (fwd_lists, bwd_lists)):
             target.extend([lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt,
                            lists.full_idx.shape[0], lists.full_idx.shape[1], lists.full_idx.shape[-1],
                            lists.part_idx.shape[-1]])

@@ -141,11 +141,28 @@ class Kernel:
         cfg = forward_config(head_dim, head_dim, dev, torch.bfloat16)
         return cfg.block_m, cfg.block_n
 
-    def _tile_lists(self, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, device):
+    def _tile_lists(self, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, device, transposed=False):
+        """Tile lists for a list-mode call, cached per (sizes, blocks, input tensors).
+
+        The key holds each input's storage pointer, shape, strides and version counter, so an input
+        modified in place is re-planned; a model reusing one document mask in every layer plans once.
+        """
         from .plan import TileClassifier, build_tile_lists
-        status = TileClassifier(self.ir, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs,
-                                device).classify()
-        return build_tile_lists(status)
+        key = (n_q, n_k, batch, heads, block_m, block_n, str(device)) + tuple(
+            (n, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version) for n, t in inputs.items())
+        cache = self.__dict__.setdefault("_list_cache", {})
+        if key not in cache:
+            status = TileClassifier(self.ir, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs,
+                                    device).classify()
+            if len(cache) >= 8:
+                cache.pop(next(iter(cache)))
+            cache[key] = [status, None, None]
+        entry = cache[key]
+        slot = 2 if transposed else 1
+        if entry[slot] is None:
+            status = entry[0].transpose(-1, -2).contiguous() if transposed else entry[0]
+            entry[slot] = build_tile_lists(status)
+        return entry[slot]
 
     def plan(self, n_q: int, n_k: int, batch: int = 1, heads: int = 1, block_m: int | None = None,
              block_n: int | None = None, **inputs):
