@@ -124,8 +124,10 @@ def _env_config(name: str) -> FwdConfig | None:
     return FwdConfig(bm, bn, warps, stages)
 
 
-def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype) -> FwdConfig:
-    """Default tiles: a table per GPU family, small tiles under the interpreter."""
+def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
+                   sparse: bool = False) -> FwdConfig:
+    """Default tiles: a table per GPU family (measured on an H200, benchmarks/NOTES.md), small tiles
+    under the interpreter. ``sparse`` (tile lists) prefers smaller tiles: fewer partial tiles."""
     override = _env_config("ATTNC_FWD_CONFIG")
     if override is not None and device.type == "cuda":
         return override
@@ -136,6 +138,8 @@ def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: 
     if dtype == torch.float32:
         return FwdConfig(64, 32, 4, 2) if d > 64 else FwdConfig(64, 64, 4, 2)
     if major >= 9:
+        if sparse and d <= 128:
+            return FwdConfig(64, 64, 4, 3)
         if d <= 64:
             return FwdConfig(128, 64, 4, 3)
         if d <= 128:
@@ -168,7 +172,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     pir = kern.ir
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config or forward_config(D, Dv, q.device, q.dtype)
+    cfg = config or forward_config(D, Dv, q.device, q.dtype, sparse=kernel_mode(pir) == "lists")
     module = kern._forward_module()
     if out is None:
         out = torch.empty(B, Hq, Nq, Dv, device=q.device, dtype=q.dtype)
@@ -208,7 +212,7 @@ def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype:
     d = max(head_dim, head_dim_v)
     if dtype == torch.float32 or d > 128:
         return FwdConfig(32, 32, 4, 1)
-    return FwdConfig(64, 64, 4 if d <= 64 else 8, 2)
+    return FwdConfig(64, 64, 4, 2)
 
 
 def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes: dict, inputs: dict,

@@ -191,9 +191,9 @@ class GenContext:
     int_params: tuple = ()
     bool_params: tuple = ()
     float_params: tuple = ()
+    int_vars: tuple = ("q", "k", "q", "k", "q - k", "b", "h", "n_q", "n_k", "batch", "heads")
 
 
-INT_VARS = ("q", "k", "q", "k", "q - k", "b", "h", "n_q", "n_k", "batch", "heads")
 CMP_OPS = ("==", "!=", "<", "<=", ">", ">=")
 FLOAT_LITERALS = (0.5, 1.5, 2.0, 0.25, 3.0, 0.1, 1.0, 0.75)
 
@@ -202,7 +202,7 @@ FLOAT_LITERALS = (0.5, 1.5, 2.0, 0.25, 3.0, 0.1, 1.0, 0.75)
 def int_leaf(draw, ctx: GenContext) -> Node:
     choice = draw(st.integers(0, 9))
     if choice < 5:
-        name = draw(st.sampled_from(INT_VARS))
+        name = draw(st.sampled_from(ctx.int_vars))
         if name == "q - k":  # a common shape in real patterns
             return binop("-", var("q"), var("k"))
         return var(name)
@@ -653,6 +653,28 @@ def mask_programs(draw) -> Program:
     if rng.random() < 0.3:
         kwargs = dict(kwargs, pattern="p")
     return Program(source, kwargs, trees, None, values)
+
+
+VALUE_OFFSET = 20   # the value probe below reads E from the key position k == E + VALUE_OFFSET
+VALUE_KEYS = 2 * VALUE_OFFSET + 1
+
+
+@st.composite
+def value_programs(draw) -> Program:
+    """``mask k - 20 == E`` for an int expression E free of k: row (b, h, q) of the mask shows E's
+    value exactly (one key at E + 20) whenever -20 <= E <= 20, so every integer operation is checked
+    value by value, not only through the outcome of a comparison."""
+    decls, kwargs, values = draw(param_declarations(draw(st.integers(0, 2)), draw(st.integers(0, 1)), 0))
+    ctx = GenContext(int_params=tuple(n for n in values if n.startswith("w")),
+                     bool_params=tuple(n for n in values if n.startswith("f")),
+                     int_vars=("q", "q", "q", "b", "h", "n_q", "n_k", "batch", "heads"))
+    value = draw(int_expr(ctx, 4))
+    probe = compare([binop("-", var("k"), lit(VALUE_OFFSET)), value], ["=="])
+    rng = draw(st.randoms(use_true_random=False))
+    style = draw(st.sampled_from(("min", "min", "full", "mixed")))
+    source = assemble(rng, style, decls, [("mask", probe)], lets=rng.choice((0.0, 0.2)),
+                      defs=rng.choice((0.0, 0.2)), breaks=rng.choice((0.0, 0.1)))
+    return Program(source, kwargs, [probe], None, values)
 
 
 # A few fixed masks for the score tests; each is (source text, tree).

@@ -113,13 +113,9 @@ def check_location(err, src: str, *, required: bool) -> None:
 # 1. random expressions -> source -> mask / reference
 
 
-@settings(max_examples=150, **SETTINGS)
-@given(prog=S.mask_programs(), n_q=st.integers(1, 12), n_k=st.integers(1, 12))
-def test_random_mask_matches_python(prog, n_q, n_k):
-    try:
-        want = expected_mask(prog.masks, prog.params, n_q, n_k)
-    except S.Overflow:
-        assume(False)
+def compile_valid(prog, n_q, n_k):
+    """Compile a generated (valid) program. Returns None when attnc rejects it as masking everything,
+    after checking that it indeed masks everything at several sizes."""
     try:
         kern = attnc.compile(prog.source, **prog.kwargs)
     except attnc.PatternError as err:
@@ -134,10 +130,23 @@ def test_random_mask_matches_python(prog, n_q, n_k):
                 continue
             assert empty, (f"attnc rejected a pattern that is not empty at n_q={nq}, n_k={nk}, "
                            f"batch={nb}, heads={nh}: {err}\n--- source ---\n{prog.source}")
-        return
+        return None
     except attnc.PatternSyntaxError as err:
         raise AssertionError(f"valid source rejected: {err}\n--- source ---\n{prog.source}") from err
     event("compiled")
+    return kern
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(prog=S.mask_programs(), n_q=st.integers(1, 12), n_k=st.integers(1, 12))
+def test_random_mask_matches_python(prog, n_q, n_k):
+    try:
+        want = expected_mask(prog.masks, prog.params, n_q, n_k)
+    except S.Overflow:
+        assume(False)
+    kern = compile_valid(prog, n_q, n_k)
+    if kern is None:
+        return
     got = kern.mask(n_q, n_k, batch=BATCH, heads=HEADS)
     assert isinstance(got, torch.Tensor) and got.dtype == torch.bool
     assert tuple(got.shape) == (BATCH, HEADS, n_q, n_k)
@@ -149,6 +158,23 @@ def test_random_mask_matches_python(prog, n_q, n_k):
     except S.Overflow:
         return
     got = kern.mask(n_k, n_q, batch=1, heads=3)
+    if not torch.equal(got.cpu(), want):
+        raise AssertionError(describe_difference(prog.source, got.cpu(), want))
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(prog=S.value_programs(), n_q=st.integers(1, 12))
+def test_random_int_expression_values(prog, n_q):
+    n_k = S.VALUE_KEYS
+    try:
+        want = expected_mask(prog.masks, prog.params, n_q, n_k)
+    except S.Overflow:
+        assume(False)
+    event("value in the probed range" if want.any() else "value outside the probed range")
+    kern = compile_valid(prog, n_q, n_k)
+    if kern is None:
+        return
+    got = kern.mask(n_q, n_k, batch=BATCH, heads=HEADS)
     if not torch.equal(got.cpu(), want):
         raise AssertionError(describe_difference(prog.source, got.cpu(), want))
 
