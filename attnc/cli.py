@@ -24,7 +24,6 @@ Commands:
   show      draw the mask and its block mask (terminal, and PNG with --png)
   cache     inspect or clear the on-disk kernel cache
   bench     time attnc beside torch SDPA and FlexAttention on a GPU
-  autotune  search kernel configurations on this GPU and remember the winners
 
 Run `attnc COMMAND --help` for a command's options. Docs: docs/language.md.
 """
@@ -41,7 +40,7 @@ def _parse_value(text: str):
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"parameter value {text!r} is not an int, float or bool") from None
+        raise AttncError(f"parameter value {text!r} is not an int, float or bool") from None
 
 
 def _params(items) -> dict:
@@ -88,7 +87,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", type=int, default=None, help="tile size (default: the kernel's block size)")
     p.add_argument("--png", metavar="OUT.png", help="also write a PNG picture")
     p.add_argument("--color", action="store_true", help="ANSI colors in the terminal picture")
+    p = sub.add_parser("cache", help="inspect or clear the kernel cache",
+                       description="The on-disk cache of generated kernel sources ($ATTNC_CACHE_DIR, default "
+                                   "~/.cache/attnc).")
+    p.add_argument("action", choices=("info", "list", "clear"))
+
+    p = sub.add_parser("bench", help="time attnc beside SDPA and FlexAttention (GPU)",
+                       description="On a CUDA GPU: check the kernel against FlexAttention, then time forward and "
+                                   "forward+backward beside torch SDPA and FlexAttention in the same run; prints "
+                                   "effective TFLOP/s (unmasked entries only) and ratios.")
+    _add_pattern_args(p)
+    p.add_argument("--seq", type=int, action="append", required=True, help="sequence length (repeatable)")
+    p.add_argument("--batch", type=int, default=None, help="batch (default: 32768 // seq)")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--vs", default="sdpa,flex", help="contenders, comma separated (default sdpa,flex)")
     return parser
+
+
+def _cmd_cache(args) -> int:
+    from .launch import cache_dir
+    root = cache_dir()
+    files = sorted((root / "kernels").glob("*.py")) if (root / "kernels").is_dir() else []
+    if args.action == "info":
+        size = sum(f.stat().st_size for f in files)
+        print(f"cache directory: {root}\nkernel sources: {len(files)} ({size / 1024:.1f} KiB)")
+    elif args.action == "list":
+        for f in files:
+            first = f.read_text().split("\n", 3)
+            title = first[1].lstrip("# ") if len(first) > 1 else ""
+            print(f"{f.name}  {title}")
+    else:
+        for f in files:
+            f.unlink()
+        print(f"removed {len(files)} cached kernel source(s) from {root}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import torch
+    from . import bench
+    from .errors import InputError
+    from .runtime import compile as compile_pattern
+    if not torch.cuda.is_available():
+        raise InputError("attnc bench needs a CUDA GPU (timings on the CPU interpreter mean nothing)")
+    kern = compile_pattern(Path(args.file), pattern=args.pattern, **_params(args.param))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    rows = []
+    for seq in args.seq:
+        batch = args.batch or max(1, 32768 // seq)
+        inputs = {n: t.cuda() for n, t in kern.example_inputs(seq, seq, batch, args.heads).items()}
+        rows.append(bench.bench_pattern(kern, seq=seq, batch=batch, heads=args.heads, dim=args.dim, dtype=dtype,
+                                        inputs=inputs, vs=tuple(args.vs.split(",")),
+                                        flex_mask_mod=kern.flex_mask_mod(seq, seq, batch, args.heads, **inputs),
+                                        name=kern.name))
+    print(bench.format_table(rows))
+    return 0
 
 
 def _cmd_check(args) -> int:
@@ -145,7 +200,8 @@ def _cmd_show(args) -> int:
     return 0
 
 
-COMMANDS = {"check": _cmd_check, "compile": _cmd_compile, "show": _cmd_show}
+COMMANDS = {"check": _cmd_check, "compile": _cmd_compile, "show": _cmd_show, "cache": _cmd_cache,
+            "bench": _cmd_bench}
 
 
 def main(argv=None) -> int:

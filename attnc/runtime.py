@@ -208,3 +208,15 @@ class Kernel:
             else:
                 out[name] = torch.randn(shape, generator=g) * 0.1
         return out
+
+    def flex_mask_mod(self, n_q: int, n_k: int, batch: int = 1, heads: int = 1, **inputs):
+        """This pattern's mask as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` (for comparisons)."""
+        from .evaluate import evaluate
+        sizes = check_inputs(self.ir, inputs, batch=batch, heads=heads, n_q=n_q, n_k=n_k)
+        mask = self.ir.mask
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            env = dict(sizes, b=b, h=h, q=q_idx, k=kv_idx, **inputs)
+            return torch.as_tensor(evaluate([mask], env)[0], device=q_idx.device)
+
+        return mask_mod

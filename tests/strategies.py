@@ -622,7 +622,8 @@ def param_declarations(draw, n_int: int, n_bool: int, n_float: int):
             value, default = draw(st.booleans()), draw(st.booleans())
             dtext = "true" if default else "false"
         else:
-            value, default = draw(st.sampled_from((0.5, 2.0, -1.0, 1.5))), draw(st.sampled_from((0.5, 1.0, 2.5)))
+            value = draw(st.sampled_from((0.5, 2.0, -1.0, 1.5)))
+            default = draw(st.sampled_from((0.5, 1.0, 2.5)))
             dtext = fmt_float(default)
         form = draw(st.integers(0, 2))
         if form == 0:  # no default: must be given

@@ -253,8 +253,6 @@ def test_compile_bad_arguments(capsys, args, word):
     assert "Traceback" not in err
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: cli._params raises argparse.ArgumentTypeError outside "
-                                      "argparse, so a bad -p value ends in a traceback")
 def test_compile_bad_param_value_subprocess():
     r = run_cli("compile", EXAMPLES / "sliding_window.attn", "-p", "window=abc")
     assert r.returncode != 0
@@ -337,7 +335,6 @@ def test_show_bad_file(capsys, tmp_path):
 # cache (SPEC section 4: `attnc cache info|list|clear`)
 
 
-@pytest.mark.xfail(reason="`attnc cache` is in SPEC section 4 and in --help but not implemented yet")
 def test_cache_commands(capsys, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(cache))

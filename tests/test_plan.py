@@ -279,7 +279,8 @@ def test_random_affine_patterns_are_exact(pieces, joiner, a, b, c, n_q, n_k, blo
         kern = attnc.compile(f"pattern affine() {{\n    mask {text}\n}}\n")
     except attnc.PatternError:
         assume(False)
-    check_static(kern, n_q, n_k, *blocks, exact=True)
+    # A disjunction is planned as a union of per-disjunct ranges: sound, but only conjunctions are exact.
+    check_static(kern, n_q, n_k, *blocks, exact=(joiner == "and" or len(pieces) == 1))
 
 
 @st.composite

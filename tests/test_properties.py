@@ -1,8 +1,9 @@
 """Property tests of the language: random expressions, random source mutations, and error reports.
 
 1. Random well-typed expression trees, printed as source in several styles, compile to a kernel whose
-   ``mask`` equals direct evaluation of the tree in Python ints (Python's floor ``//`` and ``%``); random
-   ``score`` trees give the same attention as a float64 softmax computed here.
+   ``mask`` equals direct evaluation of the tree in Python ints (Python's floor ``//`` and ``%``); int
+   expressions are also read back value by value (``mask k - 20 == E``); random ``score`` trees give the
+   same attention as a float64 softmax computed here.
 2. Random edits of valid sources either compile or raise an ``attnc.AttncError`` that says where.
 3. Each kind of user error raises the documented class, with a location and a useful word.
 """
@@ -26,24 +27,13 @@ except ImportError:  # pragma: no cover
     import strategies as S
 
 BATCH, HEADS = 2, 2
-SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                                      HealthCheck.data_too_large])
+SETTINGS = dict(deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                       HealthCheck.data_too_large])
 # Sizes (n_q, n_k, batch, heads) at which a pattern attnc calls provably empty is checked to be empty.
 EMPTY_CHECK_SIZES = ((1, 1, 1, 1), (2, 7, 2, 2), (7, 2, 3, 1), (5, 5, 1, 3), (12, 12, 2, 2),
                      (12, 3, 3, 3), (3, 12, 4, 2), (17, 17, 1, 1))
 EMPTY_WORDS = r"everywhere|everything|empty|nothing|no query|no key"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def private_cache(tmp_path_factory):
-    """Keep the kernels compiled from random patterns out of the user's cache."""
-    old = os.environ.get("ATTNC_CACHE_DIR")
-    os.environ["ATTNC_CACHE_DIR"] = str(tmp_path_factory.mktemp("attnc-cache"))
-    yield
-    if old is None:
-        os.environ.pop("ATTNC_CACHE_DIR", None)
-    else:
-        os.environ["ATTNC_CACHE_DIR"] = old
 
 
 # --------------------------------------------------------------------------------------------------
@@ -503,13 +493,59 @@ def test_mask_everything_is_an_error(body, line):
         check_location(err, src, required=True)
 
 
-def test_huge_literal_is_handled():
-    src = "pattern p() {\n    mask q - k < 99999999999999999999999\n}\n"
+@pytest.mark.parametrize("expr", [
+    "q - k < 99999999999999999999999",             # beyond int64
+    "2 * 99999999999999999999 > q or k <= q",
+    "q * 4611686018427387904 * 4 > k or k <= q",    # overflows int64 when evaluated
+    "exp(1000.0) > 1.0 or k <= q",                  # constant folding must not leak math errors
+    "log(0.0) < 1.0 or k <= q",
+    "log(-1.0) < 1.0 or k <= q",
+    "sqrt(-4.0) > 0.0 or k <= q",
+    "q // (k - q) == 0 or k <= q",                  # a divisor that is zero at some points
+    "q % (k - q + 1) == 0 or k <= q",
+])
+def test_user_mistakes_never_leak_internal_exceptions(expr):
+    """Compiling and evaluating either works or raises an AttncError (SPEC 2.4), nothing else."""
+    src = f"pattern p() {{\n    mask {expr}\n}}\n"
     try:
         kern = attnc.compile(src)
-        kern.mask(3, 3)
+        mask = kern.mask(4, 4)
+    except attnc.AttncError as err:
+        check_location(err, src, required=False)
+    else:
+        assert mask.dtype == torch.bool and tuple(mask.shape) == (1, 1, 4, 4)
+
+
+def test_huge_parameter_value_is_an_attnc_error():
+    src = "pattern p(w: int = 2) {\n    mask q - k < w\n}\n"
+    try:
+        attnc.compile(src, w=10 ** 30).mask(3, 3)
     except attnc.AttncError:
         pass
+
+
+def test_file_that_is_not_utf8(tmp_path):
+    bad = tmp_path / "bad.attn"
+    bad.write_bytes(b"pattern p() {\n    mask k <= q \xff\n}\n")
+    with pytest.raises(attnc.AttncError):
+        attnc.compile(str(bad))
+    top = tmp_path / "top.attn"
+    top.write_text('import "bad.attn"\npattern t() {\n    mask k <= q\n}\n')
+    with pytest.raises(attnc.AttncError):
+        attnc.compile(str(top))
+
+
+@pytest.mark.parametrize("src, name", [
+    ("pattern p(w: int = 1, w: int = 2) {\n    mask q - k < w\n}\n", "w"),
+    ("def f(x, x) = x\n\npattern p() {\n    mask f(k, 1) <= q\n}\n", "x"),
+    ("pattern p() {\n    mask k <= q\n}\n\npattern p() {\n    mask k >= q\n}\n", "p"),
+])
+def test_duplicate_names_are_errors(src, name):
+    """A name declared twice in one list (like Python's 'duplicate argument'), or two patterns of one
+    name in a file (as two defs of one name already are), is a pattern error, not a silent pick."""
+    kwargs = {"pattern": "p"} if src.count("pattern p") == 2 else {}
+    err = expect_error(attnc.PatternError, src, [rf"\b{name}\b"], located=False, **kwargs)
+    assert err.line is not None, str(err)
 
 
 def test_missing_file_path_is_an_attnc_error():
