@@ -110,10 +110,13 @@ class Program:
         if key in self.modules:
             return self.modules[key]
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
+            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or str(exc))
+            if importer is None:
+                raise PatternError(f"cannot read pattern file {str(path)!r}: {reason}") from None
             mod, pos = importer
-            raise PatternError(f"cannot read imported file {str(path)!r}: {exc.strerror or exc}", pos.path,
+            raise PatternError(f"cannot read imported file {str(path)!r}: {reason}", pos.path,
                                pos.line, pos.column, mod.source_line(pos.line)) from None
         module = parse(text, key)
         self.modules[key] = module
@@ -156,6 +159,7 @@ class Program:
         own = {}
         module = self.modules[key] if key != "<prelude>" else prelude_module()
         for d in module.defs:
+            _check_unique_params(d.params, f"def '{d.name}'", module)
             if d.name in own:
                 raise PatternError(f"'{d.name}' is defined twice in this file", d.pos.path, d.pos.line,
                                    d.pos.column, module.source_line(d.pos.line))
@@ -173,6 +177,10 @@ class Program:
     def choose(self, pattern: str | None) -> PatternDef:
         pats = self.main.patterns
         names = [p.name for p in pats]
+        for i, p in enumerate(pats):
+            if p.name in names[:i]:
+                raise PatternError(f"pattern '{p.name}' is defined twice in this file", p.pos.path, p.pos.line,
+                                   p.pos.column, self.main.source_line(p.pos.line))
         if pattern is not None:
             for p in pats:
                 if p.name == pattern:
@@ -236,6 +244,8 @@ class Lowerer:
         return method(e, scope)
 
     def _IntLit(self, e, scope):
+        if not -(1 << 63) <= e.value < (1 << 63):
+            raise self.error("integer literal too large (integers are 64-bit)", e.pos)
         return ir.const(e.value)
 
     def _FloatLit(self, e, scope):
@@ -388,7 +398,17 @@ class Lowerer:
 # Patterns
 
 
+def _check_unique_params(params, owner: str, module: Module):
+    seen = set()
+    for p in params:
+        if p.name in seen:
+            raise PatternError(f"{owner} has two parameters named '{p.name}'", p.pos.path, p.pos.line,
+                               p.pos.column, module.source_line(p.pos.line))
+        seen.add(p.name)
+
+
 def _bind_params(lowerer: Lowerer, pat: PatternDef, given: dict) -> dict:
+    _check_unique_params(pat.params, f"pattern '{pat.name}'", lowerer.program.main)
     names = [p.name for p in pat.params]
     unknown = [n for n in given if n not in names]
     if unknown:
@@ -426,6 +446,8 @@ def _check_param_value(lowerer, pat, p: Param, value):
     else:
         raise lowerer.error(f"parameter '{p.name}' of pattern '{pat.name}' must be a number or bool, got "
                             f"{type(value).__name__}", p.pos)
+    if kind == "int" and not -(1 << 63) <= value < (1 << 63):
+        raise lowerer.error(f"parameter '{p.name}' = {value} does not fit in 64 bits", p.pos)
     if typ is None or typ == kind:
         return value
     if typ == "float" and kind == "int":
@@ -472,6 +494,12 @@ def lower_pattern(program: Program, pattern: str | None = None, params: dict | N
             score = ir.to_float(s)
             score_note = note(stmt)
     mask = ir.and_(*masks)
+    for node in ir.postorder([mask] + ([score] if score is not None else [])):
+        ints = [node.value] if node.op == "const" and node.type == "int" else (
+            [c for _, c in node.attr[0]] + [node.attr[1]] if node.op == "lin" else [])
+        if any(not -(1 << 62) <= v < (1 << 62) for v in ints):
+            raise lowerer.error("an integer in this pattern grows beyond 62 bits after folding; kernels and "
+                                "the reference compute with 64-bit integers", pat.pos)
     if ir.uses(mask, "score"):
         raise lowerer.error("a mask cannot depend on the score", pat.pos)
     if mask is ir.FALSE:

@@ -45,7 +45,42 @@ def _unary(py: Callable, th: Callable):
 def _floordiv_t(a, b):
     if a.is_floating_point() or b.is_floating_point():
         return torch.floor(a / b)
-    return torch.div(a, b, rounding_mode="floor")
+    # A divisor that is zero at some positions: x // 0 = 0 (the kernels' helpers do the same).
+    zero = b == 0
+    q = torch.div(a, torch.where(zero, torch.ones_like(b), b), rounding_mode="floor")
+    return torch.where(zero, torch.zeros_like(q), q)
+
+
+def _remainder_t(a, b):
+    if a.is_floating_point() or b.is_floating_point():
+        return torch.remainder(a, b)
+    zero = b == 0                     # x % 0 = x, so that x == (x // 0) * 0 + x % 0 still holds
+    r = torch.remainder(a, torch.where(zero, torch.ones_like(b), b))
+    return torch.where(zero, a.expand_as(r) if a.dim() else a + torch.zeros_like(r), r)
+
+
+def _py_floordiv(a, b):
+    if b == 0:
+        return 0 if isinstance(a, int) and isinstance(b, int) else (math.nan if a == 0 else math.copysign(math.inf, a) * math.copysign(1, b))
+    return a // b
+
+
+def _py_mod(a, b):
+    if b == 0:
+        return a if isinstance(a, int) and isinstance(b, int) else math.nan
+    return a % b
+
+
+def _safe_math(fn, on_overflow=math.inf):
+    """Python math with IEEE results instead of exceptions (log(0) = -inf, sqrt(-1) = nan, ...)."""
+    def wrapped(x):
+        try:
+            return fn(x)
+        except OverflowError:
+            return on_overflow
+        except ValueError:
+            return -math.inf if fn is math.log and x == 0 else math.nan
+    return wrapped
 
 
 def _where(c, a, b):
@@ -73,15 +108,15 @@ OPS: dict[str, Op] = {
     "div": Op(_binary(lambda a, b: a / b if b else math.copysign(math.inf, a) if a else math.nan,
                       torch.true_divide), "({0} / {1})"),
     # Python's floor semantics: Triton's // and % truncate toward zero, hence the helpers.
-    "floordiv": Op(_binary(lambda a, b: a // b, _floordiv_t), "_floordiv({0}, {1})"),
-    "mod": Op(_binary(lambda a, b: a % b, torch.remainder), "_mod({0}, {1})"),
+    "floordiv": Op(_binary(_py_floordiv, _floordiv_t), "_floordiv({0}, {1})"),
+    "mod": Op(_binary(_py_mod, _remainder_t), "_mod({0}, {1})"),
     "neg": Op(_unary(lambda a: -a, torch.neg), "(-{0})"),
     "abs": Op(_unary(abs, torch.abs), "tl.abs({0})"),
     "min": Op(_binary(min, torch.minimum), "tl.minimum({0}, {1})"),
     "max": Op(_binary(max, torch.maximum), "tl.maximum({0}, {1})"),
-    "exp": Op(_unary(math.exp, torch.exp), "tl.exp({0})"),
-    "log": Op(_unary(math.log, torch.log), "tl.log({0})"),
-    "sqrt": Op(_unary(math.sqrt, torch.sqrt), "tl.sqrt({0})"),
+    "exp": Op(_unary(_safe_math(math.exp), torch.exp), "tl.exp({0})"),
+    "log": Op(_unary(_safe_math(math.log), torch.log), "tl.log({0})"),
+    "sqrt": Op(_unary(_safe_math(math.sqrt), torch.sqrt), "tl.sqrt({0})"),
     "tanh": Op(_unary(math.tanh, torch.tanh), "_tanh({0})"),
     "sigmoid": Op(_unary(_sigmoid_py, torch.sigmoid), "tl.sigmoid({0})"),
     "eq": Op(_binary(lambda a, b: a == b, torch.eq), "({0} == {1})"),

