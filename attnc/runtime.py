@@ -148,15 +148,19 @@ class Kernel:
         modified in place is re-planned; a model reusing one document mask in every layer plans once.
         """
         from .plan import TileClassifier, build_tile_lists
+        # The entry holds the input tensors themselves: identity plus version counter (a storage
+        # pointer alone can be reused by a new tensor after the old one is freed).
         key = (n_q, n_k, batch, heads, block_m, block_n, str(device)) + tuple(
-            (n, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version) for n, t in inputs.items())
+            (n, id(t), t._version) for n, t in inputs.items())
         cache = self.__dict__.setdefault("_list_cache", {})
+        if key in cache and any(held is not t for held, t in zip(cache[key][3], inputs.values())):
+            del cache[key]
         if key not in cache:
             status = TileClassifier(self.ir, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs,
                                     device).classify()
             if len(cache) >= 8:
                 cache.pop(next(iter(cache)))
-            cache[key] = [status, None, None]
+            cache[key] = [status, None, None, tuple(inputs.values())]
         entry = cache[key]
         slot = 2 if transposed else 1
         if entry[slot] is None:
