@@ -640,6 +640,35 @@ def test_runtime_inputs_change_the_result():
     check_against_reference(kern, q, k, v, out_b, lse_b, **b)
 
 
+def test_runtime_input_modified_in_place():
+    """Tile lists must follow an input changed in place between calls (same tensor object)."""
+    kern = case_by_id("dropped_keys").compile()
+    q, k, v = make_qkv(2, 2, 2, 130, 130)
+    keep = torch.ones(2, 2, 130, dtype=torch.bool)
+    out1, lse1 = run_kernel(kern, q, k, v, keep=keep)
+    check_against_reference(kern, q, k, v, out1, lse1, keep=keep)
+    keep[:, :, 40:100] = False
+    keep[1, 0, :] = False
+    out2, lse2 = run_kernel(kern, q, k, v, keep=keep)
+    check_against_reference(kern, q, k, v, out2, lse2, keep=keep)
+    assert not torch.equal(out1, out2)
+
+
+def test_runtime_input_in_reused_memory():
+    """A new input tensor that reuses a freed one's memory (same data_ptr) is a new input."""
+    kern = case_by_id("documents-sorted").compile()
+    q, k, v = make_qkv(2, 2, 2, 130, 130)
+    for trial in range(4):
+        doc = torch.zeros(2, 130, dtype=torch.int64)
+        if trial % 2:
+            doc[:, 65:] = 1 + trial
+        else:
+            doc.copy_(torch.arange(130) // (7 + trial))
+        out, lse = run_kernel(kern, q, k, v, doc=doc)
+        check_against_reference(kern, q, k, v, out, lse, doc=doc)
+        del doc
+
+
 def test_empty_query_length():
     kern = case_by_id("causal").compile()
     q, k, v = make_qkv(1, 2, 2, 0, 17)
