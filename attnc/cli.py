@@ -24,6 +24,7 @@ Commands:
   show      draw the mask and its block mask (terminal, and PNG with --png)
   cache     inspect or clear the on-disk kernel cache
   bench     time attnc beside torch SDPA and FlexAttention on a GPU
+  autotune  search kernel configurations on this GPU and remember the fastest
 
 Run `attnc COMMAND --help` for a command's options. Docs: docs/language.md.
 """
@@ -103,6 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--vs", default="sdpa,flex", help="contenders, comma separated (default sdpa,flex)")
+
+    p = sub.add_parser("autotune", help="search kernel configurations on this GPU (GPU)",
+                       description="On a CUDA GPU: time the forward and backward kernels of a pattern under "
+                                   "each candidate configuration (tile sizes, warps, pipeline stages), check "
+                                   "the fastest against the default configuration and the reference, and store "
+                                   "it in $ATTNC_CACHE_DIR/tuning.json, keyed by GPU, pattern, dtype, head dim "
+                                   "and sequence-length bucket (next power of two); later runs use it. "
+                                   "ATTNC_TUNING=0 ignores stored results.")
+    _add_pattern_args(p)
+    p.add_argument("--seq", type=int, action="append", required=True,
+                   help="sequence length (repeatable: one tuning per length)")
+    p.add_argument("--batch", type=int, default=None, help="batch (default: 32768 // seq)")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--dim", type=int, default=128, help="head dim (default 128)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--kinds", default="fwd,bwd", help="kernels to tune, comma separated (default fwd,bwd)")
+    p.add_argument("--max-configs", type=int, default=None, metavar="K",
+                   help="time at most K configurations per kernel (the default configuration first)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -143,6 +163,22 @@ def _cmd_bench(args) -> int:
                                         flex_mask_mod=kern.flex_mask_mod(seq, seq, batch, args.heads, **inputs),
                                         name=kern.name))
     print(bench.format_table(rows))
+    return 0
+
+
+def _cmd_autotune(args) -> int:
+    import torch
+    from . import tuning
+    from .errors import InputError
+    from .runtime import compile as compile_pattern
+    if not torch.cuda.is_available():
+        raise InputError("attnc autotune needs a CUDA GPU (timings on the CPU interpreter mean nothing); "
+                         "run it on the machine whose GPU the kernels will use")
+    kern = compile_pattern(Path(args.file), pattern=args.pattern, **_params(args.param))
+    for seq in args.seq:
+        report = tuning.autotune(kern, seq, batch=args.batch, heads=args.heads, dim=args.dim, dtype=args.dtype,
+                                 kinds=args.kinds, max_configs=args.max_configs, progress=not args.no_progress)
+        print(report)
     return 0
 
 
@@ -201,7 +237,7 @@ def _cmd_show(args) -> int:
 
 
 COMMANDS = {"check": _cmd_check, "compile": _cmd_compile, "show": _cmd_show, "cache": _cmd_cache,
-            "bench": _cmd_bench}
+            "bench": _cmd_bench, "autotune": _cmd_autotune}
 
 
 def main(argv=None) -> int:

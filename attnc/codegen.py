@@ -147,8 +147,18 @@ def _environment() -> jinja2.Environment:
 
 
 def kernel_mode(pir: PatternIR) -> str:
-    """'lists' when the mask reads runtime inputs (tiles classified on the device), else 'ranges'."""
-    return "lists" if ir.uses(pir.mask, "read") else "ranges"
+    """How a pattern runs: 'permuted' when a layout transform applies (sorted rows, tile lists and
+    original positions), 'lists' when the mask reads runtime inputs (tiles classified on the device),
+    else 'ranges' (closed-form key ranges)."""
+    mode = pir.__dict__.get("_kernel_mode")
+    if mode is None:
+        from .plan import layout_transform
+        if layout_transform(pir.mask) is not None:
+            mode = "permuted"
+        else:
+            mode = "lists" if ir.uses(pir.mask, "read") else "ranges"
+        pir.__dict__["_kernel_mode"] = mode
+    return mode
 
 
 def template_context(pir: PatternIR) -> dict:
@@ -181,6 +191,8 @@ def template_context(pir: PatternIR) -> dict:
         dscore_var=dscore_var,
         has_score=pir.score is not None,
         mode=mode,
+        lists=mode in ("lists", "permuted"),
+        permuted=mode == "permuted",
         range_lines=range_lines,
         n_parts=n_parts,
         range_targets=", ".join(f"lo{i}, hi{i}, flo{i}, fhi{i}" for i in range(n_parts)),

@@ -178,8 +178,10 @@ class IntervalEvaluator:
     """Evaluates IR nodes to intervals. ``leaves`` maps var/size names to intervals; ``read`` gives a
     read node's interval (or None) from its index intervals."""
 
-    def __init__(self, ops, leaves: dict, read: Callable | None = None):
+    def __init__(self, ops, leaves: dict, read: Callable | None = None, residues: dict | None = None):
         self.ops, self.leaves, self.read = ops, leaves, read
+        # residues: var -> (modulus, lo, hi) of position % modulus over the region (layout transforms)
+        self.residues = residues or {}
         self.memo: dict = {}
 
     def __call__(self, node: ir.Node):
@@ -237,7 +239,12 @@ class IntervalEvaluator:
             if op == "floordiv":
                 return o.floordiv(lo, c), o.floordiv(hi, c)
             same = sym_eq(o.floordiv(lo, c), o.floordiv(hi, c))
-            return o.where(same, o.mod(lo, c), 0), o.where(same, o.mod(hi, c), c - 1)
+            lo_r, hi_r = o.where(same, o.mod(lo, c), 0), o.where(same, o.mod(hi, c), c - 1)
+            exact = self._residue(node.args[0], c)
+            if exact is not None:
+                known, value = exact
+                lo_r, hi_r = o.where(known, value, lo_r), o.where(known, value, hi_r)
+            return lo_r, hi_r
         if op == "abs":
             lo, hi = args[0]
             return (o.maximum(o.maximum(lo, -hi), 0), o.maximum(-lo, hi))
@@ -251,6 +258,21 @@ class IntervalEvaluator:
             hi = o.where(must, a[1], o.where(may, o.maximum(a[1], b[1]), b[1]))
             return lo, hi
         return None   # mul of two unknowns and anything else: no bound
+
+    def _residue(self, arg: ir.Node, c: int):
+        """(known, value) of ``arg % c`` when arg is linear in positions whose residues mod c are
+        constant over the region (after a residue permutation), else None."""
+        terms, const = ir.linear(arg)
+        if not terms or not all(t.op == "var" and t.attr in self.residues and self.residues[t.attr][0] == c
+                                for t in terms):
+            return None
+        o = self.ops
+        known, value = True, const
+        for t, coeff in terms.items():
+            _, rlo, rhi = self.residues[t.attr]
+            known = known & sym_eq(rlo, rhi)
+            value = value + coeff * rlo
+        return known, o.mod(value, c)
 
     def _bool(self, node: ir.Node):
         op, o = node.op, self.ops

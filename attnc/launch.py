@@ -125,14 +125,21 @@ def _env_config(name: str) -> FwdConfig | None:
 
 
 def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
-                   sparse: bool = False) -> FwdConfig:
+                   sparse: bool = False, key=None, seq: int | None = None) -> FwdConfig:
     """Default tiles: a table per GPU family (measured on an H200, benchmarks/NOTES.md), small tiles
-    under the interpreter. ``sparse`` (tile lists) prefers smaller tiles: fewer partial tiles."""
+    under the interpreter. ``sparse`` (tile lists) prefers smaller tiles: fewer partial tiles.
+    With ``key`` (a Kernel or its pattern key) and ``seq`` (max(Nq, Nk)), an `attnc autotune` result for
+    this GPU, dtype, head dim and sequence bucket wins over the table (attnc/tuning.py)."""
     override = _env_config("ATTNC_FWD_CONFIG")
     if override is not None and device.type == "cuda":
         return override
     if device.type != "cuda":
         return FwdConfig(32, 32, 4, 1)
+    if key is not None:
+        from .tuning import lookup
+        tuned = lookup("fwd", key, device, dtype, (head_dim, head_dim_v), seq)
+        if tuned is not None:
+            return tuned
     d = max(head_dim, head_dim_v)
     major, _ = torch.cuda.get_device_capability(device)
     if dtype == torch.float32:
@@ -165,6 +172,12 @@ def input_launch_args(pir: PatternIR, inputs: dict) -> list:
     return args
 
 
+def list_args(lists) -> list:
+    """Kernel arguments of a TileLists: index and count tensors, their batch/head extents, widths."""
+    return [lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt, lists.full_idx.shape[0],
+            lists.full_idx.shape[1], lists.full_idx.shape[-1], lists.part_idx.shape[-1]]
+
+
 def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, config: FwdConfig | None = None,
                    out: torch.Tensor | None = None):
     """Run the forward kernel; returns (out, lse, plan_state)."""
@@ -172,7 +185,8 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     pir = kern.ir
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config or forward_config(D, Dv, q.device, q.dtype, sparse=kernel_mode(pir) == "lists")
+    cfg = config or forward_config(D, Dv, q.device, q.dtype, sparse=kernel_mode(pir) != "ranges", key=kern,
+                                   seq=max(Nq, Nk))
     module = kern._forward_module()
     if out is None:
         out = torch.empty(B, Hq, Nq, Dv, device=q.device, dtype=q.dtype)
@@ -181,34 +195,46 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
         return out, lse, None
     grid = (math.ceil(Nq / cfg.block_m), B * Hq)
     qk_scale = scale * 1.4426950408889634
-    extra = []
-    lists = None
-    if kernel_mode(pir) == "lists":
-        lists = kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
-        extra = [lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt,
-                 lists.full_idx.shape[0], lists.full_idx.shape[1], lists.full_idx.shape[-1],
-                 lists.part_idx.shape[-1]]
+    mode = kernel_mode(pir)
+    extra, layout, heads_kv = [], None, Hkv
+    if mode == "lists":
+        extra = list_args(kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device))
+    elif mode == "permuted":
+        layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
+        q, k, v = layout.sort_q(q), layout.sort_kv(k), layout.sort_kv(v)
+        heads_kv = layout.kv_heads(Hq, Hkv)
+        extra = list_args(layout.lists(False)) + [layout.qpos, layout.kpos]
+        if not layout.q_identity:
+            out = torch.empty(B, Hq, Nq, Dv, device=q.device, dtype=q.dtype)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     module.attnc_fwd[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        B, Hq, Hkv, Nq, Nk, scale, qk_scale,
+        B, Hq, heads_kv, Nq, Nk, scale, qk_scale,
         *extra,
         *input_launch_args(pir, inputs),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv,
         REVERSE=True, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, lse, lists
+    if layout is not None:
+        out, lse = layout.unsort_q(out), layout.unsort_q(lse)
+    return out, lse, layout
 
 
-def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype) -> FwdConfig:
-    """Default tiles of the backward kernels."""
+def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
+                    key=None, seq: int | None = None) -> FwdConfig:
+    """Default tiles of the backward kernels (an `attnc autotune` result first, as in forward_config)."""
     override = _env_config("ATTNC_BWD_CONFIG")
     if override is not None and device.type == "cuda":
         return override
     if device.type != "cuda":
         return FwdConfig(32, 32, 4, 1)
+    if key is not None:
+        from .tuning import lookup
+        tuned = lookup("bwd", key, device, dtype, (head_dim, head_dim_v), seq)
+        if tuned is not None:
+            return tuned
     d = max(head_dim, head_dim_v)
     if dtype == torch.float32 or d > 128:
         return FwdConfig(32, 32, 4, 1)
@@ -222,7 +248,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     pir = kern.ir
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config or backward_config(D, Dv, q.device, q.dtype)
+    cfg = config or backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk))
     module = kern._backward_module()
     dq = torch.zeros_like(q)
     dk = torch.zeros_like(k)
@@ -238,63 +264,44 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     lse2 = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse * 1.4426950408889634).contiguous()
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     nqb, nkb = math.ceil(Nq / cfg.block_m), math.ceil(Nk / cfg.block_n)
-    fwd_lists, bwd_lists = [], []
-    if kernel_mode(pir) == "lists":
-        both = [kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device, transposed=t)
-                for t in (False, True)]
-        for lists, target in zip(both, (fwd_lists, bwd_lists)):
-            target.extend([lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt,
-                           lists.full_idx.shape[0], lists.full_idx.shape[1], lists.full_idx.shape[-1],
-                           lists.part_idx.shape[-1]])
+    mode = kernel_mode(pir)
+    fwd_extra, bwd_extra, layout, heads_kv = [], [], None, Hkv
+    if mode == "lists":
+        fwd_extra, bwd_extra = (list_args(kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs,
+                                                           q.device, transposed=t)) for t in (False, True))
+    elif mode == "permuted":
+        layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
+        q, dout, lse2, delta = (layout.sort_q(x) for x in (q, dout, lse2, delta))
+        k, v = layout.sort_kv(k), layout.sort_kv(v)
+        heads_kv = layout.kv_heads(Hq, Hkv)
+        fwd_extra = list_args(layout.lists(False)) + [layout.qpos, layout.kpos]
+        bwd_extra = list_args(layout.lists(True)) + [layout.qpos, layout.kpos]
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     input_args = input_launch_args(pir, inputs)
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     module.attnc_bwd_dq[(nqb, B * Hq)](
         q, k, v, dout, dq, lse2, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        B, Hq, Hkv, Nq, Nk, scale, *fwd_lists, *input_args, **consts)
-    module.attnc_bwd_dkdv[(nkb, B * Hkv)](
+        B, Hq, heads_kv, Nq, Nk, scale, *fwd_extra, *input_args, **consts)
+    module.attnc_bwd_dkdv[(nkb, B * heads_kv)](
         q, k, v, dout, dk, dv, lse2, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        B, Hq, Hkv, Nq, Nk, scale, nqb, *bwd_lists, *input_args, **consts)
+        B, Hq, heads_kv, Nq, Nk, scale, nqb, *bwd_extra, *input_args, **consts)
+    if layout is not None:
+        dq = layout.unsort_q(dq)
+        dk, dv = layout.unsort_kv(dk, Hkv), layout.unsort_kv(dv, Hkv)
     return dq, dk, dv
 
 
-class _Attention(torch.autograd.Function):
-    """Differentiable in q, k and v; the pattern's runtime inputs are constants here."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, kern, scale, sizes, names, *values):
-        inputs = dict(zip(names, values))
-        out, lse, _ = launch_forward(kern, q, k, v, scale=scale, sizes=sizes, inputs=inputs)
-        ctx.save_for_backward(q, k, v, out, lse, *values)
-        ctx.kern, ctx.scale, ctx.sizes, ctx.names = kern, scale, sizes, names
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, *values = ctx.saved_tensors
-        inputs = dict(zip(ctx.names, values))
-        dq, dk, dv = launch_backward(ctx.kern, q, k, v, out, lse, dout, dlse, scale=ctx.scale, sizes=ctx.sizes,
-                                     inputs=inputs)
-        return (dq, dk, dv, None, None, None, None) + (None,) * len(values)
-
-
 def attention(kern, q, k, v, *, scale, return_lse, inputs):
-    """The kernel path of ``kern(q, k, v)``: validation, then the differentiable kernel call."""
-    from .errors import AttncError
+    """The kernel path of ``kern(q, k, v)``: validation, then the kernel's torch custom op (``attnc.ops``),
+    which carries autograd (into q, k, v and float score inputs) and is traceable by ``torch.compile``."""
+    from .ops import attention_op
     from .validate import check_inputs, check_qkv
     shapes = check_qkv(q, k, v, kernel_dims=True)
-    sizes = check_inputs(kern.ir, inputs, batch=shapes.batch, heads=shapes.heads_q, n_q=shapes.n_q,
-                         n_k=shapes.n_k, device=q.device)
+    check_inputs(kern.ir, inputs, batch=shapes.batch, heads=shapes.heads_q, n_q=shapes.n_q, n_k=shapes.n_k,
+                 device=q.device)
     scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
-    names = tuple(kern.ir.inputs)
-    values = tuple(inputs[n] for n in names)
-    if any(t.requires_grad for t in values) and torch.is_grad_enabled():
-        raise AttncError("gradients into runtime inputs of the score are not supported by the kernels yet; "
-                         "detach the input or use kern.reference for that gradient")
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _Attention.apply(q, k, v, kern, scale, sizes, names, *values)
-    else:
-        out, lse, _ = launch_forward(kern, q, k, v, scale=scale, sizes=sizes, inputs=inputs)
+    out, lse = attention_op(kern, q, k, v, [inputs[n] for n in kern.ir.inputs], scale)
     return (out, lse) if return_lse else out

@@ -220,9 +220,11 @@ class Plan:
             f"plan for pattern {self.pattern}: n_q={self.n_q} n_k={self.n_k} batch={self.batch} heads={self.heads}",
             f"  tiles: {self.block_m} x {self.block_n} (query block x key block), "
             f"{math.ceil(self.n_q / self.block_m)} x {math.ceil(self.n_k / self.block_n)} per (batch, head)",
-            f"  mode: {self.mode} — " + ("key-block ranges computed in the kernel in closed form, no block table"
-                                        if self.mode == "ranges" else
-                                        "per-query-block lists of full and partial key blocks built on the device"),
+            f"  mode: {self.mode} — " + {
+                "ranges": "key-block ranges computed in the kernel in closed form, no block table",
+                "lists": "per-query-block lists of full and partial key blocks built on the device",
+                "permuted": "queries and keys sorted by the layout transforms below, then tile lists of the "
+                            "sorted problem; results scattered back to the caller's order"}[self.mode],
             f"  computed tiles: {t['full'] + t['partial']} of {total} ({100 * self.tile_fraction:.1f}%): "
             f"{t['full']} full (no mask code), {t['partial']} partial (mask evaluated), {t['empty']} skipped",
             f"  layout transforms: {', '.join(self.transforms) if self.transforms else 'none'}",
@@ -406,3 +408,167 @@ def list_plan(pir: PatternIR, status: torch.Tensor, n_q, n_k, batch, heads, bloc
              f"{' shared across heads' if status.shape[1] == 1 else ''}"
              f"{' and batch' if status.shape[0] == 1 else ''}")
     return Plan(pir.name, n_q, n_k, batch, heads, block_m, block_n, "lists", tiles, setup=setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout transforms: sort queries and keys so that dynamic sparsity becomes dense tiles
+
+
+@dataclass(frozen=True)
+class SortKey:
+    """One key queries or keys are sorted by: a read (bucket id, keep flag) or a residue class."""
+    kind: str                 # 'bucket' | 'keep' | 'residue'
+    node: ir.Node | None      # the read giving the key (bucket, keep); None for residue
+    modulus: int = 0          # residue classes: position % modulus
+
+
+@dataclass(frozen=True)
+class LayoutTransform:
+    """Sort keys for queries and for keys (most significant first) and the names the plan reports."""
+    query_keys: tuple
+    key_keys: tuple
+    names: tuple
+
+    @property
+    def per_head_keys(self) -> bool:
+        return any(k.node is not None and "h" in ir.free_vars(k.node) for k in self.key_keys)
+
+
+def _position_var(node: ir.Node) -> str | None:
+    """'q' or 'k' when a read's indices use exactly one of them (and otherwise only b, h, sizes)."""
+    used = ir.free_vars(node) & {"q", "k"}
+    return next(iter(used)) if len(used) == 1 else None
+
+
+def layout_transform(mask: ir.Node) -> LayoutTransform | None:
+    """The layout transforms that the mask's top-level conjuncts allow, or None.
+
+    * ``x[.., q] == y[.., k]`` (hash buckets, documents): sort queries by x and keys by y;
+    * ``keep[.., k]`` / ``keep[.., q]`` (dropped keys / queries): kept ones first (compaction);
+    * ``(q - k) % d == 0`` (dilation): sort both by residue class ``position % d``.
+    Within each class the original order is kept (stable sorts), so positions stay increasing.
+    Only conjuncts of the whole mask qualify: a transform is applied when every visible pair agrees.
+    """
+    conjuncts = list(mask.args) if mask.op == "and" else [mask]
+    qk, kk, names = [], [], []
+    residue = None
+    for atom in conjuncts:
+        kind = ir.atom_kind(atom)
+        if kind == "tensor-eq" and atom.op == "eq" and atom.args[1].value == 0:
+            terms = ir.linear(atom.args[0])[0]
+            reads = list(terms)
+            if len(reads) == 2 and all(t.op == "read" for t in reads):
+                sides = {_position_var(t): t for t in reads}
+                if set(sides) == {"q", "k"} and not any(k.kind == "bucket" for k in qk):
+                    qk.append(SortKey("bucket", sides["q"]))
+                    kk.append(SortKey("bucket", sides["k"]))
+                    names.append("bucket sort")
+        elif kind == "tensor-bool" and atom.op == "read":
+            side = _position_var(atom)
+            if side == "k" and not any(k.kind == "keep" for k in kk):
+                kk.append(SortKey("keep", atom))
+                names.append("key compaction")
+            elif side == "q" and not any(k.kind == "keep" for k in qk):
+                qk.append(SortKey("keep", atom))
+                names.append("query compaction")
+        elif kind == "modular" and atom.op == "eq" and atom.args[1].value == 0 and residue is None:
+            mod = atom.args[0]
+            terms = ir.linear(mod.args[0])[0]
+            q, k = ir.var("q"), ir.var("k")
+            if set(terms) == {q, k} and terms[q] == -terms[k] and abs(terms[q]) == 1 and mod.args[1].value > 1:
+                residue = mod.args[1].value
+    if residue is not None:
+        qk.append(SortKey("residue", None, residue))
+        kk.append(SortKey("residue", None, residue))
+        names.append(f"residue permutation (mod {residue})")
+    if not names:
+        return None
+    return LayoutTransform(tuple(qk), tuple(kk), tuple(names))
+
+
+def sort_positions(keys: tuple, env: dict, n: int, shape: tuple, device) -> torch.Tensor:
+    """The permutation (shape + (n,)) that orders positions by ``keys`` (most significant first),
+    stably, so equal keys keep position order. ``env`` evaluates the key reads."""
+    from .evaluate import evaluate
+    perm = torch.arange(n, device=device).expand(*shape, n).clone()
+    for key in reversed(keys):                      # least significant first; each sort is stable
+        if key.kind == "residue":
+            values = perm % key.modulus
+        else:
+            local = dict(env)
+            local[_position_var(key.node)] = perm.view(*shape, n)
+            values = torch.as_tensor(evaluate([key.node], local)[0], device=device)
+            values = values.expand(*shape, n)
+            if key.kind == "keep":
+                values = (~values.bool()).to(torch.int8)      # kept first
+            values = values.to(torch.int64)
+        order = torch.sort(values, dim=-1, stable=True).indices
+        perm = torch.gather(perm, -1, order)
+    return perm
+
+
+class PermutedTileClassifier(TileClassifier):
+    """Tile classification after a layout transform: the leaves q and k are the min/max of the
+    original positions held by each block of the sorted order, reads indexed by one position are
+    evaluated at those positions and summarized per block, and residue classes are known exactly."""
+
+    def __init__(self, pir, q_perm, k_perm, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs,
+                 modulus: int = 0):
+        self.pir, self.inputs = pir, inputs
+        self.block_m, self.block_n = block_m, block_n
+        self.nqb, self.nkb = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
+        self.batch, self.heads, self.n_q, self.n_k = batch, heads, n_q, n_k
+        self.per_head = self.per_batch = True
+        device = q_perm.device
+        self.device = device
+        self.q_perm, self.k_perm = q_perm, k_perm
+        leaves = {name: (v, v) for name, v in sizes.items()}
+        qlo, qhi = _block_summary(q_perm, -1, block_m, n_q)
+        klo, khi = _block_summary(k_perm, -1, block_n, n_k)
+        leaves["q"] = (qlo.unsqueeze(-1), qhi.unsqueeze(-1))
+        leaves["k"] = (klo.unsqueeze(-2), khi.unsqueeze(-2))
+        b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+        h = torch.arange(heads, device=device).view(1, heads, 1, 1)
+        leaves["b"], leaves["h"] = (b, b), (h, h)
+        self.leaves = leaves
+        self.residues = {}
+        if modulus:
+            rq = _block_summary(q_perm % modulus, -1, block_m, n_q)
+            rk = _block_summary(k_perm % modulus, -1, block_n, n_k)
+            self.residues = {"q": (modulus, rq[0].unsqueeze(-1), rq[1].unsqueeze(-1)),
+                             "k": (modulus, rk[0].unsqueeze(-2), rk[1].unsqueeze(-2))}
+        self._summaries = {}
+
+    def _read(self, node, idx):
+        from .evaluate import evaluate
+        side = _position_var(node)
+        if side is None or ir.free_vars(node) - {"b", "h", side}:
+            return None
+        if node not in self._summaries:
+            perm, block, n = ((self.q_perm, self.block_m, self.n_q) if side == "q"
+                              else (self.k_perm, self.block_n, self.n_k))
+            env = {name: lo for name, (lo, _) in self.leaves.items() if name in ("n_q", "n_k", "batch", "heads")}
+            env.update(self.inputs)
+            env["b"] = torch.arange(self.batch, device=self.device).view(-1, 1, 1)
+            env["h"] = torch.arange(self.heads, device=self.device).view(1, -1, 1)
+            env[side] = perm
+            values = torch.as_tensor(evaluate([node], env)[0], device=self.device)
+            values = values.expand(self.batch, self.heads, perm.shape[-1])
+            lo, hi = _block_summary(values, -1, block, n)
+            axis = -1 if side == "q" else -2
+            self._summaries[node] = (lo.unsqueeze(axis), hi.unsqueeze(axis))
+        lo, hi = self._summaries[node]
+        if node.type == "bool":
+            return lo > 0, hi > 0
+        return lo, hi
+
+    def classify(self) -> torch.Tensor:
+        ev = IntervalEvaluator(TorchOps, self.leaves, self._read, residues=self.residues)
+        must, may = ev(self.pir.mask)
+        shape = (self.batch, self.heads, self.nqb, self.nkb)
+        must = torch.as_tensor(must, device=self.device).expand(shape)
+        may = torch.as_tensor(may, device=self.device).expand(shape)
+        status = may.to(torch.int8) + must.to(torch.int8)
+        if self.n_k % self.block_n:
+            status[..., -1] = torch.clamp(status[..., -1], max=1)
+        return status

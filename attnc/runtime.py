@@ -141,32 +141,47 @@ class Kernel:
         cfg = forward_config(head_dim, head_dim, dev, torch.bfloat16)
         return cfg.block_m, cfg.block_n
 
-    def _tile_lists(self, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, device, transposed=False):
-        """Tile lists for a list-mode call, cached per (sizes, blocks, input tensors).
+    def _input_cached(self, key: tuple, inputs: dict, build):
+        """Setup (tile lists, layouts) cached per call shape and runtime-input tensors.
 
-        The key holds each input's storage pointer, shape, strides and version counter, so an input
-        modified in place is re-planned; a model reusing one document mask in every layer plans once.
+        The entry holds the input tensors themselves and keys on identity plus version counter: an
+        input modified in place is re-planned, a new tensor is never mistaken for a freed one whose
+        memory it reuses, and a model reusing one document mask in every layer plans once.
         """
-        from .plan import TileClassifier, build_tile_lists
-        # The entry holds the input tensors themselves: identity plus version counter (a storage
-        # pointer alone can be reused by a new tensor after the old one is freed).
-        key = (n_q, n_k, batch, heads, block_m, block_n, str(device)) + tuple(
-            (n, id(t), t._version) for n, t in inputs.items())
-        cache = self.__dict__.setdefault("_list_cache", {})
-        if key in cache and any(held is not t for held, t in zip(cache[key][3], inputs.values())):
-            del cache[key]
-        if key not in cache:
-            status = TileClassifier(self.ir, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs,
-                                    device).classify()
+        key = key + tuple((n, id(t), t._version) for n, t in inputs.items())
+        cache = self.__dict__.setdefault("_setup_cache", {})
+        entry = cache.get(key)
+        if entry is not None and any(held is not t for held, t in zip(entry[1], inputs.values())):
+            entry = None
+        if entry is None:
             if len(cache) >= 8:
                 cache.pop(next(iter(cache)))
-            cache[key] = [status, None, None, tuple(inputs.values())]
-        entry = cache[key]
-        slot = 2 if transposed else 1
-        if entry[slot] is None:
-            status = entry[0].transpose(-1, -2).contiguous() if transposed else entry[0]
-            entry[slot] = build_tile_lists(status)
-        return entry[slot]
+            entry = cache[key] = (build(), tuple(inputs.values()))
+        return entry[0]
+
+    def _tile_lists(self, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, device, transposed=False):
+        """Tile lists of a list-mode call (see :meth:`_input_cached`)."""
+        from .plan import TileClassifier, build_tile_lists
+
+        def build():
+            status = TileClassifier(self.ir, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs,
+                                    device).classify()
+            return {"status": status}
+
+        entry = self._input_cached(("lists", n_q, n_k, batch, heads, block_m, block_n, str(device)), inputs, build)
+        if transposed not in entry:
+            status = entry["status"].transpose(-1, -2).contiguous() if transposed else entry["status"]
+            entry[transposed] = build_tile_lists(status)
+        return entry[transposed]
+
+    def _layout(self, batch, heads_q, heads_kv, n_q, n_k, block_m, block_n, sizes, inputs, device):
+        """The layout transform of a permuted-mode call (see :mod:`attnc.layout`), cached."""
+        from .layout import build_layout
+        from .plan import layout_transform
+        key = ("layout", batch, heads_q, heads_kv, n_q, n_k, block_m, block_n, str(device))
+        return self._input_cached(key, inputs, lambda: build_layout(
+            self.ir, layout_transform(self.ir.mask), batch, heads_q, heads_kv, n_q, n_k, block_m, block_n,
+            sizes, inputs, device))
 
     def plan(self, n_q: int, n_k: int, batch: int = 1, heads: int = 1, block_m: int | None = None,
              block_n: int | None = None, **inputs):
@@ -176,9 +191,21 @@ class Kernel:
         bm, bn = self.block_sizes()
         bm, bn = block_m or bm, block_n or bn
         sizes = check_inputs(self.ir, inputs, batch=batch, heads=heads, n_q=n_q, n_k=n_k)
-        if kernel_mode(self.ir) == "ranges":
+        mode = kernel_mode(self.ir)
+        if mode == "ranges":
             return static_plan(self.ir, n_q, n_k, batch, heads, bm, bn)
         device = next((t.device for t in inputs.values()), torch.device("cpu"))
+        if mode == "permuted":
+            from .layout import build_layout
+            from .plan import layout_transform
+            transform = layout_transform(self.ir.mask)
+            layout = build_layout(self.ir, transform, batch, heads, heads, n_q, n_k, bm, bn, sizes, inputs, device)
+            plan = list_plan(self.ir, layout.status, n_q, n_k, batch, heads, bm, bn)
+            plan.mode = "permuted"
+            plan.transforms = list(transform.names)
+            plan.setup = (f"stable sorts of queries and keys per (batch, head), then tile classification of the "
+                          f"sorted problem on {tuple(layout.status.shape)} blocks")
+            return plan
         status = TileClassifier(self.ir, n_q, n_k, batch, heads, bm, bn, sizes, inputs, device).classify()
         return list_plan(self.ir, status, n_q, n_k, batch, heads, bm, bn)
 
@@ -224,3 +251,17 @@ class Kernel:
             return torch.as_tensor(evaluate([mask], env)[0], device=q_idx.device)
 
         return mask_mod
+
+    # ---- autotuning --------------------------------------------------------------------------------
+    def autotune(self, seq: int, batch: int | None = None, heads: int = 16, dim: int = 128,
+                 dtype=torch.bfloat16, **inputs):
+        """Search forward and backward kernel configurations on the current CUDA GPU and store the winners.
+
+        Times the candidates of ``attnc.tuning.search_space`` on random q, k, v of shape
+        (batch, heads, seq, dim) (batch defaults to 32768 // seq) with the given runtime inputs (default:
+        random ones), and writes the fastest checked configuration to ``$ATTNC_CACHE_DIR/tuning.json``;
+        later calls with this GPU, dtype, head dim and sequence-length bucket use it. Returns an
+        ``attnc.tuning.TuneReport``; ``print(report)`` summarizes it. Raises InputError without CUDA.
+        """
+        from .tuning import autotune
+        return autotune(self, seq, batch=batch, heads=heads, dim=dim, dtype=dtype, inputs=inputs or None)

@@ -1,0 +1,231 @@
+"""Each compiled pattern as a torch custom op with autograd, so ``torch.compile`` runs through it.
+
+One set of operators is registered (with ``torch.library.custom_op``) per distinct generated kernel,
+named after the forward kernel's source key ``attnc.launch.source_key(kern.ir, "fwd")``:
+
+- ``attnc::fwd_<key>(q, k, v, inputs, scale) -> (out, lse)``: the Triton forward kernel;
+- ``attnc::bwd_<key>(q, k, v, out, lse, dout, dlse, inputs, scale) -> (dq, dk, dv)``: the two
+  Triton backward kernels;
+- ``attnc::dinputs_<key>(q, k, v, out, lse, dout, dlse, inputs, scale, which) -> [grads]``: the
+  gradients of the float runtime inputs numbered in ``which`` (see below).
+
+``inputs`` is the list of runtime-input tensors in the pattern's declaration order
+(``kern.ir.inputs``). The operators take no dictionaries and no sizes: each real implementation
+recomputes the sizes from the shapes with ``validate.check_inputs``. The fake (meta)
+implementations return empty tensors of the right shapes and dtypes and never read data, so
+FakeTensor tracing, AOTAutograd and dynamic shapes see through the kernels. The operators are
+registered once per process, on first use; patterns that simplify to the same IR share them.
+
+Gradients. ``q``, ``k`` and ``v`` get theirs from the Triton backward kernels (deterministic, no
+atomics). Float runtime inputs read by the ``score`` expression (ALiBi slopes ``s[h]``, a relative
+bias table ``bias[h, q - k + c]``, ...) get theirs from a plain-torch path, ``score_input_grads``:
+the score is recomputed in row chunks with the reference evaluator, ``P = exp(score - lse)``,
+``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O) - dlse``, and ``dS`` is carried back
+through the score expression to the inputs by reverse-mode autograd (``torch.func.vjp``), summed
+over the chunks. That path is deterministic and exact for any score expression, also one that reads
+the same tensor several times, but it costs O(Nq x Nk) compute in float32 (float64 for float64
+inputs) and O(chunk x Nk) memory, a chunk being bounded like ``kern.reference``'s. Inputs read only
+by the mask get zero gradients; int and bool inputs get none.
+"""
+
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .launch import launch_backward, launch_forward, source_key
+from .reference import CHUNK_ELEMENTS, index_env
+from .evaluate import evaluate
+from .validate import check_inputs, check_qkv
+
+NAMESPACE = "attnc"
+
+_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor[] inputs, float scale) -> (Tensor, Tensor)"
+_BWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout, Tensor? dlse, "
+               "Tensor[] inputs, float scale) -> (Tensor, Tensor, Tensor)")
+_DINPUTS_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor dout, Tensor? dlse, "
+                   "Tensor[] inputs, float scale, int[] which) -> Tensor[]")
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """The custom operators of one generated kernel."""
+    key: str
+    forward: torch._ops.OpOverload
+    backward: torch._ops.OpOverload
+    input_grads: torch._ops.OpOverload
+
+
+_registry: dict[str, KernelOps] = {}
+_lock = threading.Lock()
+
+
+def _call_sizes(kern, q, k, v, named: dict) -> dict:
+    """The sizes of one call, recomputed from the shapes (the operators carry no dictionaries)."""
+    shapes = check_qkv(q, k, v)
+    return check_inputs(kern.ir, named, batch=shapes.batch, heads=shapes.heads_q, n_q=shapes.n_q,
+                        n_k=shapes.n_k, device=q.device)
+
+
+def _laid_out_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` (shaped like ``ref``) with the strides of ``torch.empty_like(ref)``, which is what the fake
+    implementations promise (compiled graphs may rely on it); copied only when they differ."""
+    like = torch.empty_like(ref, device="meta", dtype=t.dtype)
+    if t.stride() == like.stride() and t.storage_offset() == 0:
+        return t
+    return torch.empty_like(ref, dtype=t.dtype).copy_(t)
+
+
+def ops_for(kern) -> KernelOps:
+    """The operators of ``kern``'s kernel, registered on first use (once per process and source key)."""
+    cached = kern.__dict__.get("_torch_ops")
+    if cached is not None:
+        return cached
+    key = source_key(kern.ir, "fwd")
+    with _lock:
+        if key not in _registry:
+            _registry[key] = _register(kern, key)
+        ops = _registry[key]
+    kern.__dict__["_torch_ops"] = ops
+    return ops
+
+
+@torch.compiler.assume_constant_result
+def op_key(kern) -> str:
+    """The source key naming ``kern``'s operators, registering them if needed.
+
+    Dynamo calls this once while tracing and keeps the result as a constant (guarded on the
+    kernel object's identity), so the hashing and registration never break a graph.
+    """
+    return ops_for(kern).key
+
+
+def attention_op(kern, q, k, v, values: list, scale: float):
+    """(out, lse) of ``kern`` through its custom operator; differentiable in q, k, v and float inputs."""
+    forward = getattr(getattr(torch.ops, NAMESPACE), f"fwd_{op_key(kern)}")
+    return forward(q, k, v, list(values), scale)
+
+
+def _register(kern, key: str) -> KernelOps:
+    """Define the three operators of one kernel, their fake implementations and their autograd."""
+    names = tuple(kern.ir.inputs)
+
+    def forward(q, k, v, inputs, scale):
+        named = dict(zip(names, inputs))
+        out, lse, _ = launch_forward(kern, q, k, v, scale=scale, sizes=_call_sizes(kern, q, k, v, named),
+                                     inputs=named)
+        return out.contiguous(), lse.contiguous()
+
+    def forward_fake(q, k, v, inputs, scale):
+        B, Hq, Nq, _ = q.shape
+        out = q.new_empty((B, Hq, Nq, v.shape[-1]))
+        return out, q.new_empty((B, Hq, Nq), dtype=torch.float32)
+
+    def backward(q, k, v, out, lse, dout, dlse, inputs, scale):
+        named = dict(zip(names, inputs))
+        grads = launch_backward(kern, q, k, v, out, lse, dout, dlse, scale=scale,
+                                sizes=_call_sizes(kern, q, k, v, named), inputs=named)
+        return tuple(_laid_out_like(g, x) for g, x in zip(grads, (q, k, v)))
+
+    def backward_fake(q, k, v, out, lse, dout, dlse, inputs, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def input_grads(q, k, v, out, lse, dout, dlse, inputs, scale, which):
+        named = dict(zip(names, inputs))
+        wanted = [names[i] for i in which]
+        grads = score_input_grads(kern, q, k, v, out, lse, dout, dlse, scale=scale,
+                                  sizes=_call_sizes(kern, q, k, v, named), inputs=named, wanted=wanted)
+        # Fresh tensors laid out like the inputs, as the fake implementation promises.
+        return [_laid_out_like(grads[n], named[n]) for n in wanted]
+
+    def input_grads_fake(q, k, v, out, lse, dout, dlse, inputs, scale, which):
+        return [torch.empty_like(inputs[i]) for i in which]
+
+    def define(prefix, fn, fake, schema):
+        op = torch.library.custom_op(f"{NAMESPACE}::{prefix}_{key}", fn, mutates_args=(), schema=schema)
+        op.register_fake(fake)
+        return op, getattr(getattr(torch.ops, NAMESPACE), f"{prefix}_{key}").default
+
+    fwd, fwd_overload = define("fwd", forward, forward_fake, _FWD_SCHEMA)
+    _, bwd = define("bwd", backward, backward_fake, _BWD_SCHEMA)
+    _, dinputs = define("dinputs", input_grads, input_grads_fake, _DINPUTS_SCHEMA)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, values, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, *values)
+        ctx.scale = scale
+
+    def backward_formula(ctx, dout, dlse):
+        q, k, v, out, lse, *values = ctx.saved_tensors
+        need_q, need_k, need_v, need_inputs, _ = ctx.needs_input_grad
+        dq = dk = dv = None
+        if need_q or need_k or need_v:
+            dq, dk, dv = bwd(q, k, v, out, lse, dout, dlse, values, ctx.scale)
+        dvalues = [None] * len(values)
+        which = [i for i, (need, t) in enumerate(zip(need_inputs, values)) if need and t.is_floating_point()]
+        if which:
+            grads = dinputs(q, k, v, out, lse, dout, dlse, values, ctx.scale, which)
+            for i, g in zip(which, grads):
+                dvalues[i] = g
+        return (dq if need_q else None, dk if need_k else None, dv if need_v else None, dvalues, None)
+
+    fwd.register_autograd(backward_formula, setup_context=setup_context)
+    return KernelOps(key, fwd_overload, bwd, dinputs)
+
+
+def score_input_grads(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes: dict, inputs: dict,
+                      wanted: list) -> dict:
+    """Gradients of the float runtime inputs named in ``wanted``, by a plain-torch recompute.
+
+    For each chunk of query rows: the score is recomputed with the reference evaluator,
+    ``P = exp(score - lse)`` (0 where masked and on rows without keys), ``dS = P * (dO V^T - delta)``
+    with ``delta = rowsum(dO * O) - dlse``, and ``dS`` is pulled back through the score expression
+    to the inputs with ``torch.func.vjp``. (``torch.func`` rather than ``torch.autograd.grad``: this
+    runs inside a custom operator, below the dispatcher's autograd layer.) The sums are in float32
+    (float64 for float64 q); the memory is that of one chunk.
+    """
+    pir = kern.ir
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    device = q.device
+    leaves = [inputs[n].detach().to(cd) for n in wanted]
+    totals = [torch.zeros_like(t) for t in leaves]
+    if pir.score is None or Nq == 0 or Nk == 0 or B * Hq == 0:
+        return dict(zip(wanted, totals))
+    group = Hq // Hkv
+    kk = k.detach().to(cd)
+    vv = v.detach().to(cd)
+    if group > 1:
+        kk, vv = kk.repeat_interleave(group, dim=1), vv.repeat_interleave(group, dim=1)
+    qq, do = q.detach().to(cd), dout.detach().to(cd)
+    delta = (do * out.detach().to(cd)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.detach().to(cd)
+    # Rows without a visible key have lse = -inf; +inf there makes every recomputed P exactly 0.
+    lse_c = torch.where(torch.isneginf(lse), math.inf, lse.detach().to(cd))
+    fixed = {n: (t.detach().to(cd) if t.is_floating_point() else t) for n, t in inputs.items()
+             if n not in wanted}
+    rows = 1 + max(1, CHUNK_ELEMENTS // max(1, B * Hq * Nk))
+    for start in range(0, Nq, rows):
+        end = min(Nq, start + rows - 1)
+        s = torch.matmul(qq[:, :, start:end], kk.transpose(-1, -2)) * scale
+        env = index_env(B, Hq, torch.arange(start, end, device=device), Nk, sizes, device)
+        env.update(fixed)
+        env["score"] = s
+        env["__float__"] = cd
+
+        def score_of(*values):
+            mask, score = evaluate([pir.mask, pir.score], dict(env, **dict(zip(wanted, values))))
+            score = torch.as_tensor(score, dtype=cd, device=device).expand_as(s)
+            return score, torch.as_tensor(mask, device=device).expand_as(s)
+
+        score, pullback, mask = torch.func.vjp(score_of, *leaves, has_aux=True)
+        p = torch.where(mask, torch.exp(score - lse_c[:, :, start:end, None]), 0.0)
+        dp = torch.matmul(do[:, :, start:end], vv.transpose(-1, -2))
+        ds = torch.where(mask, p * (dp - delta[:, :, start:end, None]), 0.0)
+        for total, g in zip(totals, pullback(ds)):
+            total += g
+    return dict(zip(wanted, totals))
