@@ -1,0 +1,90 @@
+"""Layout transforms: bucket sort, key/query compaction, residue permutation (forward and backward)."""
+
+import pytest
+import torch
+
+import attnc
+from attnc.plan import layout_transform
+
+HASH = "examples/hash_buckets.attn"
+KEEP = "examples/dropped_keys.attn"
+QKEEP = "examples/dropped_queries.attn"
+DILATED = "pattern p(w: int = 30, d: int = 3) { mask causal and window(w) and dilated(d) }"
+
+
+def _check(kern, B, Hq, Hkv, N, D, inputs, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, N, D, generator=g).requires_grad_() for h in (Hq, Hkv, Hkv))
+    out, lse = kern(q, k, v, return_lse=True, **inputs)
+    dout = torch.randn(out.shape, generator=g)
+    (out * dout).sum().backward()
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, ref_lse = kern.reference(*leaves, return_lse=True, **inputs)
+    (ref * dout.double()).sum().backward()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert ((out.double() - ref).norm() / ref.norm().clamp_min(1e-12)) < 1e-4
+    for got, leaf in zip((q.grad, k.grad, v.grad), leaves):
+        assert not torch.isnan(got).any()
+        assert ((got.double() - leaf.grad).norm() / leaf.grad.norm().clamp_min(1e-12)) < 1e-4
+
+
+def test_transforms_are_detected():
+    names = {f: layout_transform(attnc.compile(f).ir.mask).names for f in (HASH, KEEP, QKEEP, DILATED)}
+    assert names[HASH] == ("bucket sort",)
+    assert names[KEEP] == ("key compaction",)
+    assert names[QKEEP] == ("query compaction",)
+    assert names[DILATED] == ("residue permutation (mod 3)",)
+    assert layout_transform(attnc.compile("examples/causal.attn").ir.mask) is None
+    # Only conjuncts of the whole mask may reorder: under `or` the transform would be wrong.
+    assert layout_transform(attnc.compile(
+        "pattern p() { input keep: bool[batch, heads, N]\n mask kept(keep) or causal }").ir.mask) is None
+
+
+@pytest.mark.parametrize("case", ["random", "ties_one_bucket", "empty_buckets", "sorted"])
+def test_bucket_sort(case):
+    B, Hq, Hkv, N = 2, 4, 2, 67
+    g = torch.Generator().manual_seed(1)
+    qb = torch.randint(0, 8, (B, Hq, N), generator=g)
+    kb = torch.randint(0, 8, (B, Hq, N), generator=g)
+    if case == "ties_one_bucket":
+        qb, kb = torch.zeros_like(qb), torch.zeros_like(kb)
+    elif case == "empty_buckets":
+        qb, kb = qb * 5, kb * 5 + (kb % 2)           # most bucket ids used by one side only
+    elif case == "sorted":
+        qb, kb = torch.sort(qb, -1).values, torch.sort(kb, -1).values
+    _check(attnc.compile(HASH), B, Hq, Hkv, N, 16, {"qb": qb, "kb": kb}, seed=2)
+
+
+@pytest.mark.parametrize("case", ["half", "all_dropped_row", "none_dropped"])
+def test_key_compaction(case):
+    B, Hq, Hkv, N = 2, 4, 1, 67
+    keep = torch.rand(B, Hq, N, generator=torch.Generator().manual_seed(3)) < 0.5
+    if case == "all_dropped_row":
+        keep[1, 2] = False                          # every key of this (b, h) dropped: rows output 0
+    elif case == "none_dropped":
+        keep[:] = True
+    _check(attnc.compile(KEEP), B, Hq, Hkv, N, 32, {"keep": keep}, seed=4)
+
+
+def test_query_compaction_zero_rows():
+    keep = torch.rand(1, 2, 130, generator=torch.Generator().manual_seed(5)) < 0.3
+    _check(attnc.compile(QKEEP), 1, 2, 2, 130, 16, {"keep": keep}, seed=6)
+
+
+@pytest.mark.parametrize("n", [67, 130])
+def test_residue_permutation(n):
+    _check(attnc.compile(DILATED), 1, 2, 1, n, 16, {}, seed=7)
+
+
+def test_tile_fractions_meet_the_issue_bounds():
+    g = torch.Generator().manual_seed(0)
+    hb = torch.randint(0, 8, (1, 1, 2048), generator=g)
+    plan = attnc.compile(HASH).plan(2048, 2048, 1, 1, block_m=128, block_n=64, qb=hb, kb=hb)
+    assert plan.transforms == ["bucket sort"] and plan.tile_fraction <= 0.3
+    keep = torch.rand(1, 1, 2048, generator=g) < 0.5
+    plan = attnc.compile(KEEP).plan(2048, 2048, 1, 1, block_m=128, block_n=64, keep=keep)
+    assert plan.tile_fraction <= 0.36
+    plan = attnc.compile("pattern p() { mask causal and window(512) and dilated(4) }").plan(
+        4096, 4096, block_m=128, block_n=64)
+    assert plan.tile_fraction <= 0.07 and "residue permutation (mod 4)" in plan.transforms
+    assert "permuted" in str(plan)
