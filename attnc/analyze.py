@@ -63,7 +63,9 @@ class PatternIR:
         """A normalized textual form used as the cache key (equal IR, equal key)."""
         inputs = ";".join(f"{d.name}:{d.dtype}[{','.join(map(str, d.dims))}]" for d in self.inputs.values())
         score = ir.to_text(self.score) if self.score is not None else "score"
-        return f"mask {ir.to_text(self.mask)}\nscore {score}\ninputs {inputs}"
+        params = ",".join(f"{k}={v!r}" for k, v in self.params.items())
+        # The name and parameters only change comments, but each kernel file should name its own pattern.
+        return f"pattern {self.name}({params})\nmask {ir.to_text(self.mask)}\nscore {score}\ninputs {inputs}"
 
 
 @dataclass(frozen=True)
@@ -423,8 +425,9 @@ def _bind_params(lowerer: Lowerer, pat: PatternDef, given: dict) -> dict:
         if p.name in given:
             value = given[p.name]
         elif p.default is not None:
+            earlier = {n: ir.const(v) for n, v in values.items()}      # defaults may use earlier parameters
             node = lowerer.scalar(p.default, _Scope("<source>" if pat.pos.path is None else pat.pos.path,
-                                                    dict(values), False), "a default value")
+                                                    earlier, False), "a default value")
             if not node.is_const:
                 raise lowerer.error(f"the default of parameter '{p.name}' must be a constant", p.default.pos)
             value = node.value

@@ -92,6 +92,10 @@ class ElementwisePrinter:
             return "(" + (" & " if op == "and" else " | ").join(args) + ")"
         if op == "read":
             return self._read(node, args)
+        if op in ("floordiv", "mod") and node.type == "float":
+            # The integer helpers would truncate; floats use floor directly (Python semantics).
+            a, b = args
+            return f"tl.floor({a} / {b})" if op == "floordiv" else f"({a} - {b} * tl.floor({a} / {b}))"
         return OPS[op].triton.format(*args)
 
     def _read(self, node: ir.Node, args: list[str]) -> str:
