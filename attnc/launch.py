@@ -201,11 +201,9 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
         extra = list_args(kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device))
     elif mode == "permuted":
         layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
-        q, k, v = layout.sort_q(q), layout.sort_kv(k), layout.sort_kv(v)
+        k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
         heads_kv = layout.kv_heads(Hq, Hkv)
         extra = list_args(layout.lists(False)) + [layout.qpos, layout.kpos]
-        if not layout.q_identity:
-            out = torch.empty(B, Hq, Nq, Dv, device=q.device, dtype=q.dtype)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     module.attnc_fwd[grid](
         q, k, v, out, lse,
@@ -217,8 +215,6 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
         REVERSE=True, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if layout is not None:
-        out, lse = layout.unsort_q(out), layout.unsort_q(lse)
     return out, lse, layout
 
 
@@ -271,12 +267,11 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                                                            q.device, transposed=t)) for t in (False, True))
     elif mode == "permuted":
         layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
-        q, dout, lse2, delta = (layout.sort_q(x) for x in (q, dout, lse2, delta))
-        k, v = layout.sort_kv(k), layout.sort_kv(v)
+        k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
         heads_kv = layout.kv_heads(Hq, Hkv)
         fwd_extra = list_args(layout.lists(False)) + [layout.qpos, layout.kpos]
         bwd_extra = list_args(layout.lists(True)) + [layout.qpos, layout.kpos]
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     input_args = input_launch_args(pir, inputs)
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -289,8 +284,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         B, Hq, heads_kv, Nq, Nk, scale, nqb, *bwd_extra, *input_args, **consts)
     if layout is not None:
-        dq = layout.unsort_q(dq)
-        dk, dv = layout.unsort_kv(dk, Hkv), layout.unsort_kv(dv, Hkv)
+        dk, dv = layout.reduce_kv_heads(dk, Hkv), layout.reduce_kv_heads(dv, Hkv)
     return dq, dk, dv
 
 

@@ -3,8 +3,9 @@
 A :class:`Layout` holds, per (batch, query head), the permutation of queries and of keys chosen by
 :func:`attnc.plan.layout_transform` (hash bucket, kept-first, residue class, then position), the
 original positions the kernels use to evaluate the mask, and the tile lists of the sorted problem.
-Outputs and gradients are scattered back to the caller's order. When a permutation turns out to be
-the identity (documents already contiguous, nothing dropped) no data is copied.
+The kernels read and write rows through those positions, so q, k, v, outputs and gradients stay in
+the caller's order and no data is copied (except K/V per query head when keys are sorted per head
+under GQA).
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ class Layout:
     k_perm: torch.Tensor          # int64 (B, Hq, Nk): per query head
     qpos: torch.Tensor            # int32 contiguous copies for the kernels
     kpos: torch.Tensor
-    q_identity: bool
-    k_identity: bool
     expand_kv: bool               # keys sorted per query head: K, V are expanded to the query heads
     status: torch.Tensor          # int8 (B, Hq, nqb, nkb) tile classes of the sorted problem
     _lists: dict
@@ -35,42 +34,21 @@ class Layout:
             self._lists[transposed] = build_tile_lists(status)
         return self._lists[transposed]
 
-    # ---- moving data in and out of the sorted order ----------------------------------------------
-    def sort_q(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Hq, Nq[, D]) in the caller's order -> sorted order."""
-        if self.q_identity:
-            return x
-        idx = self.q_perm if x.dim() == 3 else self.q_perm.unsqueeze(-1).expand(*self.q_perm.shape, x.shape[-1])
-        return torch.gather(x, 2, idx)
-
-    def unsort_q(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q_identity:
-            return x
-        idx = self.q_perm if x.dim() == 3 else self.q_perm.unsqueeze(-1).expand(*self.q_perm.shape, x.shape[-1])
-        return torch.empty_like(x).scatter_(2, idx, x)
-
+    # ---- the kernels address rows through qpos / kpos, so data stays in the caller's order --------
     def kv_heads(self, heads_q: int, heads_kv: int) -> int:
         return heads_q if self.expand_kv else heads_kv
 
-    def _k_index(self, x: torch.Tensor) -> torch.Tensor:
-        perm = self.k_perm if self.expand_kv else self.k_perm[:, :: self.k_perm.shape[1] // x.shape[1]]
-        return perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1])
-
-    def sort_kv(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv, Nk, D) -> sorted (B, Hq or Hkv, Nk, D)."""
+    def expand_kv_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys sorted per query head under GQA: give each query head its own K/V rows."""
         if self.expand_kv and x.shape[1] != self.k_perm.shape[1]:
-            x = x.repeat_interleave(self.k_perm.shape[1] // x.shape[1], dim=1)
-        if self.k_identity:
-            return x
-        return torch.gather(x, 2, self._k_index(x))
+            return x.repeat_interleave(self.k_perm.shape[1] // x.shape[1], dim=1)
+        return x
 
-    def unsort_kv(self, x: torch.Tensor, heads_kv: int) -> torch.Tensor:
-        """Gradients in sorted order -> caller's order, summed over a GQA group when expanded."""
-        if not self.k_identity:
-            x = torch.empty_like(x).scatter_(2, self._k_index(x), x)
+    def reduce_kv_heads(self, x: torch.Tensor, heads_kv: int) -> torch.Tensor:
+        """Gradients of expanded K/V summed back over each GQA group."""
         if self.expand_kv and x.shape[1] != heads_kv:
             B, H, N, D = x.shape
-            x = x.view(B, heads_kv, H // heads_kv, N, D).sum(2)
+            return x.view(B, heads_kv, H // heads_kv, N, D).sum(2)
         return x
 
 
@@ -83,8 +61,6 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     env["h"] = torch.arange(Hq, device=device).view(1, Hq, 1)
     q_perm = sort_positions(transform.query_keys, env, n_q, (B, Hq), device)
     k_perm = sort_positions(transform.key_keys, env, n_k, (B, Hq), device)
-    ar_q = torch.arange(n_q, device=device)
-    ar_k = torch.arange(n_k, device=device)
     modulus = next((k.modulus for k in transform.query_keys if k.kind == "residue"), 0)
     status = PermutedTileClassifier(pir, q_perm, k_perm, n_q, n_k, B, Hq, block_m, block_n, sizes, inputs,
                                     modulus=modulus).classify()
@@ -95,5 +71,4 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
         same = torch.equal(k_perm.view(B, Hkv, group, n_k), k_perm[:, ::group].unsqueeze(2).expand(B, Hkv, group, n_k))
         expand = not same
     return Layout(transform, q_perm, k_perm, q_perm.to(torch.int32).contiguous(),
-                  k_perm.to(torch.int32).contiguous(), bool(torch.equal(q_perm, ar_q.expand_as(q_perm))),
-                  bool(torch.equal(k_perm, ar_k.expand_as(k_perm))), expand, status, {})
+                  k_perm.to(torch.int32).contiguous(), expand, status, {})

@@ -14,7 +14,7 @@ named after the forward kernel's source key ``attnc.launch.source_key(kern.ir, "
 recomputes the sizes from the shapes with ``validate.check_inputs``. The fake (meta)
 implementations return empty tensors of the right shapes and dtypes and never read data, so
 FakeTensor tracing, AOTAutograd and dynamic shapes see through the kernels. The operators are
-registered once per process, on first use; patterns that simplify to the same IR share them.
+registered once per process, on first use; kernels with one source key share them.
 
 Gradients. ``q``, ``k`` and ``v`` get theirs from the Triton backward kernels (deterministic, no
 atomics). Float runtime inputs read by the ``score`` expression (ALiBi slopes ``s[h]``, a relative
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .evaluate import evaluate
 from .launch import launch_backward, launch_forward, source_key
 from .reference import CHUNK_ELEMENTS, index_env
-from .evaluate import evaluate
 from .validate import check_inputs, check_qkv
 
 NAMESPACE = "attnc"
@@ -208,9 +208,9 @@ def score_input_grads(kern, q, k, v, out, lse, dout, dlse, *, scale: float, size
     lse_c = torch.where(torch.isneginf(lse), math.inf, lse.detach().to(cd))
     fixed = {n: (t.detach().to(cd) if t.is_floating_point() else t) for n, t in inputs.items()
              if n not in wanted}
-    rows = 1 + max(1, CHUNK_ELEMENTS // max(1, B * Hq * Nk))
+    rows = max(1, CHUNK_ELEMENTS // max(1, B * Hq * Nk))
     for start in range(0, Nq, rows):
-        end = min(Nq, start + rows - 1)
+        end = min(Nq, start + rows)
         s = torch.matmul(qq[:, :, start:end], kk.transpose(-1, -2)) * scale
         env = index_env(B, Hq, torch.arange(start, end, device=device), Nk, sizes, device)
         env.update(fixed)

@@ -503,6 +503,8 @@ SHAPES = [
     ("dropped_queries", (67, 67), 1, 32, 16, None),
     ("softcap-c2", (17, 67), 2, 32, 64, 2.0),
     ("multi-circular-r8", (67, 67), 1, 32, None, 0.5),
+    ("dropped_keys", (130, 130), 2, 32, None, None),          # keys compacted per query head
+    ("dilated_window-w70-d2", (130, 130), 1, 16, 32, None),   # residue permutation with MQA
 ]
 
 

@@ -1,0 +1,160 @@
+"""The torch custom ops (attnc.ops): registration, opcheck, autograd into q, k, v and float score
+inputs against float64 autograd of the reference, and torch.compile(fullgraph=True) through them."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnc
+from attnc import ops as attnc_ops
+from attnc.launch import cache_dir, source_key
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+ALIBI = EXAMPLES / "alibi.attn"
+# A relative-bias table read twice per score (FlexAttention refuses that), with reads that fall
+# outside the table (they read 0) once |q - k| > 64, and rows with no visible key (q < 6).
+REL_BIAS = """pattern rel_bias() {
+    input bias: float[heads, 129]
+    mask k <= q + 20 and q >= 6
+    score score + bias[h, q - k + 64] + 0.5 * bias[h, k - q + 64]
+}"""
+DOCS = "pattern docs() {\n input doc: int[batch, N]\n input s: float[heads]\n mask same(doc) and causal\n" \
+       " score alibi(s[h])\n}"
+
+
+def _qkv(B, Hq, Hkv, Nq, Nk, D, g):
+    return [torch.randn(B, h, n, D, generator=g).requires_grad_() for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk))]
+
+
+def _rel_err(got, want):
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-12)).item()
+
+
+def _check_against_reference(kern, q, k, v, inputs, g):
+    """Backward through kern (the custom op) and through float64 kern.reference; compare all grads."""
+    out, lse = kern(q, k, v, return_lse=True, **inputs)
+    dout = torch.randn(out.shape, generator=g)
+    dlse = torch.where(torch.isinf(lse), 0.0, torch.randn(lse.shape, generator=g))
+    (out * dout).sum().add((lse * dlse).nan_to_num(0.0, 0.0, 0.0).sum()).backward()
+    leaves = {"q": q, "k": k, "v": v, **{n: t for n, t in inputs.items() if t.requires_grad}}
+    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    ref_inputs = {n: ref_leaves.get(n, t.double() if t.is_floating_point() else t) for n, t in inputs.items()}
+    ro, rl = kern.reference(ref_leaves["q"], ref_leaves["k"], ref_leaves["v"], return_lse=True, **ref_inputs)
+    assert _rel_err(out, ro) < 1e-4
+    (ro * dout.double()).sum().add((rl * dlse.double()).nan_to_num(0.0, 0.0, 0.0).sum()).backward()
+    for name, leaf in leaves.items():
+        assert leaf.grad is not None and not torch.isnan(leaf.grad).any(), f"d{name} missing or NaN"
+        err = _rel_err(leaf.grad, ref_leaves[name].grad)
+        assert err < 1e-4, f"d{name} relative error {err:.2e}"
+
+
+def test_op_is_registered_per_kernel_and_callable():
+    kern = attnc.compile(ALIBI)
+    ops = attnc_ops.ops_for(kern)
+    key = source_key(kern.ir, "fwd")
+    assert ops.key == key
+    assert ops.forward is getattr(torch.ops.attnc, f"fwd_{key}").default
+    assert ops.backward is getattr(torch.ops.attnc, f"bwd_{key}").default
+    # Another Kernel object of the same pattern shares the registered ops (one registration per key).
+    again = attnc.compile(ALIBI)
+    assert again is not kern and attnc_ops.ops_for(again) is ops
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (t.detach() for t in _qkv(1, 2, 1, 33, 40, 16, g))
+    slopes = torch.rand(2, generator=g)
+    out, lse = ops.forward(q, k, v, [slopes], 0.25)
+    assert out.shape == (1, 2, 33, 16) and out.dtype == q.dtype
+    assert lse.shape == (1, 2, 33) and lse.dtype == torch.float32
+    ref, ref_lse = kern.reference(q.double(), k.double(), v.double(), scale=0.25, return_lse=True,
+                                  slopes=slopes.double())
+    assert _rel_err(out, ref) < 1e-4 and _rel_err(lse, ref_lse) < 1e-4
+
+
+def test_opcheck_forward_with_score_input_gradients():
+    kern = attnc.compile(ALIBI)
+    ops = attnc_ops.ops_for(kern)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = _qkv(1, 2, 1, 9, 11, 16, g)
+    slopes = torch.rand(2, generator=g).requires_grad_()
+    torch.library.opcheck(ops.forward, (q, k, v, [slopes], 0.25))
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("causal_gqa", (2, 4, 2, 45, 70, 16)),
+    ("documents", (2, 2, 1, 67, 67, 32)),
+])
+def test_qkv_gradients_through_op(name, shape):
+    B, Hq, Hkv, Nq, Nk, D = shape
+    g = torch.Generator().manual_seed(2)
+    if name == "causal_gqa":
+        kern, inputs = attnc.compile("pattern p() { mask causal }"), {}
+    else:
+        kern = attnc.compile(EXAMPLES / "documents.attn")
+        inputs = {"doc": torch.sort(torch.randint(0, 4, (B, max(Nq, Nk)), generator=g), dim=-1).values}
+    _check_against_reference(kern, *_qkv(*shape, g), inputs, g)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 45, 70, 16), (1, 2, 1, 67, 67, 32)],
+                         ids=lambda s: f"B{s[0]}H{s[1]}/{s[2]}N{s[3]}x{s[4]}D{s[5]}")
+def test_alibi_slope_gradients(shape):
+    B, Hq, Hkv, Nq, Nk, D = shape
+    g = torch.Generator().manual_seed(3)
+    kern = attnc.compile(ALIBI)
+    slopes = (torch.rand(Hq, generator=g) * 0.5).requires_grad_()
+    _check_against_reference(kern, *_qkv(*shape, g), {"slopes": slopes}, g)
+
+
+def test_relative_bias_read_twice_gradients(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    kern = attnc.compile(REL_BIAS)
+    # Small chunks, so the recompute accumulates over several row chunks.
+    monkeypatch.setattr(attnc_ops, "CHUNK_ELEMENTS", 2 * 3 * 70 * 7)
+    bias = torch.randn(3, 129, generator=g).requires_grad_()
+    _check_against_reference(kern, *_qkv(2, 3, 1, 50, 70, 16, g), {"bias": bias}, g)
+
+
+def test_input_gradients_alone_and_mixed_with_int_inputs():
+    g = torch.Generator().manual_seed(5)
+    kern = attnc.compile(DOCS)
+    B, H, N = 2, 2, 40
+    q, k, v = (t.detach() for t in _qkv(B, H, H, N, N, 16, g))
+    doc = torch.sort(torch.randint(0, 3, (B, N), generator=g), dim=-1).values
+    s = torch.rand(H, generator=g).requires_grad_()
+    kern(q, k, v, doc=doc, s=s).square().sum().backward()
+    sd = s.detach().double().requires_grad_()
+    kern.reference(q.double(), k.double(), v.double(), doc=doc, s=sd).square().sum().backward()
+    assert _rel_err(s.grad, sd.grad) < 1e-4
+    with torch.no_grad():
+        out = kern(q, k, v, doc=doc, s=s)
+    assert out.grad_fn is None
+
+
+def test_torch_compile_fullgraph_dynamic_lengths():
+    from torch._dynamo.testing import CompileCounterWithBackend
+    kern = attnc.compile(ALIBI)
+
+    def step(q, k, v, slopes):
+        out, lse = kern(q, k, v, return_lse=True, slopes=slopes)
+        return out.square().sum() + lse.sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter, dynamic=True)
+    kernels = cache_dir() / "kernels"
+    files = None
+    for n in (37, 70):
+        g = torch.Generator().manual_seed(n)
+        q, k, v = _qkv(1, 2, 2, n, n, 16, g)
+        slopes = torch.rand(2, generator=g).requires_grad_()
+        eager = [t.detach().clone().requires_grad_() for t in (q, k, v, slopes)]
+        loss = compiled(q, k, v, slopes)
+        loss.backward()
+        want = step(*eager)
+        want.backward()
+        assert torch.allclose(loss, want, rtol=1e-5)
+        for t, e in zip((q, k, v, slopes), eager):
+            assert torch.allclose(t.grad, e.grad, rtol=1e-5, atol=1e-6)
+        if files is None:
+            files = sorted(p.name for p in kernels.iterdir())
+    assert counter.frame_count == 1, "a new sequence length recompiled the graph"
+    assert sorted(p.name for p in kernels.iterdir()) == files, "a new sequence length regenerated kernels"
