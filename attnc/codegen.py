@@ -179,6 +179,8 @@ def template_context(pir: PatternIR) -> dict:
         dscore_lines = dscore_printer.em.lines
     mode = kernel_mode(pir)
     range_lines, n_parts = _range_code(range_program(pir.mask)) if mode == "ranges" else ([], 0)
+    t_range_lines, t_n_parts = (_range_code(range_program(ir.swap_query_key(pir.mask))) if mode == "ranges"
+                                else ([], 0))
     inputs = [InputArg(d.name, d.dtype, len(d.dims)) for d in pir.inputs.values()]
     return dict(
         pattern=pir.name,
@@ -200,6 +202,9 @@ def template_context(pir: PatternIR) -> dict:
         range_lines=range_lines,
         n_parts=n_parts,
         range_targets=", ".join(f"lo{i}, hi{i}, flo{i}, fhi{i}" for i in range(n_parts)),
+        t_range_lines=t_range_lines,
+        t_n_parts=t_n_parts,
+        t_range_targets=", ".join(f"lo{i}, hi{i}, flo{i}, fhi{i}" for i in range(t_n_parts)),
         input_params=[p for a in inputs for p in a.params],
         inputs=inputs,
     )

@@ -641,3 +641,35 @@ def _mulf(x: Node, y: Node) -> Node:
         if u.is_const and u.value == 1:
             return to_float(v)
     return mul(x, y)
+
+
+def swap_query_key(node: Node) -> Node:
+    """The same expression with the roles of queries and keys exchanged (q <-> k, n_q <-> n_k).
+
+    Used to plan the backward's key-block programs with the forward's machinery: the query blocks a
+    key block needs are the 'key ranges' of the swapped mask.
+    """
+    memo: dict = {}
+    swap_var = {"q": "k", "k": "q"}
+    swap_size = {"n_q": "n_k", "n_k": "n_q"}
+    for n in postorder([node]):
+        args = tuple(memo[a] for a in n.args)
+        if n.op == "var":
+            out = var(swap_var.get(n.attr, n.attr))
+        elif n.op == "size":
+            out = size(swap_size.get(n.attr, n.attr))
+        elif n.op == "lin":
+            items, c = n.attr
+            out = linear_node({memo[t]: coeff for t, coeff in items}, c)
+        elif n.op in ("le", "eq", "ne", "lt"):
+            out = compare(n.op, args[0], args[1])
+        elif n.op == "and":
+            out = and_(*args)
+        elif n.op == "or":
+            out = or_(*args)
+        elif n.op == "not":
+            out = not_(args[0])
+        else:
+            out = Node(n.op, args, n.attr, n.type)
+        memo[n] = out
+    return memo[node]

@@ -15,7 +15,12 @@ CASES = {
     "dropped_queries": ("pattern p() {\n input keep: bool[batch, heads, N]\n mask query_kept(keep)\n}", "keep"),
     "alibi": ("pattern p() {\n input s: float[heads]\n mask causal\n score alibi(s[h])\n}", "s"),
     "softcap": ("pattern p() {\n mask causal\n score softcap(score, 2.0)\n}", None),
+    "prefix_or_causal": ("pattern p() { mask prefix(20) or causal }", None),
+    "block_local": ("pattern p() { mask block_local(24) }", None),
+    "neighborhood_dilated": ("pattern p() { mask neighborhood(13, dilation = 2) }", None),
+    "neighborhood2d": ("pattern p() { mask neighborhood2d(10, 7, 3, 5) }", None),
 }
+SQUARE_ONLY = {"neighborhood_dilated", "neighborhood2d"}
 SHAPES = [(2, 4, 2, 67, 67, 16), (1, 2, 1, 45, 70, 32)]
 
 
@@ -34,6 +39,8 @@ def _inputs(kind, B, Hq, n, g):
 def test_gradients_match_float64(name, shape):
     src, kind = CASES[name]
     B, Hq, Hkv, Nq, Nk, D = shape
+    if name in SQUARE_ONLY:
+        Nk = Nq
     g = torch.Generator().manual_seed(hash((name, shape)) % 2**31)
     kern = attnc.compile(src)
     q = torch.randn(B, Hq, Nq, D, generator=g).requires_grad_()
