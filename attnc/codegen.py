@@ -165,7 +165,7 @@ def kernel_mode(pir: PatternIR) -> str:
     return mode
 
 
-def template_context(pir: PatternIR) -> dict:
+def template_context(pir: PatternIR, mode: str | None = None) -> dict:
     """What the templates need to know about a pattern: the hooks' code and the plan's shape."""
     mask_printer = ElementwisePrinter("m")
     mask_var = mask_printer(pir.mask)
@@ -177,7 +177,7 @@ def template_context(pir: PatternIR) -> dict:
         dscore_printer = ElementwisePrinter("ds")
         dscore_var = dscore_printer(ir.derivative(pir.score, ir.score()))
         dscore_lines = dscore_printer.em.lines
-    mode = kernel_mode(pir)
+    mode = mode or kernel_mode(pir)
     range_lines, n_parts = _range_code(range_program(pir.mask)) if mode == "ranges" else ([], 0)
     t_range_lines, t_n_parts = (_range_code(range_program(ir.swap_query_key(pir.mask))) if mode == "ranges"
                                 else ([], 0))
@@ -210,11 +210,15 @@ def template_context(pir: PatternIR) -> dict:
     )
 
 
-def render_forward(pir: PatternIR) -> str:
-    """The Triton source of the forward kernel (and its helpers) for this pattern."""
-    return _environment().get_template("attn_fwd.py.j2").render(**template_context(pir))
+def render_forward(pir: PatternIR, mode: str | None = None) -> str:
+    """The Triton source of the forward kernel (and its helpers) for this pattern.
+
+    ``mode`` overrides the plan mode: a permuted pattern whose permutation turns out to be the
+    identity at run time (documents already contiguous) runs its 'lists' variant, without the
+    indirection through original positions."""
+    return _environment().get_template("attn_fwd.py.j2").render(**template_context(pir, mode))
 
 
-def render_backward(pir: PatternIR) -> str:
+def render_backward(pir: PatternIR, mode: str | None = None) -> str:
     """The Triton source of the backward kernels (dQ, and dK/dV) for this pattern."""
-    return _environment().get_template("attn_bwd.py.j2").render(**template_context(pir))
+    return _environment().get_template("attn_bwd.py.j2").render(**template_context(pir, mode))

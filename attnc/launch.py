@@ -201,9 +201,14 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
         extra = list_args(kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device))
     elif mode == "permuted":
         layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
-        k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
-        heads_kv = layout.kv_heads(Hq, Hkv)
-        extra = list_args(layout.lists(False)) + [layout.qpos, layout.kpos]
+        if layout.identity:
+            # Nothing moved (e.g. documents already contiguous): the plain list kernel, same tile lists.
+            module = kern._forward_module("lists")
+            extra = list_args(layout.lists(False))
+        else:
+            k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
+            heads_kv = layout.kv_heads(Hq, Hkv)
+            extra = list_args(layout.lists(False)) + [layout.qpos, layout.kpos]
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     module.attnc_fwd[grid](
         q, k, v, out, lse,
@@ -267,11 +272,15 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                                                            q.device, transposed=t)) for t in (False, True))
     elif mode == "permuted":
         layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
-        k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
-        heads_kv = layout.kv_heads(Hq, Hkv)
-        fwd_extra = list_args(layout.lists(False)) + [layout.qpos, layout.kpos]
-        bwd_extra = list_args(layout.lists(True)) + [layout.qpos, layout.kpos]
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        fwd_extra, bwd_extra = list_args(layout.lists(False)), list_args(layout.lists(True))
+        if layout.identity:
+            module = kern._backward_module("lists")
+        else:
+            k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
+            heads_kv = layout.kv_heads(Hq, Hkv)
+            fwd_extra += [layout.qpos, layout.kpos]
+            bwd_extra += [layout.qpos, layout.kpos]
+            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     input_args = input_launch_args(pir, inputs)
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)

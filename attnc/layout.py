@@ -25,6 +25,7 @@ class Layout:
     qpos: torch.Tensor            # int32 contiguous copies for the kernels
     kpos: torch.Tensor
     expand_kv: bool               # keys sorted per query head: K, V are expanded to the query heads
+    identity: bool                # both permutations are the identity: the plain list kernels apply
     status: torch.Tensor          # int8 (B, Hq, nqb, nkb) tile classes of the sorted problem
     _lists: dict
 
@@ -71,4 +72,7 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
         same = torch.equal(k_perm.view(B, Hkv, group, n_k), k_perm[:, ::group].unsqueeze(2).expand(B, Hkv, group, n_k))
         expand = not same
     return Layout(transform, q_perm, k_perm, q_perm.to(torch.int32).contiguous(),
-                  k_perm.to(torch.int32).contiguous(), expand, status, {})
+                  k_perm.to(torch.int32).contiguous(), expand,
+                  bool(torch.equal(q_perm, torch.arange(n_q, device=device).expand_as(q_perm))
+                       and torch.equal(k_perm, torch.arange(n_k, device=device).expand_as(k_perm))),
+                  status, {})

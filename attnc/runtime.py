@@ -108,21 +108,23 @@ class Kernel:
         from .launch import cached_source
         return cached_source(self.ir, "fwd", render_forward)[0]
 
-    def _forward_module(self):
-        if getattr(self, "_fwd_module", None) is None:
-            from .codegen import render_forward
+    def _module(self, kind: str, mode: str | None = None):
+        """The loaded generated module of ``kind`` ('fwd' or 'bwd'), optionally in another plan mode."""
+        modules = self.__dict__.setdefault("_modules", {})
+        if (kind, mode) not in modules:
+            from .codegen import render_backward, render_forward
             from .launch import cached_source, load_module
-            _, path = cached_source(self.ir, "fwd", render_forward)
-            self._fwd_module = load_module(path)
-        return self._fwd_module
+            render = render_forward if kind == "fwd" else render_backward
+            tag = kind if mode is None else f"{kind}-{mode}"
+            _, path = cached_source(self.ir, tag, lambda pir: render(pir, mode))
+            modules[(kind, mode)] = load_module(path)
+        return modules[(kind, mode)]
 
-    def _backward_module(self):
-        if getattr(self, "_bwd_module", None) is None:
-            from .codegen import render_backward
-            from .launch import cached_source, load_module
-            _, path = cached_source(self.ir, "bwd", render_backward)
-            self._bwd_module = load_module(path)
-        return self._bwd_module
+    def _forward_module(self, mode: str | None = None):
+        return self._module("fwd", mode)
+
+    def _backward_module(self, mode: str | None = None):
+        return self._module("bwd", mode)
 
     @property
     def backward_source(self) -> str:

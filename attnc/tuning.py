@@ -305,8 +305,10 @@ def smem_estimate(kind: str, cfg: FwdConfig, head_dim: int, head_dim_v: int | No
     Forward: the resident Q tile and ``num_stages`` buffers of the K and V tiles the loop streams;
     on an H200 with Triton 3.6 this is exactly what the compiler allocates for BLOCK_M >= 64 and an
     upper bound for BLOCK_M = 32 (every configuration it admitted compiled, every one it refused
-    failed). Backward: the larger of the dQ kernel (resident Q and dO, streamed K and V) and the dK/dV
-    kernel (resident K and V, streamed Q and dO), each with two (BLOCK_M, BLOCK_N) tiles for P and dS.
+    failed). Backward: the larger of the dQ kernel (resident Q and dO, ``num_stages`` buffers of the
+    streamed K and V) and the dK/dV kernel (resident K and V, buffers of the streamed Q and dO, and of
+    the float32 log-sum-exp and delta rows) plus a float32 score tile of scratch; at D = 256 on the
+    H200 this bounded every allocation from above and admitted only configurations that compiled.
     """
     d = int(head_dim)
     dv = d if head_dim_v is None else int(head_dim_v)
@@ -314,8 +316,9 @@ def smem_estimate(kind: str, cfg: FwdConfig, head_dim: int, head_dim_v: int | No
     bm, bn, buffers = cfg.block_m, cfg.block_n, max(1, cfg.num_stages)
     if kind == "fwd":
         return e * (bm * d + buffers * bn * (d + dv))
-    dq = e * (bm * (d + dv) + buffers * bn * (d + dv) + 2 * bm * bn)
-    dkdv = e * (bn * (d + dv) + buffers * bm * (d + dv) + 2 * bm * bn)
+    scratch = 4 * bm * bn                   # a float32 score tile changing layout (seen with one stage)
+    dq = e * (bm + buffers * bn) * (d + dv) + scratch
+    dkdv = e * (bn + buffers * bm) * (d + dv) + 8 * buffers * bm + scratch
     return max(dq, dkdv)
 
 
@@ -353,7 +356,8 @@ def search_space(kind: str, head_dim: int, head_dim_v: int | None = None, dtype=
     """Candidate configurations for one kernel kind, filtered by shared memory and register estimates.
 
     ``smem`` is the shared-memory budget in bytes (default: the current GPU's limit). Eight warps on a
-    tile smaller than 64 x 64 are left out (idle warps), as are tiles whose accumulators surely spill.
+    tile smaller than 64 x 64 are left out below head dim 256 (idle warps; at 256 they relieve register
+    pressure instead), as are tiles whose accumulators surely spill.
     Ordered from large tiles and deep pipelines to small ones.
     """
     if kind not in KINDS:
@@ -363,7 +367,7 @@ def search_space(kind: str, head_dim: int, head_dim_v: int | None = None, dtype=
     for bm in BLOCKS:
         for bn in BLOCKS:
             for warps in WARPS:
-                if warps == 8 and bm * bn < 64 * 64:
+                if warps == 8 and bm * bn < 64 * 64 and max(head_dim, head_dim_v or head_dim) < 256:
                     continue
                 for stages in STAGES:
                     cfg = FwdConfig(bm, bn, warps, stages)
