@@ -151,7 +151,7 @@ def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: 
             return FwdConfig(128, 64, 4, 3)
         if d <= 128:
             return FwdConfig(128, 64, 8, 3)
-        return FwdConfig(64, 64, 4, 2)
+        return FwdConfig(128, 64, 8, 2)          # D=256: 1.65x faster than 64x64/4 warps (autotune, H200)
     if d <= 64:
         return FwdConfig(128, 64, 4, 3)
     if d <= 128:
@@ -182,6 +182,11 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
                    out: torch.Tensor | None = None):
     """Run the forward kernel; returns (out, lse, plan_state)."""
     from .codegen import kernel_mode
+    if q.device.type != "cuda" and q.dtype == torch.bfloat16:
+        # Triton's interpreter multiplies bf16 tiles as raw 16-bit integers: run it in float32.
+        out32, lse, state = launch_forward(kern, q.float(), k.float(), v.float(), scale=scale, sizes=sizes,
+                                           inputs=inputs, config=config)
+        return out32.to(torch.bfloat16), lse, state
     pir = kern.ir
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -237,8 +242,12 @@ def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype:
         if tuned is not None:
             return tuned
     d = max(head_dim, head_dim_v)
-    if dtype == torch.float32 or d > 128:
+    if dtype == torch.float32:
         return FwdConfig(32, 32, 4, 1)
+    if d > 128:
+        major, _ = torch.cuda.get_device_capability(device)
+        # D=256 on Hopper: 64x64 with 8 warps measured 1.83x faster than 32x32 (autotune, H200).
+        return FwdConfig(64, 64, 8, 2) if major >= 9 else FwdConfig(32, 32, 4, 1)
     return FwdConfig(64, 64, 4, 2)
 
 
@@ -246,6 +255,10 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                     config: FwdConfig | None = None):
     """dq, dk, dv from the two backward kernels (no atomics)."""
     from .codegen import kernel_mode
+    if q.device.type != "cuda" and q.dtype == torch.bfloat16:
+        grads = launch_backward(kern, q.float(), k.float(), v.float(), out.float(), lse, dout.float(), dlse,
+                                scale=scale, sizes=sizes, inputs=inputs, config=config)
+        return tuple(g.to(torch.bfloat16) for g in grads)
     pir = kern.ir
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]

@@ -20,8 +20,8 @@ EXAMPLE_FILES = sorted(EXAMPLES.glob("*.attn"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def run_cli(*args, cwd=None, timeout=120, extra_env=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     return subprocess.run([sys.executable, "-m", "attnc", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd or REPO, timeout=timeout)
@@ -339,12 +339,28 @@ def test_cache_commands(capsys, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(cache))
     attnc.compile(str(EXAMPLES / "causal.attn")).source
+    attnc.compile(str(EXAMPLES / "sliding_window.attn"), window=9).source
     code, out, err = cli(capsys, "cache", "info")
     assert code == 0, err
-    assert str(cache) in out
+    assert str(cache) in out and "2" in out
     code, out, err = cli(capsys, "cache", "list")
     assert code == 0, err
-    assert "fwd_" in out or "causal" in out
+    assert "causal_lm" in out and "sliding_window" in out
+    assert out.count("fwd_") == 2
     code, out, err = cli(capsys, "cache", "clear")
     assert code == 0, err
-    assert not list((cache / "kernels").glob("*.py")) if (cache / "kernels").exists() else True
+    assert not list(cache.rglob("*.py"))
+    code, out, err = cli(capsys, "cache", "list")
+    assert code == 0 and "fwd_" not in out
+    # A cleared cache fills again on the next compile.
+    attnc.compile(str(EXAMPLES / "causal.attn")).source
+    assert len(list(cache.rglob("fwd_*.py"))) == 1
+
+
+def test_cache_info_subprocess(tmp_path):
+    cache = tmp_path / "cache"
+    r = run_cli("compile", EXAMPLES / "causal.attn", extra_env={"ATTNC_CACHE_DIR": str(cache)})
+    assert r.returncode == 0, r.stderr
+    r = run_cli("cache", "info", extra_env={"ATTNC_CACHE_DIR": str(cache)})
+    assert r.returncode == 0, r.stderr
+    assert str(cache) in r.stdout

@@ -1,0 +1,419 @@
+"""Autotuning without a GPU: the search space, the tuning file, lookups and the CLI's refusal.
+
+The timing itself needs CUDA (``attnc autotune`` on a GPU); everything around it is tested here with
+a fake GPU name standing in for ``torch.cuda.get_device_name``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnc
+from attnc import tuning
+from attnc.cli import main
+from attnc.launch import FwdConfig, backward_config, forward_config, source_key
+
+REPO = Path(__file__).resolve().parent.parent
+CAUSAL = REPO / "examples" / "causal.attn"
+H200_SMEM = 232448
+CUDA = torch.device("cuda")
+FAKE_GPU = "Fake GPU 80GB"
+
+
+@pytest.fixture
+def tune_dir(tmp_path, monkeypatch) -> Path:
+    """A fresh cache directory, a fake GPU name, and no throttling of the file's stamp checks."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(d))
+    monkeypatch.delenv("ATTNC_TUNING", raising=False)
+    monkeypatch.delenv("ATTNC_FWD_CONFIG", raising=False)
+    monkeypatch.delenv("ATTNC_BWD_CONFIG", raising=False)
+    monkeypatch.setattr(tuning, "device_name", lambda device: FAKE_GPU)
+    monkeypatch.setattr(tuning, "STAT_INTERVAL", 0.0)
+    tuning.invalidate()
+    yield d
+    tuning.invalidate()
+
+
+@pytest.fixture
+def kern():
+    return attnc.compile(CAUSAL)
+
+
+def entry(pattern: str, cfg: FwdConfig, *, kind="fwd", gpu=FAKE_GPU, dtype="bf16", head_dim="128",
+          bucket=4096) -> tuple[str, dict]:
+    key = tuning.entry_key(gpu, pattern, dtype, head_dim, bucket, kind)
+    return key, {"gpu": gpu, "pattern_key": pattern, "dtype": dtype, "head_dim": head_dim, "seq_bucket": bucket,
+                 "kind": kind, "config": {"block_m": cfg.block_m, "block_n": cfg.block_n,
+                                          "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}}
+
+
+def save(*entries):
+    tuning.save_entries(dict(entries))
+
+
+# ----------------------------------------------------------------------------------------------
+# The search space
+
+
+def test_search_space_axes_and_order():
+    space = tuning.search_space("fwd", 64, dtype=torch.bfloat16, smem=H200_SMEM)
+    assert len(space) == len(set(space)) > 20
+    for c in space:
+        assert c.block_m in tuning.BLOCKS and c.block_n in tuning.BLOCKS
+        assert c.num_warps in tuning.WARPS and c.num_stages in tuning.STAGES
+        assert not (c.num_warps == 8 and c.block_m * c.block_n < 64 * 64)     # idle warps
+    assert FwdConfig(64, 32, 8, 2) in tuning.search_space("bwd", 256, smem=H200_SMEM)   # unless D = 256
+    areas = [c.block_m * c.block_n for c in space]
+    assert areas == sorted(areas, reverse=True)                               # large tiles first
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dim", [16, 32, 64, 128, 256])
+def test_every_candidate_fits_the_shared_memory_budget(kind, dtype, dim):
+    space = tuning.search_space(kind, dim, dtype=dtype, smem=H200_SMEM)
+    assert space, "some configuration must always remain"
+    assert FwdConfig(32, 32, 4, 1) in space                                   # the smallest one always fits
+    for c in space:
+        assert tuning.smem_estimate(kind, c, dim, dim, dtype) <= H200_SMEM
+        assert tuning.register_estimate(kind, c, dim, dim) <= tuning.MAX_REGS
+
+
+def test_head_dim_256_keeps_only_small_configs():
+    big = set(tuning.search_space("fwd", 64, dtype=torch.bfloat16, smem=H200_SMEM))
+    small = set(tuning.search_space("fwd", 256, dtype=torch.bfloat16, smem=H200_SMEM))
+    shape = lambda space: {(c.block_m, c.block_n, c.num_stages) for c in space}  # noqa: E731
+    assert shape(small) < shape(big)
+    # Configurations the H200 (Triton 3.6) refused for D = 256 ("out of resource: shared memory").
+    refused = [FwdConfig(128, 64, 8, 3), FwdConfig(128, 64, 8, 4), FwdConfig(128, 128, 8, 2),
+               FwdConfig(64, 128, 8, 2), FwdConfig(64, 64, 8, 4), FwdConfig(32, 128, 8, 3)]
+    for c in refused:
+        assert c not in small, c
+    refused_bwd = [FwdConfig(128, 128, 8, 1), FwdConfig(128, 64, 8, 2), FwdConfig(64, 64, 8, 3),
+                   FwdConfig(64, 128, 8, 2), FwdConfig(128, 32, 8, 4), FwdConfig(32, 128, 8, 3)]
+    for c in refused_bwd:
+        assert c not in tuning.search_space("bwd", 256, dtype=torch.bfloat16, smem=H200_SMEM), c
+    assert all(c.num_stages <= 2 for c in small if c.block_m * c.block_n >= 128 * 64)
+    bwd = tuning.search_space("bwd", 256, dtype=torch.bfloat16, smem=H200_SMEM)
+    assert all(c.block_m * c.block_n <= 128 * 64 for c in bwd)
+    assert all(c.num_stages == 1 for c in bwd if c.block_m * c.block_n >= 128 * 64)
+    # fp32 doubles every tile: fewer configurations than bf16 at the same head dim.
+    assert len(tuning.search_space("fwd", 128, dtype=torch.float32, smem=H200_SMEM)) < \
+        len(tuning.search_space("fwd", 128, dtype=torch.bfloat16, smem=H200_SMEM))
+
+
+def test_smaller_gpu_smaller_space():
+    h200 = tuning.search_space("fwd", 128, smem=H200_SMEM)
+    small = tuning.search_space("fwd", 128, smem=101376)
+    assert set(small) < set(h200)
+
+
+def test_smem_estimate_matches_what_the_h200_allocated():
+    # Measured with Triton 3.6 on an H200 (metadata.shared of the compiled forward kernel, bf16, D = 128).
+    measured = {FwdConfig(128, 64, 8, 2): 98304, FwdConfig(128, 64, 8, 3): 131072,
+                FwdConfig(128, 128, 8, 3): 229376, FwdConfig(64, 64, 4, 4): 147456}
+    for cfg, shared in measured.items():
+        assert tuning.smem_estimate("fwd", cfg, 128, 128, torch.bfloat16) >= shared
+    # Backward, D = 256: the larger of the dQ and dK/dV kernels' allocations.
+    measured = {FwdConfig(32, 32, 4, 1): 69632, FwdConfig(64, 64, 8, 2): 197120, FwdConfig(128, 32, 8, 1): 167936,
+                FwdConfig(128, 64, 8, 1): 197632, FwdConfig(64, 32, 4, 2): 131072}
+    for cfg, shared in measured.items():
+        assert tuning.smem_estimate("bwd", cfg, 256, 256, torch.bfloat16) >= shared
+
+
+def test_search_space_rejects_unknown_kind():
+    with pytest.raises(attnc.AttncError, match="kind"):
+        tuning.search_space("sideways", 128, smem=H200_SMEM)
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys
+
+
+@pytest.mark.parametrize("seq,bucket", [(0, 1), (1, 1), (2, 2), (3, 4), (1000, 1024), (1024, 1024),
+                                        (1025, 2048), (32768, 32768), (40000, 65536)])
+def test_seq_bucket(seq, bucket):
+    assert tuning.seq_bucket(seq) == bucket
+
+
+def test_key_parts(kern):
+    assert tuning.pattern_key(kern) == source_key(kern.ir, "fwd")
+    assert tuning.pattern_key("abc") == "abc"
+    assert tuning.dtype_name(torch.bfloat16) == "bf16" and tuning.dtype_name("fp16") == "fp16"
+    assert tuning.head_dim_text(128) == "128" and tuning.head_dim_text((128, 128)) == "128"
+    assert tuning.head_dim_text((128, 64)) == "128x64"
+    assert tuning.entry_key("G", "p", torch.float32, 64, 2048, "bwd") == "G|p|fp32|64|2048|bwd"
+    with pytest.raises(attnc.AttncError, match="dtype"):
+        tuning.parse_dtype("int8")
+
+
+# ----------------------------------------------------------------------------------------------
+# The file
+
+
+def test_round_trip(tune_dir, kern):
+    pk = tuning.pattern_key(kern)
+    cfg = FwdConfig(128, 32, 8, 4)
+    save(entry(pk, cfg), entry(pk, FwdConfig(64, 64, 4, 2), kind="bwd"))
+    path = tune_dir / "tuning.json"
+    assert path.is_file()
+    data = json.loads(path.read_text())
+    assert data["format"] == tuning.TUNING_FORMAT and len(data["entries"]) == 2
+    assert tuning.load_entries() == data["entries"]
+    assert tuning.lookup("fwd", kern, CUDA, torch.bfloat16, 128, 4096) == cfg
+    assert tuning.lookup("bwd", pk, CUDA, torch.bfloat16, (128, 128), 4096) == FwdConfig(64, 64, 4, 2)
+    # A second save merges; the same key is replaced.
+    save(entry(pk, FwdConfig(64, 32, 4, 3)), entry(pk, cfg, bucket=8192))
+    assert len(tuning.load_entries()) == 3
+    assert tuning.lookup("fwd", kern, CUDA, torch.bfloat16, 128, 4096) == FwdConfig(64, 32, 4, 3)
+    assert tuning.lookup("fwd", kern, CUDA, torch.bfloat16, 128, 8192) == cfg
+    assert not [p for p in tune_dir.iterdir() if p.name.endswith(".tmp")]      # no temp file left
+
+
+def test_file_written_by_another_process_is_reloaded(tune_dir):
+    save(entry("p", FwdConfig(64, 64, 4, 2)))
+    assert tuning.lookup("fwd", "p", CUDA, torch.bfloat16, 128, 4096) == FwdConfig(64, 64, 4, 2)
+    # Rewrite the file behind the module's back (as another process would).
+    key, e = entry("p", FwdConfig(128, 64, 8, 3))
+    (tune_dir / "tuning.json").write_text(json.dumps({"format": 1, "entries": {key: e}, "padding": "x" * 10}))
+    assert tuning.lookup("fwd", "p", CUDA, torch.bfloat16, 128, 4096) == FwdConfig(128, 64, 8, 3)
+    (tune_dir / "tuning.json").unlink()
+    assert tuning.lookup("fwd", "p", CUDA, torch.bfloat16, 128, 4096) is None
+
+
+def test_lookups_check_the_file_at_most_every_interval(tune_dir, monkeypatch):
+    save(entry("p", FwdConfig(64, 64, 4, 2)))
+    assert tuning.lookup("fwd", "p", CUDA, torch.bfloat16, 128, 4096) is not None
+    monkeypatch.setattr(tuning, "STAT_INTERVAL", 3600.0)
+    calls = []
+    real_stat = os.stat
+    monkeypatch.setattr(tuning.os, "stat", lambda p, *a, **k: calls.append(p) or real_stat(p, *a, **k))
+    for _ in range(100):
+        tuning.lookup("fwd", "p", CUDA, torch.bfloat16, 128, 4096)
+    assert calls == []
+
+
+@pytest.mark.parametrize("text", ["", "{", "not json at all", "[1, 2, 3]", '{"entries": [1, 2]}', "\x00\xff\xfe",
+                                  '{"entries": {"k": {"gpu": 1}}}'])
+def test_corrupt_file_reads_as_empty(tune_dir, text):
+    tune_dir.mkdir(parents=True, exist_ok=True)
+    (tune_dir / "tuning.json").write_bytes(text.encode("latin-1"))
+    assert tuning.load_entries() == {}
+    assert tuning.lookup("fwd", "p", CUDA, torch.bfloat16, 128, 4096) is None
+    # Saving over a corrupt file replaces it with a valid one.
+    save(entry("p", FwdConfig(64, 64, 4, 2)))
+    assert tuning.lookup("fwd", "p", CUDA, torch.bfloat16, 128, 4096) == FwdConfig(64, 64, 4, 2)
+    json.loads((tune_dir / "tuning.json").read_text())
+
+
+def test_malformed_entries_are_skipped(tune_dir):
+    good_key, good = entry("p", FwdConfig(64, 64, 4, 2))
+    bad_cfg = dict(entry("q", FwdConfig(64, 64, 4, 2))[1], config={"block_m": "64", "block_n": 64})
+    bad_bucket = dict(entry("r", FwdConfig(64, 64, 4, 2))[1], seq_bucket="4096")
+    zero = dict(entry("s", FwdConfig(64, 64, 4, 2))[1])
+    zero["config"] = dict(zero["config"], num_warps=0)
+    tune_dir.mkdir(parents=True)
+    (tune_dir / "tuning.json").write_text(json.dumps(
+        {"format": 1, "entries": {good_key: good, "q": bad_cfg, "r": bad_bucket, "s": zero, "t": "text"}}))
+    assert list(tuning.load_entries()) == [good_key]
+    assert tuning.lookup("fwd", "p", CUDA, torch.bfloat16, 128, 4096) == FwdConfig(64, 64, 4, 2)
+    for pattern in "qrst":
+        assert tuning.lookup("fwd", pattern, CUDA, torch.bfloat16, 128, 4096) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Lookups
+
+
+def test_nothing_tuned_gives_none(tune_dir, kern):
+    assert not (tune_dir / "tuning.json").exists()
+    for kind in ("fwd", "bwd"):
+        assert tuning.lookup(kind, kern, CUDA, torch.bfloat16, 128, 4096) is None
+        assert tuning.lookup(kind, kern, CUDA, torch.bfloat16, 128, None) is None
+
+
+def test_lookup_matches_every_part_of_the_key(tune_dir, kern):
+    pk = tuning.pattern_key(kern)
+    cfg = FwdConfig(128, 32, 8, 4)
+    save(entry(pk, cfg))
+    assert tuning.lookup("fwd", kern, CUDA, torch.bfloat16, 128, 4096) == cfg
+    assert tuning.lookup("bwd", kern, CUDA, torch.bfloat16, 128, 4096) is None                 # kind
+    assert tuning.lookup("fwd", kern, CUDA, torch.float16, 128, 4096) is None                  # dtype
+    assert tuning.lookup("fwd", kern, CUDA, torch.bfloat16, 64, 4096) is None                  # head dim
+    assert tuning.lookup("fwd", kern, CUDA, torch.bfloat16, (128, 64), 4096) is None           # Dv
+    assert tuning.lookup("fwd", "another-pattern", CUDA, torch.bfloat16, 128, 4096) is None    # pattern
+    other = attnc.compile("pattern w() { mask causal and window(64) }")
+    assert tuning.lookup("fwd", other, CUDA, torch.bfloat16, 128, 4096) is None
+    assert tuning.lookup("fwd", kern, torch.device("cpu"), torch.bfloat16, 128, 4096) is None  # device
+
+
+def test_lookup_other_gpu_gives_none(tune_dir, monkeypatch):
+    save(entry("p", FwdConfig(64, 64, 4, 2)))
+    monkeypatch.setattr(tuning, "device_name", lambda device: "Another GPU")
+    assert tuning.lookup("fwd", "p", CUDA, torch.bfloat16, 128, 4096) is None
+
+
+def test_lookup_buckets(tune_dir):
+    save(entry("p", FwdConfig(64, 64, 4, 2), bucket=4096), entry("p", FwdConfig(128, 64, 8, 3), bucket=32768))
+    look = lambda seq: tuning.lookup("fwd", "p", CUDA, torch.bfloat16, 128, seq)  # noqa: E731
+    for seq in (2049, 3000, 4096):
+        assert look(seq) == FwdConfig(64, 64, 4, 2)                  # bucket 4096
+    for seq in (16385, 20000, 32768):
+        assert look(seq) == FwdConfig(128, 64, 8, 3)                 # bucket 32768
+    assert look(4097) == FwdConfig(64, 64, 4, 2)                     # bucket 8192: nearest is 4096
+    assert look(1000) == FwdConfig(64, 64, 4, 2)                     # bucket 1024: 4x from 4096
+    assert look(100000) == FwdConfig(128, 64, 8, 3)                  # bucket 131072: 4x from 32768
+    assert look(16384) == FwdConfig(128, 64, 8, 3)                   # equally far: the larger bucket
+    assert look(500) is None                                         # bucket 512: 8x from 4096
+    assert look(300000) is None                                      # 16x from 32768
+    assert look(None) == FwdConfig(128, 64, 8, 3)                    # no length: the largest bucket
+
+
+def test_tuning_can_be_switched_off(tune_dir, monkeypatch):
+    save(entry("p", FwdConfig(64, 64, 4, 2)))
+    monkeypatch.setenv("ATTNC_TUNING", "0")
+    assert tuning.lookup("fwd", "p", CUDA, torch.bfloat16, 128, 4096) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The launcher's configuration functions
+
+
+def test_forward_and_backward_config_honour_tuned_entries(tune_dir, kern, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    default_fwd = forward_config(128, 128, CUDA, torch.bfloat16)
+    default_bwd = backward_config(128, 128, CUDA, torch.bfloat16)
+    assert forward_config(128, 128, CUDA, torch.bfloat16, key=kern, seq=4096) == default_fwd
+    tuned_fwd, tuned_bwd = FwdConfig(32, 128, 4, 3), FwdConfig(128, 32, 8, 1)
+    assert tuned_fwd != default_fwd and tuned_bwd != default_bwd
+    pk = tuning.pattern_key(kern)
+    save(entry(pk, tuned_fwd), entry(pk, tuned_bwd, kind="bwd"))
+    assert forward_config(128, 128, CUDA, torch.bfloat16, key=kern, seq=4096) == tuned_fwd
+    assert forward_config(128, 128, CUDA, torch.bfloat16, sparse=True, key=pk, seq=3000) == tuned_fwd
+    assert backward_config(128, 128, CUDA, torch.bfloat16, key=kern, seq=4096) == tuned_bwd
+    # Without a key, for other shapes, on the CPU, or switched off: the defaults.
+    assert forward_config(128, 128, CUDA, torch.bfloat16) == default_fwd
+    assert forward_config(128, 128, CUDA, torch.bfloat16, key=kern, seq=128) == default_fwd
+    assert forward_config(64, 64, CUDA, torch.bfloat16, key=kern, seq=4096) != tuned_fwd
+    assert forward_config(128, 128, torch.device("cpu"), torch.bfloat16, key=kern, seq=4096) == FwdConfig(32, 32, 4, 1)
+    monkeypatch.setenv("ATTNC_TUNING", "off")
+    assert backward_config(128, 128, CUDA, torch.bfloat16, key=kern, seq=4096) == default_bwd
+    monkeypatch.delenv("ATTNC_TUNING")
+    # An explicit sweep override still wins over tuned results.
+    monkeypatch.setenv("ATTNC_FWD_CONFIG", "64,32,4,1")
+    assert forward_config(128, 128, CUDA, torch.bfloat16, key=kern, seq=4096) == FwdConfig(64, 32, 4, 1)
+
+
+def test_launch_forward_passes_the_kernel_and_length(tune_dir, kern, monkeypatch):
+    """The launcher asks forward_config with key=kern and seq=max(Nq, Nk) (interpreted kernel on the CPU)."""
+    import attnc.launch as launch
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs the Triton interpreter on the CPU")
+    seen = []
+    real = launch.forward_config
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "forward_config", spy)
+    q = torch.randn(1, 1, 40, 16)
+    k = torch.randn(1, 1, 24, 16)
+    out = kern(q, k, k)
+    assert out.shape == (1, 1, 40, 16)
+    # The torch op may run an equal Kernel registered earlier: the pattern key is what counts.
+    assert seen and seen[-1].get("seq") == 40
+    assert tuning.pattern_key(seen[-1]["key"]) == tuning.pattern_key(kern)
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress, reports, refusals without CUDA
+
+
+def test_plain_progress_bar(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)          # as if tqdm were not installed
+    bar = tuning._Progress(40, "fwd", True)
+    for _ in range(12):
+        bar.step("128x64 w8 s3 2.51 ms")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "[######..............] 12/40 fwd 128x64 w8 s3 2.51 ms" in err
+    quiet = tuning._Progress(3, "bwd", False)
+    quiet.step("x")
+    quiet.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_report_text():
+    r = tuning.KindResult(kind="fwd", default=FwdConfig(128, 64, 8, 3), best=FwdConfig(128, 128, 8, 2),
+                          best_ms=1.0, default_ms=1.5, checked="default config",
+                          timings=[(FwdConfig(128, 64, 8, 3), 1.5, ""), (FwdConfig(128, 128, 8, 2), 1.0, ""),
+                                   (FwdConfig(128, 128, 8, 4), None, "OutOfResources")],
+                          notes=["128x128 w8 s4 skipped (OutOfResources: shared memory)"])
+    rep = tuning.TuneReport(pattern="<attnc.Kernel causal_lm()>", seq=8192, batch=4, heads=16, dim=128,
+                            dtype="bf16", gpu=FAKE_GPU, results={"fwd": r}, path=Path("/x/tuning.json"))
+    text = str(rep)
+    assert "2/3 configs ran" in text and "best 128x128 w8 s2 1.000 ms" in text and "1.50x" in text
+    assert "skipped" in text and "saved to /x/tuning.json" in text
+    assert rep["fwd"].speedup == pytest.approx(1.5)
+
+
+def test_uses_size_and_slicing():
+    plain = attnc.compile(CAUSAL)
+    assert not tuning._uses_size(plain.ir, "batch")
+    sized = attnc.compile("pattern p() { mask k < n_k - heads }")
+    assert tuning._uses_size(sized.ir, "heads") and not tuning._uses_size(sized.ir, "batch")
+    q = torch.randn(2, 3, 8, 16)
+    assert tuning._slice_problem(sized, q, q, q, {}) is None
+    docs = attnc.compile("pattern d() { input doc: int[batch, N]\n mask same(doc) and causal }")
+    qs, ks, vs, inputs = tuning._slice_problem(docs, q, q, q, {"doc": torch.zeros(2, 8, dtype=torch.long)})
+    assert qs.shape == (1, 1, 8, 16) and inputs["doc"].shape == (1, 8)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_autotune_without_cuda_raises(kern):
+    with pytest.raises(attnc.InputError, match="CUDA"):
+        tuning.autotune(kern, 1024)
+    with pytest.raises(attnc.InputError, match="CUDA"):
+        kern.autotune(1024)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cli_autotune_without_cuda_exits_1(capsys):
+    code = main(["autotune", str(CAUSAL), "--seq", "1024"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "error:" in err and "CUDA" in err and "autotune" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cli_autotune_without_cuda_subprocess(tmp_path):
+    env = dict(os.environ, ATTNC_CACHE_DIR=str(tmp_path))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    r = subprocess.run([sys.executable, "-m", "attnc", "autotune", str(CAUSAL), "--seq", "2048", "--kinds", "fwd"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert r.returncode == 1
+    assert "CUDA" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "tuning.json").exists()
+
+
+def test_cli_autotune_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["autotune", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("--seq", "--batch", "--heads", "--dim", "--dtype", "--kinds", "--max-configs", "-p", "--pattern",
+                 "tuning.json"):
+        assert word in out
+    top = subprocess.run([sys.executable, "-m", "attnc", "--help"], capture_output=True, text=True, cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert "autotune" in top.stdout
