@@ -124,22 +124,30 @@ def _env_config(name: str) -> FwdConfig | None:
     return FwdConfig(bm, bn, warps, stages)
 
 
-def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
-                   sparse: bool = False, key=None, seq: int | None = None) -> FwdConfig:
-    """Default tiles: a table per GPU family (measured on an H200, benchmarks/NOTES.md), small tiles
-    under the interpreter. ``sparse`` (tile lists) prefers smaller tiles: fewer partial tiles.
-    With ``key`` (a Kernel or its pattern key) and ``seq`` (max(Nq, Nk)), an `attnc autotune` result for
-    this GPU, dtype, head dim and sequence bucket wins over the table (attnc/tuning.py)."""
-    override = _env_config("ATTNC_FWD_CONFIG")
+def _chosen_config(kind: str, head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
+                   key, seq) -> FwdConfig | None:
+    """A configuration chosen before the default table: the environment override, the interpreter's
+    small tiles, or an `attnc autotune` result; None when the table decides."""
+    override = _env_config(f"ATTNC_{kind.upper()}_CONFIG")
     if override is not None and device.type == "cuda":
         return override
     if device.type != "cuda":
         return FwdConfig(32, 32, 4, 1)
     if key is not None:
         from .tuning import lookup
-        tuned = lookup("fwd", key, device, dtype, (head_dim, head_dim_v), seq)
-        if tuned is not None:
-            return tuned
+        return lookup(kind, key, device, dtype, (head_dim, head_dim_v), seq)
+    return None
+
+
+def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
+                   sparse: bool = False, key=None, seq: int | None = None) -> FwdConfig:
+    """Default tiles: a table per GPU family (measured on an H200, benchmarks/NOTES.md), small tiles
+    under the interpreter. ``sparse`` (tile lists) prefers smaller tiles: fewer partial tiles.
+    With ``key`` (a Kernel or its pattern key) and ``seq`` (max(Nq, Nk)), an `attnc autotune` result for
+    this GPU, dtype, head dim and sequence bucket wins over the table (attnc/tuning.py)."""
+    chosen = _chosen_config("fwd", head_dim, head_dim_v, device, dtype, key, seq)
+    if chosen is not None:
+        return chosen
     d = max(head_dim, head_dim_v)
     major, _ = torch.cuda.get_device_capability(device)
     if dtype == torch.float32:
@@ -231,16 +239,9 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
 def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
                     key=None, seq: int | None = None) -> FwdConfig:
     """Default tiles of the backward kernels (an `attnc autotune` result first, as in forward_config)."""
-    override = _env_config("ATTNC_BWD_CONFIG")
-    if override is not None and device.type == "cuda":
-        return override
-    if device.type != "cuda":
-        return FwdConfig(32, 32, 4, 1)
-    if key is not None:
-        from .tuning import lookup
-        tuned = lookup("bwd", key, device, dtype, (head_dim, head_dim_v), seq)
-        if tuned is not None:
-            return tuned
+    chosen = _chosen_config("bwd", head_dim, head_dim_v, device, dtype, key, seq)
+    if chosen is not None:
+        return chosen
     d = max(head_dim, head_dim_v)
     if dtype == torch.float32:
         return FwdConfig(32, 32, 4, 1)

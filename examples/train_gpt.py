@@ -294,13 +294,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _literal(text: str):
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+    """A -p value as the attnc command line reads it (int, float or bool)."""
+    from attnc.cli import _parse_value
+    return _parse_value(text)
 
 
 def compile_pattern(args) -> "attnc.Kernel":
