@@ -56,23 +56,29 @@ class Layout:
 def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q: int, n_k: int,
                  block_m: int, block_n: int, sizes: dict, inputs: dict, device) -> Layout:
     """Sort, find the original positions, classify the tiles of the sorted problem (all on device)."""
+    from . import ir
+    # Sort and classify once per batch / head only where the mask depends on b / h.
+    used = ir.free_vars(pir.mask)
+    Bp, Hp = (B if "b" in used else 1), (Hq if "h" in used else 1)
     env = {name: value for name, value in sizes.items()}
     env.update(inputs)
-    env["b"] = torch.arange(B, device=device).view(B, 1, 1)
-    env["h"] = torch.arange(Hq, device=device).view(1, Hq, 1)
-    q_perm = sort_positions(transform.query_keys, env, n_q, (B, Hq), device)
-    k_perm = sort_positions(transform.key_keys, env, n_k, (B, Hq), device)
+    env["b"] = torch.arange(Bp, device=device).view(Bp, 1, 1)
+    env["h"] = torch.arange(Hp, device=device).view(1, Hp, 1)
+    q_perm = sort_positions(transform.query_keys, env, n_q, (Bp, Hp), device)
+    k_perm = sort_positions(transform.key_keys, env, n_k, (Bp, Hp), device)
     modulus = next((k.modulus for k in transform.query_keys if k.kind == "residue"), 0)
     status = PermutedTileClassifier(pir, q_perm, k_perm, n_q, n_k, B, Hq, block_m, block_n, sizes, inputs,
                                     modulus=modulus).classify()
-    expand = transform.per_head_keys and Hq != Hkv
-    if not expand and Hq != Hkv:
-        # Keys sorted the same way for every head of a group (their key does not read h).
+    identity = bool(torch.equal(q_perm, torch.arange(n_q, device=device).expand_as(q_perm))
+                    and torch.equal(k_perm, torch.arange(n_k, device=device).expand_as(k_perm)))
+    expand = Hp > 1 and Hq != Hkv
+    if expand:
+        # Keys sorted per query head: under GQA, each query head needs its own K/V rows unless the
+        # heads of a group happen to share one order.
         group = Hq // Hkv
-        same = torch.equal(k_perm.view(B, Hkv, group, n_k), k_perm[:, ::group].unsqueeze(2).expand(B, Hkv, group, n_k))
-        expand = not same
-    return Layout(transform, q_perm, k_perm, q_perm.to(torch.int32).contiguous(),
-                  k_perm.to(torch.int32).contiguous(), expand,
-                  bool(torch.equal(q_perm, torch.arange(n_q, device=device).expand_as(q_perm))
-                       and torch.equal(k_perm, torch.arange(n_k, device=device).expand_as(k_perm))),
-                  status, {})
+        view = k_perm.view(Bp, Hkv, group, n_k)
+        expand = not torch.equal(view, view[:, :, :1].expand_as(view))
+    # The kernels index positions per (batch, query head).
+    qpos = q_perm.to(torch.int32).expand(B, Hq, n_q).contiguous()
+    kpos = k_perm.to(torch.int32).expand(B, Hq, n_k).contiguous()
+    return Layout(transform, q_perm, k_perm, qpos, kpos, expand, identity, status, {})

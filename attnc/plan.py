@@ -445,7 +445,8 @@ def layout_transform(mask: ir.Node) -> LayoutTransform | None:
 
     * ``x[.., q] == y[.., k]`` (hash buckets, documents): sort queries by x and keys by y;
     * ``keep[.., k]`` / ``keep[.., q]`` (dropped keys / queries): kept ones first (compaction);
-    * ``(q - k) % d == 0`` (dilation): sort both by residue class ``position % d``.
+    * ``(q - k) % d == 0`` or ``q % d == k % d`` (dilation, dilated neighborhoods): sort both by
+      residue class ``position % d``.
     Within each class the original order is kept (stable sorts), so positions stay increasing.
     Only conjuncts of the whole mask qualify: a transform is applied when every visible pair agrees.
     """
@@ -471,6 +472,14 @@ def layout_transform(mask: ir.Node) -> LayoutTransform | None:
             elif side == "q" and not any(k.kind == "keep" for k in qk):
                 qk.append(SortKey("keep", atom))
                 names.append("query compaction")
+        elif kind == "coordinate" and atom.op == "eq" and atom.args[1].value == 0 and residue is None:
+            # q % d == k % d (NATTEN's dilation groups, 1-D neighborhoods): the same residue classes.
+            terms = ir.linear(atom.args[0])[0]
+            mods = {t.args[0].attr: (t.args[1].value, c) for t, c in terms.items()
+                    if t.op == "mod" and t.args[0].op == "var" and t.args[1].is_const}
+            if (len(terms) == 2 and set(mods) == {"q", "k"} and mods["q"][0] == mods["k"][0] > 1
+                    and mods["q"][1] == -mods["k"][1]):
+                residue = mods["q"][0]
         elif kind == "modular" and atom.op == "eq" and atom.args[1].value == 0 and residue is None:
             mod = atom.args[0]
             terms = ir.linear(mod.args[0])[0]
@@ -510,34 +519,47 @@ def sort_positions(keys: tuple, env: dict, n: int, shape: tuple, device) -> torc
 class PermutedTileClassifier(TileClassifier):
     """Tile classification after a layout transform: the leaves q and k are the min/max of the
     original positions held by each block of the sorted order, reads indexed by one position are
-    evaluated at those positions and summarized per block, and residue classes are known exactly."""
+    evaluated at those positions and summarized per block, and residue classes are known exactly.
+
+    ``q_perm`` / ``k_perm`` have shape (B', H', N) with B', H' in {1, batch/heads}: a pattern whose mask
+    depends on neither b nor h is classified once. The work runs in chunks of query blocks, so memory
+    stays bounded (O(chunk x N/Bn)) even for a million tokens."""
+
+    CHUNK_TILES = 1 << 22
 
     def __init__(self, pir, q_perm, k_perm, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs,
                  modulus: int = 0):
         self.pir, self.inputs = pir, inputs
         self.block_m, self.block_n = block_m, block_n
         self.nqb, self.nkb = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
-        self.batch, self.heads, self.n_q, self.n_k = batch, heads, n_q, n_k
+        self.batch, self.heads, self.n_q, self.n_k = q_perm.shape[0], q_perm.shape[1], n_q, n_k
         self.per_head = self.per_batch = True
         device = q_perm.device
         self.device = device
         self.q_perm, self.k_perm = q_perm, k_perm
-        leaves = {name: (v, v) for name, v in sizes.items()}
-        qlo, qhi = _block_summary(q_perm, -1, block_m, n_q)
-        klo, khi = _block_summary(k_perm, -1, block_n, n_k)
-        leaves["q"] = (qlo.unsqueeze(-1), qhi.unsqueeze(-1))
-        leaves["k"] = (klo.unsqueeze(-2), khi.unsqueeze(-2))
-        b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
-        h = torch.arange(heads, device=device).view(1, heads, 1, 1)
-        leaves["b"], leaves["h"] = (b, b), (h, h)
-        self.leaves = leaves
-        self.residues = {}
+        self.sizes = sizes
+        self.qsum = _block_summary(q_perm, -1, block_m, n_q)
+        self.ksum = _block_summary(k_perm, -1, block_n, n_k)
+        self.modulus = modulus
         if modulus:
-            rq = _block_summary(q_perm % modulus, -1, block_m, n_q)
-            rk = _block_summary(k_perm % modulus, -1, block_n, n_k)
-            self.residues = {"q": (modulus, rq[0].unsqueeze(-1), rq[1].unsqueeze(-1)),
-                             "k": (modulus, rk[0].unsqueeze(-2), rk[1].unsqueeze(-2))}
+            self.qres = _block_summary(q_perm % modulus, -1, block_m, n_q)
+            self.kres = _block_summary(k_perm % modulus, -1, block_n, n_k)
         self._summaries = {}
+        self._rows = slice(0, self.nqb)
+
+    def _leaves(self):
+        rows = self._rows
+        leaves = {name: (v, v) for name, v in self.sizes.items()}
+        leaves["q"] = (self.qsum[0][..., rows, None], self.qsum[1][..., rows, None])
+        leaves["k"] = (self.ksum[0].unsqueeze(-2), self.ksum[1].unsqueeze(-2))
+        b = torch.arange(self.batch, device=self.device).view(-1, 1, 1, 1)
+        h = torch.arange(self.heads, device=self.device).view(1, -1, 1, 1)
+        leaves["b"], leaves["h"] = (b, b), (h, h)
+        residues = {}
+        if self.modulus:
+            residues = {"q": (self.modulus, self.qres[0][..., rows, None], self.qres[1][..., rows, None]),
+                        "k": (self.modulus, self.kres[0].unsqueeze(-2), self.kres[1].unsqueeze(-2))}
+        return leaves, residues
 
     def _read(self, node, idx):
         from .evaluate import evaluate
@@ -547,28 +569,34 @@ class PermutedTileClassifier(TileClassifier):
         if node not in self._summaries:
             perm, block, n = ((self.q_perm, self.block_m, self.n_q) if side == "q"
                               else (self.k_perm, self.block_n, self.n_k))
-            env = {name: lo for name, (lo, _) in self.leaves.items() if name in ("n_q", "n_k", "batch", "heads")}
+            env = dict(self.sizes)
             env.update(self.inputs)
             env["b"] = torch.arange(self.batch, device=self.device).view(-1, 1, 1)
             env["h"] = torch.arange(self.heads, device=self.device).view(1, -1, 1)
             env[side] = perm
             values = torch.as_tensor(evaluate([node], env)[0], device=self.device)
             values = values.expand(self.batch, self.heads, perm.shape[-1])
-            lo, hi = _block_summary(values, -1, block, n)
-            axis = -1 if side == "q" else -2
-            self._summaries[node] = (lo.unsqueeze(axis), hi.unsqueeze(axis))
+            self._summaries[node] = _block_summary(values, -1, block, n)
         lo, hi = self._summaries[node]
+        if side == "q":
+            lo, hi = lo[..., self._rows, None], hi[..., self._rows, None]
+        else:
+            lo, hi = lo.unsqueeze(-2), hi.unsqueeze(-2)
         if node.type == "bool":
             return lo > 0, hi > 0
         return lo, hi
 
     def classify(self) -> torch.Tensor:
-        ev = IntervalEvaluator(TorchOps, self.leaves, self._read, residues=self.residues)
-        must, may = ev(self.pir.mask)
-        shape = (self.batch, self.heads, self.nqb, self.nkb)
-        must = torch.as_tensor(must, device=self.device).expand(shape)
-        may = torch.as_tensor(may, device=self.device).expand(shape)
-        status = may.to(torch.int8) + must.to(torch.int8)
+        status = torch.empty(self.batch, self.heads, self.nqb, self.nkb, dtype=torch.int8, device=self.device)
+        step = max(1, self.CHUNK_TILES // max(1, self.batch * self.heads * self.nkb))
+        for m0 in range(0, self.nqb, step):
+            self._rows = slice(m0, min(self.nqb, m0 + step))
+            leaves, residues = self._leaves()
+            ev = IntervalEvaluator(TorchOps, leaves, self._read, residues=residues)
+            must, may = ev(self.pir.mask)
+            shape = (self.batch, self.heads, self._rows.stop - m0, self.nkb)
+            status[:, :, self._rows] = (torch.as_tensor(may, device=self.device).expand(shape).to(torch.int8)
+                                        + torch.as_tensor(must, device=self.device).expand(shape).to(torch.int8))
         if self.n_k % self.block_n:
             status[..., -1] = torch.clamp(status[..., -1], max=1)
         return status

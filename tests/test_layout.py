@@ -88,3 +88,11 @@ def test_tile_fractions_meet_the_issue_bounds():
         4096, 4096, block_m=128, block_n=64)
     assert plan.tile_fraction <= 0.07 and "residue permutation (mod 4)" in plan.transforms
     assert "permuted" in str(plan)
+
+
+def test_dilated_neighborhood_uses_residue_classes():
+    kern = attnc.compile("pattern p() { mask neighborhood(7, dilation = 4) }")
+    assert layout_transform(kern.ir.mask).names == ("residue permutation (mod 4)",)
+    _check(kern, 1, 2, 1, 130, 16, {}, seed=8)
+    # After the permutation each query block meets one or two key blocks of its class.
+    assert kern.plan(8192, 8192, block_m=64, block_n=64).tile_fraction < 0.03
