@@ -224,7 +224,7 @@ class Plan:
                 "ranges": "key-block ranges computed in the kernel in closed form, no block table",
                 "lists": "per-query-block lists of full and partial key blocks built on the device",
                 "permuted": "queries and keys sorted by the layout transforms below, then tile lists of the "
-                            "sorted problem; results scattered back to the caller's order"}[self.mode],
+                            "sorted problem; kernels read and write rows at their original positions"}[self.mode],
             f"  computed tiles: {t['full'] + t['partial']} of {total} ({100 * self.tile_fraction:.1f}%): "
             f"{t['full']} full (no mask code), {t['partial']} partial (mask evaluated), {t['empty']} skipped",
             f"  layout transforms: {', '.join(self.transforms) if self.transforms else 'none'}",
@@ -402,8 +402,13 @@ def build_tile_lists(status: torch.Tensor) -> TileLists:
 
 def list_plan(pir: PatternIR, status: torch.Tensor, n_q, n_k, batch, heads, block_m, block_n) -> Plan:
     reps = (batch // status.shape[0]) * (heads // status.shape[1])
-    tiles = {"full": int((status == 2).sum()) * reps, "partial": int((status == 1).sum()) * reps,
-             "empty": int((status == 0).sum()) * reps}
+    counts = [0, 0, 0]
+    flat = status.reshape(-1, status.shape[-1])
+    for start in range(0, flat.shape[0], 1024):           # bounded temporaries for huge plans
+        part = flat[start:start + 1024]
+        for value in range(3):
+            counts[value] += int((part == value).sum())
+    tiles = {"full": counts[2] * reps, "partial": counts[1] * reps, "empty": counts[0] * reps}
     setup = (f"tile classification on {tuple(status.shape)} blocks"
              f"{' shared across heads' if status.shape[1] == 1 else ''}"
              f"{' and batch' if status.shape[0] == 1 else ''}")
@@ -587,7 +592,7 @@ class PermutedTileClassifier(TileClassifier):
         return lo, hi
 
     def classify(self) -> torch.Tensor:
-        status = torch.empty(self.batch, self.heads, self.nqb, self.nkb, dtype=torch.int8, device=self.device)
+        status = torch.zeros(self.batch, self.heads, self.nqb, self.nkb, dtype=torch.int8, device=self.device)
         step = max(1, self.CHUNK_TILES // max(1, self.batch * self.heads * self.nkb))
         for m0 in range(0, self.nqb, step):
             self._rows = slice(m0, min(self.nqb, m0 + step))

@@ -135,12 +135,16 @@ class Kernel:
 
     # ---- planning ----------------------------------------------------------------------------------
     def block_sizes(self, head_dim: int = 128, device: str = "cuda") -> tuple[int, int]:
-        """(block_m, block_n) of the default forward configuration for a GPU (or the interpreter)."""
+        """(block_m, block_n) of the default forward configuration for a GPU (or the interpreter).
+
+        Without a GPU this is the Hopper table's choice (what `kern.plan` reports by default)."""
+        from .codegen import kernel_mode
         from .launch import forward_config
+        sparse = kernel_mode(self.ir) != "ranges"
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            return 128, 64
-        cfg = forward_config(head_dim, head_dim, dev, torch.bfloat16)
+            return (64, 64) if sparse and head_dim <= 128 else (128, 64)
+        cfg = forward_config(head_dim, head_dim, dev, torch.bfloat16, sparse=sparse)
         return cfg.block_m, cfg.block_n
 
     def _input_cached(self, key: tuple, inputs: dict, build):
