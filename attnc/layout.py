@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import LayoutTransform, PermutedTileClassifier, TileLists, build_tile_lists, sort_positions
+from .plan import LayoutTransform, PermutedTileClassifier, PlannedTiles, TileLists, sort_positions
 
 
 @dataclass
@@ -26,14 +26,14 @@ class Layout:
     kpos: torch.Tensor
     expand_kv: bool               # keys sorted per query head: K, V are expanded to the query heads
     identity: bool                # both permutations are the identity: the plain list kernels apply
-    status: torch.Tensor          # int8 (B, Hq, nqb, nkb) tile classes of the sorted problem
-    _lists: dict
+    tiles: PlannedTiles           # tile classes (B', H', nqb, nkb) of the sorted problem and their lists
+
+    @property
+    def status(self) -> torch.Tensor:
+        return self.tiles.status
 
     def lists(self, transposed: bool) -> TileLists:
-        if transposed not in self._lists:
-            status = self.status.transpose(-1, -2).contiguous() if transposed else self.status
-            self._lists[transposed] = build_tile_lists(status)
-        return self._lists[transposed]
+        return self.tiles.lists(transposed)
 
     # ---- the kernels address rows through qpos / kpos, so data stays in the caller's order --------
     def kv_heads(self, heads_q: int, heads_kv: int) -> int:
@@ -81,4 +81,4 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     # The kernels index positions per (batch, query head).
     qpos = q_perm.to(torch.int32).expand(B, Hq, n_q).contiguous()
     kpos = k_perm.to(torch.int32).expand(B, Hq, n_k).contiguous()
-    return Layout(transform, q_perm, k_perm, qpos, kpos, expand, identity, status, {})
+    return Layout(transform, q_perm, k_perm, qpos, kpos, expand, identity, PlannedTiles(status))

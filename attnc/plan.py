@@ -134,7 +134,7 @@ def range_program(mask: ir.Node) -> RangeProgram:
     return RangeProgram([key_bounds(c) for c in dnf], True)
 
 
-def evaluate_part(part: KeyBounds, ev: IntervalEvaluator, ops, n_k, q_bounds):
+def evaluate_part(part: KeyBounds, ev: IntervalEvaluator, ops, n_k):
     """Element ranges for one disjunct: (active, hull_lo, hull_hi, full_ok, full_lo, full_hi), inclusive.
 
     ``ev`` evaluates intervals over the query block; the hull holds every key the disjunct may accept,
@@ -174,7 +174,7 @@ def block_ranges(program: RangeProgram, ops, ev, n_k, block_n):
     out = []
     full_end = ops.floordiv(n_k, block_n)          # blocks entirely inside [0, n_k)
     for part in program.parts:
-        active, lo, hi, full_ok, flo, fhi = evaluate_part(part, ev, ops, n_k, None)
+        active, lo, hi, full_ok, flo, fhi = evaluate_part(part, ev, ops, n_k)
         blo = ops.floordiv(ops.maximum(lo, 0), block_n)
         bhi = ops.floordiv(hi, block_n) + 1
         bhi = ops.where(active & (hi >= lo) & (hi >= 0), ops.minimum(bhi, ops.floordiv(n_k + block_n - 1, block_n)), blo)
@@ -363,15 +363,20 @@ class TileClassifier:
     def classify(self) -> torch.Tensor:
         """int8 tensor (B', H', nqb, nkb): 0 empty, 1 partial, 2 full (B', H' are 1 when unused)."""
         ev = IntervalEvaluator(TorchOps, self.leaves, self._read)
-        must, may = ev(self.pir.mask)
         shape = (self.batch if self.per_batch else 1, self.heads if self.per_head else 1, self.nqb, self.nkb)
-        must = torch.as_tensor(must, device=self.device).expand(shape)
-        may = torch.as_tensor(may, device=self.device).expand(shape)
-        status = may.to(torch.int8) + must.to(torch.int8)
-        # A ragged last key block is never 'full': the full loop runs without bounds checks.
-        if self.n_k % self.block_n:
-            status[..., -1] = torch.clamp(status[..., -1], max=1)
-        return status
+        return tile_status(*ev(self.pir.mask), shape, self.device, self.n_k, self.block_n)
+
+
+def tile_status(must, may, shape, device, n_k: int, block_n: int) -> torch.Tensor:
+    """int8 tile classes from interval results: 0 empty, 1 partial, 2 full.
+
+    A ragged last key block is never 'full': the full loop runs without bounds checks."""
+    must = torch.as_tensor(must, device=device).expand(shape)
+    may = torch.as_tensor(may, device=device).expand(shape)
+    status = may.to(torch.int8) + must.to(torch.int8)
+    if n_k % block_n:
+        status[..., -1] = torch.clamp(status[..., -1], max=1)
+    return status
 
 
 @dataclass
@@ -398,6 +403,21 @@ def build_tile_lists(status: torch.Tensor) -> TileLists:
     full_idx, full_cnt = _compact(status == 2)
     part_idx, part_cnt = _compact(status == 1)
     return TileLists(full_idx, full_cnt, part_idx, part_cnt, status)
+
+
+class PlannedTiles:
+    """The tile classes of one call and their lists, each built on first use: per query block for the
+    forward and dQ kernels, per key block (transposed) for the dK/dV kernel."""
+
+    def __init__(self, status: torch.Tensor):
+        self.status = status
+        self._lists: dict[bool, TileLists] = {}
+
+    def lists(self, transposed: bool = False) -> TileLists:
+        if transposed not in self._lists:
+            status = self.status.transpose(-1, -2).contiguous() if transposed else self.status
+            self._lists[transposed] = build_tile_lists(status)
+        return self._lists[transposed]
 
 
 def list_plan(pir: PatternIR, status: torch.Tensor, n_q, n_k, batch, heads, block_m, block_n) -> Plan:
@@ -521,7 +541,7 @@ def sort_positions(keys: tuple, env: dict, n: int, shape: tuple, device) -> torc
     return perm
 
 
-class PermutedTileClassifier(TileClassifier):
+class PermutedTileClassifier:
     """Tile classification after a layout transform: the leaves q and k are the min/max of the
     original positions held by each block of the sorted order, reads indexed by one position are
     evaluated at those positions and summarized per block, and residue classes are known exactly.
@@ -538,7 +558,6 @@ class PermutedTileClassifier(TileClassifier):
         self.block_m, self.block_n = block_m, block_n
         self.nqb, self.nkb = math.ceil(n_q / block_m), math.ceil(n_k / block_n)
         self.batch, self.heads, self.n_q, self.n_k = q_perm.shape[0], q_perm.shape[1], n_q, n_k
-        self.per_head = self.per_batch = True
         device = q_perm.device
         self.device = device
         self.q_perm, self.k_perm = q_perm, k_perm
@@ -598,10 +617,6 @@ class PermutedTileClassifier(TileClassifier):
             self._rows = slice(m0, min(self.nqb, m0 + step))
             leaves, residues = self._leaves()
             ev = IntervalEvaluator(TorchOps, leaves, self._read, residues=residues)
-            must, may = ev(self.pir.mask)
             shape = (self.batch, self.heads, self._rows.stop - m0, self.nkb)
-            status[:, :, self._rows] = (torch.as_tensor(may, device=self.device).expand(shape).to(torch.int8)
-                                        + torch.as_tensor(must, device=self.device).expand(shape).to(torch.int8))
-        if self.n_k % self.block_n:
-            status[..., -1] = torch.clamp(status[..., -1], max=1)
+            status[:, :, self._rows] = tile_status(*ev(self.pir.mask), shape, self.device, self.n_k, self.block_n)
         return status

@@ -167,18 +167,14 @@ class Kernel:
 
     def _tile_lists(self, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, device, transposed=False):
         """Tile lists of a list-mode call (see :meth:`_input_cached`)."""
-        from .plan import TileClassifier, build_tile_lists
+        from .plan import PlannedTiles, TileClassifier
 
         def build():
-            status = TileClassifier(self.ir, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs,
-                                    device).classify()
-            return {"status": status}
+            return PlannedTiles(TileClassifier(self.ir, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs,
+                                               device).classify())
 
-        entry = self._input_cached(("lists", n_q, n_k, batch, heads, block_m, block_n, str(device)), inputs, build)
-        if transposed not in entry:
-            status = entry["status"].transpose(-1, -2).contiguous() if transposed else entry["status"]
-            entry[transposed] = build_tile_lists(status)
-        return entry[transposed]
+        key = ("lists", n_q, n_k, batch, heads, block_m, block_n, str(device))
+        return self._input_cached(key, inputs, build).lists(transposed)
 
     def _layout(self, batch, heads_q, heads_kv, n_q, n_k, block_m, block_n, sizes, inputs, device):
         """The layout transform of a permuted-mode call (see :mod:`attnc.layout`), cached."""
