@@ -229,13 +229,13 @@ def _cmd_show(args) -> int:
     n = args.seq
     inputs = kern.example_inputs(n, n) if kern.inputs else {}
     mask = kern.mask(n, n, **inputs)[0, 0]
-    block = args.block or kern.block_sizes()[0]
+    block_m, block_n = (args.block, args.block) if args.block else kern.block_sizes()
     title = f"{kern.name}({', '.join(f'{k}={v}' for k, v in kern.params.items())})  n={n}"
-    print(show.render_terminal(mask, block, block, title=title, color=args.color))
+    print(show.render_terminal(mask, block_m, block_n, title=title, color=args.color))
     if kern.inputs:
         print(f"(runtime inputs drawn at random: {', '.join(kern.inputs)})")
     if args.png:
-        show.render_png(mask, block, block, args.png, title=title)
+        show.render_png(mask, block_m, block_n, args.png, title=title)
         print(f"wrote {args.png}")
     return 0
 
