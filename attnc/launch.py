@@ -110,18 +110,62 @@ class FwdConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False        # forward: K/V tiles through tensor descriptors (Hopper's bulk copies)
+    dkdv: "FwdConfig | None" = None   # backward: the dK/dV kernel's own tiles (else the same as dQ's)
+
+    @property
+    def dkdv_config(self) -> "FwdConfig":
+        return self.dkdv or self
 
 
 def _env_config(name: str) -> FwdConfig | None:
-    """``ATTNC_FWD_CONFIG`` / ``ATTNC_BWD_CONFIG`` = "block_m,block_n,num_warps,num_stages" (for sweeps)."""
+    """``ATTNC_FWD_CONFIG`` / ``ATTNC_BWD_CONFIG`` = "block_m,block_n,num_warps,num_stages[,tma]" (sweeps);
+    for the backward, "dQ tiles/dK-dV tiles" gives the two kernels their own configurations."""
     text = os.environ.get(name)
     if not text:
         return None
+    if "/" in text:
+        first, _, second = text.partition("/")
+        a, b = (_parse_config(name, t) for t in (first, second))
+        return FwdConfig(a.block_m, a.block_n, a.num_warps, a.num_stages, a.tma, b)
+    return _parse_config(name, text)
+
+
+def _parse_config(name: str, text: str) -> FwdConfig:
+    fields = text.split(",")
+    tma = len(fields) == 5 and fields[4].strip() == "tma"
     try:
-        bm, bn, warps, stages = (int(x) for x in text.split(","))
+        if len(fields) != 4 and not tma:
+            raise ValueError
+        bm, bn, warps, stages = (int(x) for x in fields[:4])
     except ValueError:
-        raise InputError(f"{name} must be 'block_m,block_n,num_warps,num_stages', got {text!r}") from None
-    return FwdConfig(bm, bn, warps, stages)
+        raise InputError(f"{name} must be 'block_m,block_n,num_warps,num_stages' with an optional ',tma' "
+                         f"(and for the backward an optional '/' and the dK/dV kernel's tiles), got "
+                         f"{os.environ.get(name)!r}") from None
+    return FwdConfig(bm, bn, warps, stages, tma)
+
+
+_allocator_ready: set = set()
+
+
+def _tma_usable(cfg: FwdConfig, mode: str, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Tensor descriptors need rows addressed in order (not the permuted kernels), a unit last stride,
+    and 16-byte aligned base and strides; anything else falls back to pointer loads."""
+    if not cfg.tma or mode == "permuted":
+        return False
+    if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    for t in (k, v):
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
+            return False
+    device = k.device.type
+    if device not in _allocator_ready:
+        # Descriptors built inside the kernel need a little global scratch memory, from torch's allocator.
+        import triton
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+        _allocator_ready.add(device)
+    return True
 
 
 def _chosen_config(kind: str, head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
@@ -206,7 +250,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     lse = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
     if Nq == 0 or B * Hq == 0:
         return out, lse, None
-    grid = (math.ceil(Nq / cfg.block_m), B * Hq)
+    grid = (B * Hq, math.ceil(Nq / cfg.block_m))
     qk_scale = scale * 1.4426950408889634
     mode = kernel_mode(pir)
     extra, layout, heads_kv = [], None, Hkv
@@ -223,6 +267,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
             heads_kv = layout.kv_heads(Hq, Hkv)
             extra = list_args(layout.lists(False)) + [layout.qpos, layout.kpos]
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    use_tma = _tma_usable(cfg, "lists" if layout is not None and layout.identity else mode, k, v)
     module.attnc_fwd[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -230,7 +275,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
         *extra,
         *input_launch_args(pir, inputs),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv,
-        REVERSE=True, DOT_PRECISION=precision,
+        REVERSE=True, USE_TMA=use_tma, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse, layout
@@ -278,34 +323,40 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     delta = delta.contiguous()
     lse2 = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse * 1.4426950408889634).contiguous()
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    nqb, nkb = math.ceil(Nq / cfg.block_m), math.ceil(Nk / cfg.block_n)
+    cfg2 = cfg.dkdv_config                  # the dK/dV kernel's tiles (BLOCK_M queries x BLOCK_N keys)
+    nqb, nkb = math.ceil(Nq / cfg.block_m), math.ceil(Nk / cfg2.block_n)
     mode = kernel_mode(pir)
     fwd_extra, bwd_extra, layout, heads_kv = [], [], None, Hkv
     if mode == "lists":
-        fwd_extra, bwd_extra = (list_args(kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs,
-                                                           q.device, transposed=t)) for t in (False, True))
+        fwd_extra = list_args(kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device))
+        bwd_extra = list_args(kern._tile_lists(Nq, Nk, B, Hq, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device,
+                                               transposed=True))
     elif mode == "permuted":
         layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
-        fwd_extra, bwd_extra = list_args(layout.lists(False)), list_args(layout.lists(True))
+        layout2 = (layout if cfg2.block_m == cfg.block_m and cfg2.block_n == cfg.block_n else
+                   kern._layout(B, Hq, Hkv, Nq, Nk, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device))
+        fwd_extra, bwd_extra = list_args(layout.lists(False)), list_args(layout2.lists(True))
         if layout.identity:
             module = kern._backward_module("lists")
         else:
             k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
             heads_kv = layout.kv_heads(Hq, Hkv)
             fwd_extra += [layout.qpos, layout.kpos]
-            bwd_extra += [layout.qpos, layout.kpos]
+            bwd_extra += [layout2.qpos, layout2.kpos]
             dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     input_args = input_launch_args(pir, inputs)
-    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    module.attnc_bwd_dq[(nqb, B * Hq)](
+    common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision)
+    module.attnc_bwd_dq[(B * Hq, nqb)](
         q, k, v, dout, dq, lse2, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        B, Hq, heads_kv, Nq, Nk, scale, *fwd_extra, *input_args, **consts)
-    module.attnc_bwd_dkdv[(nkb, B * heads_kv)](
+        B, Hq, heads_kv, Nq, Nk, scale, *fwd_extra, *input_args,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    module.attnc_bwd_dkdv[(B * heads_kv, nkb)](
         q, k, v, dout, dk, dv, lse2, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        B, Hq, heads_kv, Nq, Nk, scale, nqb, *bwd_extra, *input_args, **consts)
+        B, Hq, heads_kv, Nq, Nk, scale, math.ceil(Nq / cfg2.block_m), *bwd_extra, *input_args,
+        BLOCK_M=cfg2.block_m, BLOCK_N=cfg2.block_n, num_warps=cfg2.num_warps, num_stages=cfg2.num_stages,
+        **common)
     if layout is not None:
         dk, dv = layout.reduce_kv_heads(dk, Hkv), layout.reduce_kv_heads(dv, Hkv)
     return dq, dk, dv

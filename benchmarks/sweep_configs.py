@@ -1,69 +1,155 @@
-"""Sweep forward / backward tile configurations for one pattern on the GPU (a manual autotune).
+"""Sweep forward / backward kernel configurations of several benchmark patterns on the GPU, beside
+FlexAttention in the same process (a manual autotune for NOTES.md experiments).
 
-    python3 benchmarks/sweep_configs.py --pattern examples/causal.attn --seq 8192
+    python3 benchmarks/sweep_configs.py --patterns causal,sliding_window_1024 --seqs 8192,32768 \
+        --fwd "128,64,8,3;128,64,8,3,tma" --bwd "64,64,4,2;128,64,8,2/64,128,8,2" --out $OUT
 
-Prints effective TFLOP/s per configuration; each configuration is first checked against SDPA/reference.
+A configuration is "block_m,block_n,num_warps,num_stages" with an optional ",tma" (forward K/V tiles
+through tensor descriptors); a backward one may name the dK/dV kernel's own tiles after a "/".
+Every configuration's output (forward) or gradients (forward+backward) are checked against
+FlexAttention's before it is timed; a failing or crashing configuration is reported, not timed.
+Rows go to ``OUT/sweep.jsonl``; a table is printed last.
 """
 import argparse
+import json
 import os
 import sys
+import time
+from pathlib import Path
 
 import torch
-import triton
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import attnc  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_all  # noqa: E402
+from attnc.bench import (_create_block_mask, _flex, effective_tflops, env_info, mask_density,  # noqa: E402
+                         relative_error, time_ms)
 
-FWD = ["128,64,8,3", "128,128,8,3", "128,64,4,3", "128,128,8,2", "64,64,4,3", "128,32,4,3"]
-BWD = ["64,64,8,2", "64,64,4,2", "32,64,4,2", "64,128,8,2", "128,64,8,2", "32,128,4,3"]
+FWD = ["128,64,8,3", "128,64,8,3,tma", "128,128,8,3", "128,128,8,3,tma", "128,64,4,3", "64,64,4,3"]
+BWD = ["64,64,4,2", "64,64,8,2", "128,64,8,2/64,128,8,2", "64,64,4,3", "128,64,8,2/64,64,4,2"]
+
+
+def _run(fn):
+    try:
+        return fn(), None
+    except Exception as exc:  # noqa: BLE001 - a configuration may not fit; report and go on
+        return None, f"{type(exc).__name__}: {str(exc)[:160]}"
+
+
+def sweep_one(spec, n: int, args, fwd_cfgs: list, bwd_cfgs: list, emit) -> None:
+    b, h, d = max(1, args.tokens // n), args.heads, args.dim
+    res = bench_all.resolve_kernel(spec, spec.params, ROOT / "examples", "cuda")
+    kern = res.kern
+    canon = bench_all.anchor_inputs(n, b, h, "cuda")
+    inputs = bench_all.fit_inputs(kern, spec, canon, res.int_dtype)
+    mask_mod = spec.mask(canon, spec.params)
+    density = mask_density(mask_mod, batch=b, heads=h, n_q=n, n_k=n, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    dout = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    qkv = [q, k, v]
+
+    def grads():
+        out = [x.grad.detach().clone() for x in qkv]
+        for x in qkv:
+            x.grad = None
+        return out
+
+    flex = _flex()
+    bm = _create_block_mask(mask_mod, (b, h) if spec.flex_per_bh else None, n, n, "cuda")
+    ref_out = flex(q, k, v, block_mask=bm)
+    ref_out.backward(dout)
+    ref_out, ref_grads = ref_out.detach(), grads()
+    base = dict(pattern=spec.name, N=n, B=b, H=h, D=d, density=density)
+
+    def tflops(ms, bwd):
+        return effective_tflops(b, h, n, n, d, density, ms, fwdbwd=bwd) if density else None
+
+    flex_fwd = time_ms(lambda: flex(q, k, v, block_mask=bm), warmup=args.warmup, rep=args.rep)
+    flex_fb = time_ms(lambda: flex(q, k, v, block_mask=bm).backward(dout), warmup=args.warmup, rep=args.rep,
+                      grad_to_none=qkv)
+    emit(dict(base, impl="flex", kind="fwd", config="-", ms=flex_fwd, tflops=tflops(flex_fwd, False)))
+    emit(dict(base, impl="flex", kind="fwdbwd", config="-", ms=flex_fb, tflops=tflops(flex_fb, True)))
+
+    for cfg in fwd_cfgs:
+        os.environ["ATTNC_FWD_CONFIG"] = cfg
+        out, err = _run(lambda: kern(q, k, v, **inputs).detach())
+        row = dict(base, impl="attnc", kind="fwd", config=cfg)
+        if err is None:
+            row["rel_err"] = relative_error(out, ref_out)
+            if not row["rel_err"] <= 1e-2:
+                err = f"wrong output: relative error {row['rel_err']:.2e}"
+        if err is None:
+            ms = time_ms(lambda: kern(q, k, v, **inputs), warmup=args.warmup, rep=args.rep)
+            row.update(ms=ms, tflops=tflops(ms, False), vs_flex=flex_fwd / ms)
+        else:
+            row["error"] = err
+        emit(row)
+    os.environ["ATTNC_FWD_CONFIG"] = args.bwd_fwd_config
+    for cfg in bwd_cfgs:
+        os.environ["ATTNC_BWD_CONFIG"] = cfg
+        row = dict(base, impl="attnc", kind="fwdbwd", config=f"{args.bwd_fwd_config} | {cfg}")
+        _, err = _run(lambda: kern(q, k, v, **inputs).backward(dout))
+        if err is None:
+            got = grads()
+            row["rel_err"] = max(relative_error(a, r) for a, r in zip(got, ref_grads))
+            if not row["rel_err"] <= 3e-2:
+                err = f"wrong gradients: relative error {row['rel_err']:.2e}"
+        if err is None:
+            ms = time_ms(lambda: kern(q, k, v, **inputs).backward(dout), warmup=args.warmup, rep=args.rep,
+                         grad_to_none=qkv)
+            row.update(ms=ms, tflops=tflops(ms, True), vs_flex=flex_fb / ms)
+        else:
+            row["error"] = err
+        emit(row)
+    for name in ("ATTNC_FWD_CONFIG", "ATTNC_BWD_CONFIG"):
+        os.environ.pop(name, None)
+    torch.cuda.empty_cache()
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pattern", default="examples/causal.attn")
-    ap.add_argument("--seq", type=int, default=8192)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--patterns", default="causal,sliding_window_1024,prefix_lm_2048,document_causal")
+    ap.add_argument("--seqs", default="8192,32768")
     ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--fwd", default=";".join(FWD))
-    ap.add_argument("--bwd", default=";".join(BWD))
+    ap.add_argument("--fwd", default=";".join(FWD), help="forward configurations, ';' separated")
+    ap.add_argument("--bwd", default=";".join(BWD), help="backward configurations, ';' separated")
+    ap.add_argument("--bwd-fwd-config", default="128,64,8,3", help="forward configuration of the f+b runs")
+    ap.add_argument("--warmup", type=float, default=25)
+    ap.add_argument("--rep", type=float, default=100)
+    ap.add_argument("--out", default=os.environ.get("OUT") or "./sweep_out")
     args = ap.parse_args()
-    n, b, h, d = args.seq, max(1, args.tokens // args.seq), 16, args.dim
-    kern = attnc.compile(args.pattern)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
-    inputs = {name: t.cuda() for name, t in kern.example_inputs(n, n, b, h).items()}
-    plan = kern.plan(n, n, b, h, **inputs)
-
-
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep_env.json").write_text(json.dumps(env_info(sys.argv), default=str, indent=1))
     rows = []
-    for cfg in args.fwd.split(";"):
-        os.environ["ATTNC_FWD_CONFIG"] = cfg
-        try:
-            out = kern(q, k, v, **inputs)
-            ms = triton.testing.do_bench(lambda: kern(q, k, v, **inputs), warmup=25, rep=100, return_mode="median")
-            rows.append(("fwd", cfg, ms))
-            print(f"fwd {cfg:14s} {ms:8.3f} ms", flush=True)
-        except Exception as exc:  # a config can exceed shared memory
-            print(f"fwd {cfg:14s} failed: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-    best_fwd = min((r for r in rows if r[0] == "fwd"), key=lambda r: r[2])[1]
-    os.environ["ATTNC_FWD_CONFIG"] = best_fwd
-    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-    do = torch.randn_like(q)
 
-    def step():
-        for x in (qg, kg, vg):
-            x.grad = None
-        kern(qg, kg, vg, **inputs).backward(do)
+    def emit(row):
+        rows.append(row)
+        with open(out / "sweep.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        ms = f"{row['ms']:.3f} ms" if row.get("ms") else row.get("error", "")
+        print(f"{row['pattern']:20s} {row['N']:6d} {row['kind']:7s} {row['impl']:5s} {row['config']:34s} {ms}",
+              flush=True)
 
-    for cfg in args.bwd.split(";"):
-        os.environ["ATTNC_BWD_CONFIG"] = cfg
-        try:
-            step()
-            ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
-            print(f"fwd+bwd {cfg:10s} {ms:8.3f} ms (fwd {best_fwd})", flush=True)
-        except Exception as exc:
-            print(f"bwd {cfg:14s} failed: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-    print(plan)
+    fwd_cfgs = [c for c in args.fwd.split(";") if c]
+    bwd_cfgs = [c for c in args.bwd.split(";") if c]
+    t0 = time.time()
+    for n in (int(x) for x in args.seqs.split(",")):
+        for name in args.patterns.split(","):
+            sweep_one(bench_all.SPEC_BY_NAME[name], n, args, fwd_cfgs, bwd_cfgs, emit)
+    print(f"\nsweep took {time.time() - t0:.0f} s; x = FlexAttention time / attnc time (same run)")
+    print(f"{'pattern':20s} {'N':>6s} {'kind':7s} {'config':34s} {'ms':>8s} {'TFLOP/s':>8s} {'x flex':>7s}")
+    for r in rows:
+        if r["impl"] == "attnc":
+            tf = f"{r['tflops']:8.1f}" if r.get("tflops") else " " * 8
+            x = f"{r['vs_flex']:7.2f}" if r.get("vs_flex") else "  error"
+            ms = f"{r['ms']:8.3f}" if r.get("ms") else " " * 8
+            print(f"{r['pattern']:20s} {r['N']:6d} {r['kind']:7s} {r['config']:34s} {ms} {tf} {x}")
 
 
 if __name__ == "__main__":

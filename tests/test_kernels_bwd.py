@@ -37,6 +37,30 @@ def _inputs(kind, B, Hq, n, g):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}/{s[2]}N{s[3]}x{s[4]}D{s[5]}")
 @pytest.mark.parametrize("name", list(CASES))
 def test_gradients_match_float64(name, shape):
+    check_gradients(name, shape)
+
+
+@pytest.mark.parametrize("name", ["causal", "prefix_or_causal", "window_or_globals", "documents", "kept_keys",
+                                  "dilated_window"])
+def test_dkdv_kernel_with_its_own_tiles(name):
+    """The dQ and dK/dV kernels may use different tiles (e.g. 128 queries x 64 keys for dQ, 64 x 128
+    for dK/dV): closed-form ranges, tile lists and sorted layouts are then built per kernel."""
+    from unittest import mock
+
+    from attnc import launch
+    cfg = launch.FwdConfig(16, 32, 4, 1, dkdv=launch.FwdConfig(32, 16, 4, 1))
+    asked = []
+
+    def chosen(kind, *args):
+        asked.append(kind)
+        return cfg if kind == "bwd" else launch.FwdConfig(32, 32, 4, 1)
+
+    with mock.patch.object(launch, "_chosen_config", chosen):
+        check_gradients(name, SHAPES[0])
+    assert "bwd" in asked
+
+
+def check_gradients(name, shape):
     src, kind = CASES[name]
     B, Hq, Hkv, Nq, Nk, D = shape
     if name in SQUARE_ONLY:

@@ -677,3 +677,54 @@ def test_empty_query_length():
     with poisoned_allocations():
         out, lse = kern(q, k, v, return_lse=True)
     assert tuple(out.shape) == (1, 2, 0, 32) and tuple(lse.shape) == (1, 2, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tensor-descriptor (TMA) variant of the forward kernel: the same results as pointer loads.
+
+
+@pytest.mark.parametrize("case_id,size,how", [
+    ("causal", (67, 67), None),                          # a partial last key tile: descriptors zero-fill it
+    ("sliding_window-w45", (130, 67), None),
+    ("documents-sorted", (67, 67), None),                # tile lists
+    ("causal", (67, 67), "transposed"),                  # unit last stride, other strides aligned: still TMA
+    ("causal", (67, 67), "strided-last"),                # last stride 2: falls back to pointer loads
+])
+def test_tma_variant_matches_pointer_loads(case_id, size, how):
+    from attnc import launch
+    case = case_by_id(case_id)
+    kern = case.compile()
+    n_q, n_k = size
+    B, H = case.batch, case.heads
+    inputs = case.inputs(B, H, n_q, n_k, torch.Generator().manual_seed(3)) if case.inputs else {}
+    q, k, v = make_qkv(B, H, H, n_q, n_k, 32, 16)
+    if how:
+        q, k, v = (noncontiguous(t, how) for t in (q, k, v))
+    plain, plain_lse = run_kernel(kern, q, k, v, **inputs)
+    tma_cfg = launch.FwdConfig(32, 32, 4, 1, tma=True)
+    used = []
+    real_usable = launch._tma_usable
+
+    def spy(cfg, mode, kk, vv):
+        used.append(real_usable(cfg, mode, kk, vv))
+        return used[-1]
+
+    with mock.patch.object(launch, "_chosen_config", lambda kind, *a: tma_cfg if kind == "fwd" else None), \
+            mock.patch.object(launch, "_tma_usable", spy):
+        out, lse = run_kernel(kern, q, k, v, **inputs)
+    assert used == [how != "strided-last"]
+    check_against_reference(kern, q, k, v, out, lse, **inputs)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, plain_lse, rtol=1e-5, atol=1e-6)
+
+
+def test_env_config_accepts_tma_and_rejects_junk(monkeypatch):
+    from attnc import launch
+    monkeypatch.setenv("ATTNC_FWD_CONFIG", "128,64,8,3,tma")
+    assert launch._env_config("ATTNC_FWD_CONFIG") == launch.FwdConfig(128, 64, 8, 3, True)
+    monkeypatch.setenv("ATTNC_FWD_CONFIG", "128,64,8,3")
+    assert launch._env_config("ATTNC_FWD_CONFIG") == launch.FwdConfig(128, 64, 8, 3, False)
+    for junk in ("128,64,8", "128,64,8,3,fast", "a,b,c,d"):
+        monkeypatch.setenv("ATTNC_FWD_CONFIG", junk)
+        with pytest.raises(attnc.InputError):
+            launch._env_config("ATTNC_FWD_CONFIG")
