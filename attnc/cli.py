@@ -229,7 +229,7 @@ def _cmd_show(args) -> int:
     n = args.seq
     inputs = kern.example_inputs(n, n) if kern.inputs else {}
     mask = kern.mask(n, n, **inputs)[0, 0]
-    block_m, block_n = (args.block, args.block) if args.block else kern.block_sizes()
+    block_m, block_n = (args.block, args.block) if args.block else kern.block_sizes(n_q=n)
     title = f"{kern.name}({', '.join(f'{k}={v}' for k, v in kern.params.items())})  n={n}"
     print(show.render_terminal(mask, block_m, block_n, title=title, color=args.color))
     if kern.inputs:

@@ -186,7 +186,8 @@ def _chosen_config(kind: str, head_dim: int, head_dim_v: int, device: torch.devi
 def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
                    sparse: bool = False, key=None, seq: int | None = None) -> FwdConfig:
     """Default tiles: a table per GPU family (measured on an H200, benchmarks/NOTES.md), small tiles
-    under the interpreter. ``sparse`` (tile lists) prefers smaller tiles: fewer partial tiles.
+    under the interpreter. ``sparse`` (tile lists, or a narrow band such as a sliding window: few key
+    tiles per query block) prefers smaller tiles: fewer partial tiles, more programs.
     With ``key`` (a Kernel or its pattern key) and ``seq`` (max(Nq, Nk)), an `attnc autotune` result for
     this GPU, dtype, head dim and sequence bucket wins over the table (attnc/tuning.py)."""
     chosen = _chosen_config("fwd", head_dim, head_dim_v, device, dtype, key, seq)
@@ -197,18 +198,41 @@ def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: 
     if dtype == torch.float32:
         return FwdConfig(64, 32, 4, 2) if d > 64 else FwdConfig(64, 64, 4, 2)
     if major >= 9:
+        # Hopper (H200 sweep, benchmarks/RESULTS.md run 6): tensor-descriptor loads everywhere they apply.
         if sparse and d <= 128:
-            return FwdConfig(64, 64, 4, 3)
+            return FwdConfig(64, 64, 4, 3, tma=True)
         if d <= 64:
-            return FwdConfig(128, 64, 4, 3)
+            return FwdConfig(128, 64, 4, 3, tma=True)
         if d <= 128:
-            return FwdConfig(128, 64, 8, 3)
+            return FwdConfig(128, 128, 8, 3, tma=True)
         return FwdConfig(128, 64, 8, 2)          # D=256: 1.65x faster than 64x64/4 warps (autotune, H200)
     if d <= 64:
         return FwdConfig(128, 64, 4, 3)
     if d <= 128:
         return FwdConfig(128, 32, 4, 2)
     return FwdConfig(64, 32, 4, 1)
+
+
+NARROW_KEYS = 2048
+
+
+def prefers_small_tiles(kern, n_q: int, n_k: int) -> bool:
+    """Whether a call runs on small tiles: tile lists and layout transforms always; closed-form plans
+    when the band is narrow (on average fewer than NARROW_KEYS keys per query block, counted on
+    128 x 128 tiles), where large tiles would mostly be partial. Cached per (n_q, n_k)."""
+    from .codegen import kernel_mode
+    if kernel_mode(kern.ir) != "ranges":
+        return True
+    cache = kern.__dict__.setdefault("_narrow", {})
+    if (n_q, n_k) not in cache:
+        from .plan import static_plan
+        if len(cache) > 64:
+            cache.clear()
+        plan = static_plan(kern.ir, n_q, n_k, 1, 1, 128, 128)
+        n_qblocks = max(1, math.ceil(n_q / 128))
+        visited = (plan.tiles["full"] + plan.tiles["partial"]) / n_qblocks
+        cache[(n_q, n_k)] = visited * 128 < NARROW_KEYS
+    return cache[(n_q, n_k)]
 
 
 def input_launch_args(pir: PatternIR, inputs: dict) -> list:
@@ -242,7 +266,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     pir = kern.ir
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config or forward_config(D, Dv, q.device, q.dtype, sparse=kernel_mode(pir) != "ranges", key=kern,
+    cfg = config or forward_config(D, Dv, q.device, q.dtype, sparse=prefers_small_tiles(kern, Nq, Nk), key=kern,
                                    seq=max(Nq, Nk))
     module = kern._forward_module()
     if out is None:
@@ -282,18 +306,22 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
 
 
 def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
-                    key=None, seq: int | None = None) -> FwdConfig:
-    """Default tiles of the backward kernels (an `attnc autotune` result first, as in forward_config)."""
+                    key=None, seq: int | None = None, sparse: bool = False) -> FwdConfig:
+    """Default tiles of the backward kernels (an `attnc autotune` result first, as in forward_config).
+    On Hopper, wide closed-form plans give the dQ kernel 128 queries x 64 keys and the dK/dV kernel
+    64 queries x 128 keys; tile lists, layout transforms and narrow bands keep 64 x 64."""
     chosen = _chosen_config("bwd", head_dim, head_dim_v, device, dtype, key, seq)
     if chosen is not None:
         return chosen
     d = max(head_dim, head_dim_v)
     if dtype == torch.float32:
         return FwdConfig(32, 32, 4, 1)
+    major, _ = torch.cuda.get_device_capability(device)
     if d > 128:
-        major, _ = torch.cuda.get_device_capability(device)
         # D=256 on Hopper: 64x64 with 8 warps measured 1.83x faster than 32x32 (autotune, H200).
         return FwdConfig(64, 64, 8, 2) if major >= 9 else FwdConfig(32, 32, 4, 1)
+    if major >= 9 and not sparse:
+        return FwdConfig(128, 64, 8, 3, dkdv=FwdConfig(64, 128, 8, 3))
     return FwdConfig(64, 64, 4, 2)
 
 
@@ -308,20 +336,19 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     pir = kern.ir
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config or backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk))
+    cfg = config or backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk),
+                                    sparse=prefers_small_tiles(kern, Nq, Nk))
     module = kern._backward_module()
-    dq = torch.zeros_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
     if Nq == 0 or Nk == 0 or B * Hq == 0:
-        return dq, dk, dv
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # Every row of dq and every key row of dk, dv is stored by the kernels (zeros where nothing is seen).
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-    # delta = rowsum(dO * O), minus the incoming gradient of lse (d lse / d s = P).
-    delta = (dout.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
-    lse2 = torch.where(torch.isinf(lse), torch.full_like(lse, math.inf), lse * 1.4426950408889634).contiguous()
+    lse = lse.contiguous()
+    dlse = dlse.float().contiguous() if dlse is not None else None
+    # Written by the dQ kernel, read by the dK/dV kernel: log2-domain lse and rowsum(dO * O) - dlse.
+    lse2 = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
+    delta = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     cfg2 = cfg.dkdv_config                  # the dK/dV kernel's tiles (BLOCK_M queries x BLOCK_N keys)
     nqb, nkb = math.ceil(Nq / cfg.block_m), math.ceil(Nk / cfg2.block_n)
@@ -343,14 +370,15 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             heads_kv = layout.kv_heads(Hq, Hkv)
             fwd_extra += [layout.qpos, layout.kpos]
             bwd_extra += [layout2.qpos, layout2.kpos]
-            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
     input_args = input_launch_args(pir, inputs)
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision)
     module.attnc_bwd_dq[(B * Hq, nqb)](
-        q, k, v, dout, dq, lse2, delta,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        q, k, v, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
         B, Hq, heads_kv, Nq, Nk, scale, *fwd_extra, *input_args,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_DLSE=dlse is not None, **common)
     module.attnc_bwd_dkdv[(B * heads_kv, nkb)](
         q, k, v, dout, dk, dv, lse2, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),

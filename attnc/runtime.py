@@ -134,16 +134,19 @@ class Kernel:
         return cached_source(self.ir, "bwd", render_backward)[0]
 
     # ---- planning ----------------------------------------------------------------------------------
-    def block_sizes(self, head_dim: int = 128, device: str = "cuda") -> tuple[int, int]:
-        """(block_m, block_n) of the default forward configuration for a GPU (or the interpreter).
+    def block_sizes(self, head_dim: int = 128, device: str = "cuda", n_q: int = 8192,
+                    n_k: int | None = None) -> tuple[int, int]:
+        """(block_m, block_n) of the default forward configuration for a GPU (or the interpreter) at
+        these lengths (narrow bands run on smaller tiles, see ``launch.prefers_small_tiles``).
 
         Without a GPU this is the Hopper table's choice (what `kern.plan` reports by default)."""
-        from .codegen import kernel_mode
-        from .launch import forward_config
-        sparse = kernel_mode(self.ir) != "ranges"
+        from .launch import forward_config, prefers_small_tiles
+        sparse = prefers_small_tiles(self, n_q, n_q if n_k is None else n_k)
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            return (64, 64) if sparse and head_dim <= 128 else (128, 64)
+            if head_dim > 128:
+                return (128, 64)
+            return (64, 64) if sparse else ((128, 64) if head_dim <= 64 else (128, 128))
         cfg = forward_config(head_dim, head_dim, dev, torch.bfloat16, sparse=sparse)
         return cfg.block_m, cfg.block_n
 
@@ -190,7 +193,7 @@ class Kernel:
         """The execution plan for these sizes (and runtime inputs): tiles computed, mode, transforms."""
         from .codegen import kernel_mode
         from .plan import TileClassifier, list_plan, static_plan
-        bm, bn = self.block_sizes()
+        bm, bn = self.block_sizes(n_q=n_q, n_k=n_k) if not (block_m and block_n) else (block_m, block_n)
         bm, bn = block_m or bm, block_n or bn
         sizes = check_inputs(self.ir, inputs, batch=batch, heads=heads, n_q=n_q, n_k=n_k)
         mode = kernel_mode(self.ir)

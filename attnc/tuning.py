@@ -139,7 +139,20 @@ def entry_key(gpu: str, pattern: str, dtype, head_dim, bucket: int, kind: str) -
 
 
 def config_text(cfg: FwdConfig) -> str:
-    return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+    text = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}" + (" tma" if cfg.tma else "")
+    if cfg.dkdv is not None:
+        text += f" / dK,dV {config_text(cfg.dkdv)}"
+    return text
+
+
+def config_obj(cfg: FwdConfig) -> dict:
+    """A configuration as JSON (what tuning.json stores)."""
+    obj = {"block_m": cfg.block_m, "block_n": cfg.block_n, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.tma:
+        obj["tma"] = True
+    if cfg.dkdv is not None:
+        obj["dkdv"] = config_obj(cfg.dkdv)
+    return obj
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,7 +166,15 @@ def _config_from(obj) -> FwdConfig | None:
         return None
     if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in values):
         return None
-    return FwdConfig(*values)
+    tma = obj.get("tma", False)
+    if not isinstance(tma, bool):
+        return None
+    dkdv = None
+    if obj.get("dkdv") is not None:
+        dkdv = _config_from(obj["dkdv"])
+        if dkdv is None or dkdv.dkdv is not None:
+            return None
+    return FwdConfig(*values, tma=tma, dkdv=dkdv)
 
 
 def _valid_entry(entry) -> bool:
@@ -316,9 +337,10 @@ def smem_estimate(kind: str, cfg: FwdConfig, head_dim: int, head_dim_v: int | No
     bm, bn, buffers = cfg.block_m, cfg.block_n, max(1, cfg.num_stages)
     if kind == "fwd":
         return e * (bm * d + buffers * bn * (d + dv))
-    scratch = 4 * bm * bn                   # a float32 score tile changing layout (seen with one stage)
-    dq = e * (bm + buffers * bn) * (d + dv) + scratch
-    dkdv = e * (bn + buffers * bm) * (d + dv) + 8 * buffers * bm + scratch
+    dq = e * (bm + buffers * bn) * (d + dv) + 4 * bm * bn   # + a float32 score tile changing layout
+    c2 = cfg.dkdv_config                    # the dK/dV kernel may have its own tiles
+    bm, bn, buffers = c2.block_m, c2.block_n, max(1, c2.num_stages)
+    dkdv = e * (bn + buffers * bm) * (d + dv) + 8 * buffers * bm + 4 * bm * bn
     return max(dq, dkdv)
 
 
@@ -326,11 +348,12 @@ def register_estimate(kind: str, cfg: FwdConfig, head_dim: int, head_dim_v: int 
     """fp32 values per thread held by the accumulators and score tiles (a lower bound on registers)."""
     d = int(head_dim)
     dv = d if head_dim_v is None else int(head_dim_v)
-    threads = 32 * cfg.num_warps
     bm, bn = cfg.block_m, cfg.block_n
     if kind == "fwd":
-        return (bm * dv + bm * bn) // threads
-    return max(bm * d + 2 * bm * bn, bn * (d + dv) + 2 * bm * bn) // threads
+        return (bm * dv + bm * bn) // (32 * cfg.num_warps)
+    c2 = cfg.dkdv_config
+    return max((bm * d + 2 * bm * bn) // (32 * cfg.num_warps),
+               (c2.block_n * (d + dv) + 2 * c2.block_m * c2.block_n) // (32 * c2.num_warps))
 
 
 _SMEM_BY_CAPABILITY = {(9, 0): 232448, (8, 0): 166912, (8, 7): 166912, (10, 0): 232448}
@@ -352,17 +375,22 @@ def smem_limit(device=None) -> int:
 
 
 def search_space(kind: str, head_dim: int, head_dim_v: int | None = None, dtype=torch.bfloat16,
-                 smem: int | None = None, device=None) -> list[FwdConfig]:
+                 smem: int | None = None, device=None, hopper: bool | None = None) -> list[FwdConfig]:
     """Candidate configurations for one kernel kind, filtered by shared memory and register estimates.
 
     ``smem`` is the shared-memory budget in bytes (default: the current GPU's limit). Eight warps on a
     tile smaller than 64 x 64 are left out below head dim 256 (idle warps; at 256 they relieve register
     pressure instead), as are tiles whose accumulators surely spill.
+    On Hopper (or with ``hopper=True``) the forward candidates come with and without tensor-descriptor
+    loads, and the backward ones also as pairs whose dK/dV kernel takes the transposed tile (e.g. dQ on
+    128 queries x 64 keys, dK/dV on 64 x 128).
     Ordered from large tiles and deep pipelines to small ones.
     """
     if kind not in KINDS:
         raise InputError(f"unknown kernel kind {kind!r}; use one of {', '.join(KINDS)}")
     budget = int((smem if smem is not None else smem_limit(device)) * SMEM_MARGIN)
+    if hopper is None:
+        hopper = torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
     out = []
     for bm in BLOCKS:
         for bn in BLOCKS:
@@ -370,13 +398,20 @@ def search_space(kind: str, head_dim: int, head_dim_v: int | None = None, dtype=
                 if warps == 8 and bm * bn < 64 * 64 and max(head_dim, head_dim_v or head_dim) < 256:
                     continue
                 for stages in STAGES:
-                    cfg = FwdConfig(bm, bn, warps, stages)
-                    if smem_estimate(kind, cfg, head_dim, head_dim_v, dtype) > budget:
-                        continue
-                    if register_estimate(kind, cfg, head_dim, head_dim_v) > MAX_REGS:
-                        continue
-                    out.append(cfg)
-    out.sort(key=lambda c: (-c.block_m * c.block_n, -c.block_m, -c.num_stages, c.num_warps))
+                    base = FwdConfig(bm, bn, warps, stages)
+                    variants = [base]
+                    if hopper and kind == "fwd":
+                        variants.append(FwdConfig(bm, bn, warps, stages, tma=True))
+                    if hopper and kind == "bwd" and bm != bn:
+                        variants.append(FwdConfig(bm, bn, warps, stages, dkdv=FwdConfig(bn, bm, warps, stages)))
+                    for cfg in variants:
+                        if smem_estimate(kind, cfg, head_dim, head_dim_v, dtype) > budget:
+                            continue
+                        if register_estimate(kind, cfg, head_dim, head_dim_v) > MAX_REGS:
+                            continue
+                        out.append(cfg)
+    out.sort(key=lambda c: (-c.block_m * c.block_n, -c.block_m, -c.num_stages, c.num_warps, not c.tma,
+                            c.dkdv is None))
     return out
 
 
@@ -583,8 +618,7 @@ def autotune(kern, seq: int, batch: int | None = None, heads: int = 16, dim: int
     problem is small enough) is written to ``cache_dir()/tuning.json`` unless ``save`` is false.
     Candidates that fail to compile or launch are skipped with a note in the report.
     """
-    from .codegen import kernel_mode
-    from .launch import backward_config, forward_config, launch_backward, launch_forward
+    from .launch import backward_config, forward_config, launch_backward, launch_forward, prefers_small_tiles
     from .validate import check_inputs, check_qkv
 
     if not torch.cuda.is_available():
@@ -627,9 +661,10 @@ def autotune(kern, seq: int, batch: int | None = None, heads: int = 16, dim: int
         return launch_forward(kern, q, k, v, scale=scale, sizes=sizes, inputs=inputs, config=cfg)
 
     new_entries = {}
-    fwd_default = forward_config(dim, dim, device, dtype, sparse=kernel_mode(kern.ir) != "ranges")
+    small = prefers_small_tiles(kern, seq, seq)
+    fwd_default = forward_config(dim, dim, device, dtype, sparse=small)
     for kind in kinds:
-        default = fwd_default if kind == "fwd" else backward_config(dim, dim, device, dtype)
+        default = fwd_default if kind == "fwd" else backward_config(dim, dim, device, dtype, sparse=small)
         result = KindResult(kind=kind, default=default)
         report.results[kind] = result
         candidates = _ordered(search_space(kind, dim, dim, dtype, device=device), default, max_configs)
@@ -736,11 +771,9 @@ def _entry(kern, gpu, pkey, dtype, dim, seq, batch, heads, kind, result: KindRes
         "gpu": gpu, "pattern_key": pkey, "pattern": kern.name,
         "params": {str(k): (v if isinstance(v, (int, float, bool, str)) else str(v)) for k, v in kern.params.items()},
         "dtype": dtype_name(dtype), "head_dim": head_dim_text(dim), "seq_bucket": seq_bucket(seq), "kind": kind,
-        "config": {"block_m": cfg.block_m, "block_n": cfg.block_n, "num_warps": cfg.num_warps,
-                   "num_stages": cfg.num_stages},
+        "config": config_obj(cfg),
         "ms": result.best_ms, "default_ms": result.default_ms,
-        "default_config": {"block_m": default.block_m, "block_n": default.block_n,
-                           "num_warps": default.num_warps, "num_stages": default.num_stages},
+        "default_config": config_obj(default),
         "measured": {"seq": seq, "batch": batch, "heads": heads},
         "configs_timed": sum(1 for _, ms, _ in result.timings if ms is not None),
         "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "attnc": __version__,

@@ -91,6 +91,8 @@ def sweep_one(spec, n: int, args, fwd_cfgs: list, bwd_cfgs: list, emit) -> None:
     for cfg in bwd_cfgs:
         os.environ["ATTNC_BWD_CONFIG"] = cfg
         row = dict(base, impl="attnc", kind="fwdbwd", config=f"{args.bwd_fwd_config} | {cfg}")
+        for x in qkv:
+            x.grad = None                   # timing leaves the last run's gradients behind
         _, err = _run(lambda: kern(q, k, v, **inputs).backward(dout))
         if err is None:
             got = grads()

@@ -1,9 +1,32 @@
 """Backward kernels (dQ, dK/dV) under the interpreter against float64 autograd of the reference."""
 
+import math
+from contextlib import contextmanager
+from unittest import mock
+
 import pytest
 import torch
 
 import attnc
+
+_real_empty, _real_empty_like = torch.empty, torch.empty_like
+
+
+def _poison(t):
+    if t.is_floating_point():
+        t.fill_(math.nan)
+    elif t.dtype != torch.bool and t.numel():
+        t.fill_(-12345)
+    return t
+
+
+@contextmanager
+def poisoned_allocations():
+    """torch.empty / empty_like hand out NaN-filled memory: a gradient row the kernels forget to write
+    (or a delta / lse2 entry the dQ kernel forgets to store) shows up as NaN."""
+    with mock.patch.object(torch, "empty", lambda *a, **k: _poison(_real_empty(*a, **k))), \
+            mock.patch.object(torch, "empty_like", lambda *a, **k: _poison(_real_empty_like(*a, **k))):
+        yield
 
 CASES = {
     "causal": ("pattern p() { mask causal }", None),
@@ -71,10 +94,13 @@ def check_gradients(name, shape):
     k = torch.randn(B, Hkv, Nk, D, generator=g).requires_grad_()
     v = torch.randn(B, Hkv, Nk, D, generator=g).requires_grad_()
     inputs = _inputs(kind, B, Hq, max(Nq, Nk), g)
-    out, lse = kern(q, k, v, return_lse=True, **inputs)
+    with poisoned_allocations():
+        out, lse = kern(q, k, v, return_lse=True, **inputs)
     dout = torch.randn(out.shape, generator=g)
     dlse = torch.where(torch.isinf(lse), 0.0, torch.randn(lse.shape, generator=g))
-    (out * dout).sum().add((lse * dlse).nan_to_num(0.0, 0.0, 0.0).sum()).backward()
+    loss = (out * dout).sum().add((lse * dlse).nan_to_num(0.0, 0.0, 0.0).sum())
+    with poisoned_allocations():
+        loss.backward()
     grads = [x.grad for x in (q, k, v)]
     ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref_inputs = {n: (t.double() if t.is_floating_point() else t) for n, t in inputs.items()}

@@ -593,7 +593,7 @@ def test_causal_tile_fraction_at_4096():
 def test_default_blocks_and_str():
     kern = attnc.compile(str(EXAMPLES / "sliding_window.attn"), window=256)
     plan = kern.plan(4096, 4096)
-    assert (plan.block_m, plan.block_n) == kern.block_sizes()
+    assert (plan.block_m, plan.block_n) == kern.block_sizes(n_q=4096) == (64, 64)     # a narrow band
     text = str(plan)
     assert "mode: ranges" in text
     assert "tiles" in text and "sliding_window" in text
@@ -601,6 +601,21 @@ def test_default_blocks_and_str():
         assert str(count) in text
     assert f"{100 * plan.tile_fraction:.1f}%" in text
     assert isinstance(plan.transforms, list)
+
+
+def test_narrow_bands_prefer_small_tiles():
+    """Closed-form plans whose query blocks see few keys run on small tiles (NARROW_KEYS); dense
+    ones on large tiles; tile lists and layout transforms always on small ones."""
+    from attnc.launch import prefers_small_tiles
+    window = attnc.compile(str(EXAMPLES / "sliding_window.attn"), window=1024)
+    causal = attnc.compile(str(EXAMPLES / "causal.attn"))
+    docs = attnc.compile(str(EXAMPLES / "documents.attn"))
+    assert prefers_small_tiles(window, 32768, 32768) and prefers_small_tiles(window, 8192, 8192)
+    assert not prefers_small_tiles(causal, 8192, 8192) and not prefers_small_tiles(causal, 32768, 32768)
+    assert prefers_small_tiles(causal, 1024, 1024)            # 8 query blocks: small tiles, more programs
+    assert prefers_small_tiles(docs, 8192, 8192)
+    assert causal.block_sizes(n_q=32768) == (128, 128) and window.block_sizes(n_q=32768) == (64, 64)
+
 
 
 def test_plan_with_nq_ne_nk():

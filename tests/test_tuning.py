@@ -417,3 +417,27 @@ def test_cli_autotune_help(capsys):
     top = subprocess.run([sys.executable, "-m", "attnc", "--help"], capture_output=True, text=True, cwd=REPO,
                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
     assert "autotune" in top.stdout
+
+
+def test_hopper_search_space_has_tma_and_split_backward_variants():
+    fwd = tuning.search_space("fwd", 128, smem=H200_SMEM, hopper=True)
+    assert FwdConfig(128, 128, 8, 3, tma=True) in fwd and FwdConfig(128, 128, 8, 3) in fwd
+    bwd = tuning.search_space("bwd", 128, smem=H200_SMEM, hopper=True)
+    split = FwdConfig(128, 64, 8, 2, dkdv=FwdConfig(64, 128, 8, 2))
+    assert split in bwd
+    assert not any(c.tma for c in bwd)
+    assert all(c.tma is False and c.dkdv is None for c in tuning.search_space("fwd", 128, smem=H200_SMEM,
+                                                                               hopper=False))
+
+
+def test_tma_and_split_configs_round_trip_through_json():
+    for cfg in (FwdConfig(128, 128, 8, 3, tma=True), FwdConfig(128, 64, 8, 3, dkdv=FwdConfig(64, 128, 8, 3)),
+                FwdConfig(64, 64, 4, 2)):
+        obj = tuning.config_obj(cfg)
+        assert tuning._config_from(json.loads(json.dumps(obj))) == cfg
+    assert "tma" in tuning.config_text(FwdConfig(128, 128, 8, 3, tma=True))
+    assert "dK,dV 64x128" in tuning.config_text(FwdConfig(128, 64, 8, 3, dkdv=FwdConfig(64, 128, 8, 3)))
+    assert tuning._config_from({"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "tma": "yes"}) is None
+    nested = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2,
+              "dkdv": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "dkdv": {}}}
+    assert tuning._config_from(nested) is None
