@@ -308,8 +308,9 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
 def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
                     key=None, seq: int | None = None, sparse: bool = False) -> FwdConfig:
     """Default tiles of the backward kernels (an `attnc autotune` result first, as in forward_config).
-    On Hopper, wide closed-form plans give the dQ kernel 128 queries x 64 keys and the dK/dV kernel
-    64 queries x 128 keys; tile lists, layout transforms and narrow bands keep 64 x 64."""
+    On Hopper, closed-form plans give the dQ kernel 128 queries x 64 keys and the dK/dV kernel
+    64 queries x 128 keys; tile lists and layout transforms (``sparse``) keep 64 x 64 (H200 sweeps,
+    benchmarks/RESULTS.md run 6)."""
     chosen = _chosen_config("bwd", head_dim, head_dim_v, device, dtype, key, seq)
     if chosen is not None:
         return chosen
@@ -337,7 +338,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = config or backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk),
-                                    sparse=prefers_small_tiles(kern, Nq, Nk))
+                                    sparse=kernel_mode(pir) != "ranges")
     module = kern._backward_module()
     if Nq == 0 or Nk == 0 or B * Hq == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

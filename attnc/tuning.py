@@ -618,6 +618,7 @@ def autotune(kern, seq: int, batch: int | None = None, heads: int = 16, dim: int
     problem is small enough) is written to ``cache_dir()/tuning.json`` unless ``save`` is false.
     Candidates that fail to compile or launch are skipped with a note in the report.
     """
+    from .codegen import kernel_mode
     from .launch import backward_config, forward_config, launch_backward, launch_forward, prefers_small_tiles
     from .validate import check_inputs, check_qkv
 
@@ -664,7 +665,8 @@ def autotune(kern, seq: int, batch: int | None = None, heads: int = 16, dim: int
     small = prefers_small_tiles(kern, seq, seq)
     fwd_default = forward_config(dim, dim, device, dtype, sparse=small)
     for kind in kinds:
-        default = fwd_default if kind == "fwd" else backward_config(dim, dim, device, dtype, sparse=small)
+        default = fwd_default if kind == "fwd" else backward_config(dim, dim, device, dtype,
+                                                                    sparse=kernel_mode(kern.ir) != "ranges")
         result = KindResult(kind=kind, default=default)
         report.results[kind] = result
         candidates = _ordered(search_space(kind, dim, dim, dtype, device=device), default, max_configs)

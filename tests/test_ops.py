@@ -1,6 +1,7 @@
 """The torch custom ops (attnc.ops): registration, opcheck, autograd into q, k, v and float score
 inputs against float64 autograd of the reference, and torch.compile(fullgraph=True) through them."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,34 @@ def test_torch_compile_fullgraph_dynamic_lengths():
             files = sorted(p.name for p in kernels.iterdir())
     assert counter.frame_count == 1, "a new sequence length recompiled the graph"
     assert sorted(p.name for p in kernels.iterdir()) == files, "a new sequence length regenerated kernels"
+
+
+@pytest.mark.gpu
+def test_torch_compile_inductor_on_gpu():
+    """On a GPU: torch.compile with the inductor backend, fullgraph and dynamic lengths, through the
+    compiled Triton kernels (not the interpreter): one graph for two lengths, same numbers as eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("run with TRITON_INTERPRET=0 so the compiled kernels run")
+    kern = attnc.compile(ALIBI)
+
+    def step(q, k, v, slopes):
+        out, lse = kern(q, k, v, return_lse=True, slopes=slopes)
+        return out.float().square().sum() + lse.sum()
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, fullgraph=True, backend=counter, dynamic=True)
+    for n in (1000, 2049):
+        g = torch.Generator(device="cuda").manual_seed(n)
+        q, k, v = (torch.randn(2, 4, n, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+                   for _ in range(3))
+        slopes = torch.rand(4, device="cuda", generator=g).requires_grad_()
+        eager = [t.detach().clone().requires_grad_() for t in (q, k, v, slopes)]
+        loss = compiled(q, k, v, slopes)
+        loss.backward()
+        want = step(*eager)
+        want.backward()
+        torch.testing.assert_close(loss, want, rtol=1e-3, atol=1e-2)
+        for t, e in zip((q, k, v, slopes), eager):
+            torch.testing.assert_close(t.grad, e.grad, rtol=2e-2, atol=2e-2)
+    assert counter.frame_count == 1, "a new sequence length recompiled the graph"
