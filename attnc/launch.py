@@ -110,7 +110,7 @@ class FwdConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    tma: bool = False        # forward: K/V tiles through tensor descriptors (Hopper's bulk copies)
+    tma: bool = False        # K/V (forward, dQ) or Q/dO (dK/dV) tiles through tensor descriptors (Hopper)
     dkdv: "FwdConfig | None" = None   # backward: the dK/dV kernel's own tiles (else the same as dQ's)
 
     @property
@@ -373,19 +373,22 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             bwd_extra += [layout2.qpos, layout2.kpos]
             dk, dv = torch.empty_like(k), torch.empty_like(v)
     input_args = input_launch_args(pir, inputs)
+    row_mode = "lists" if layout is not None and layout.identity else mode
+    dq_tma = _tma_usable(cfg, row_mode, k, v)               # K, V tiles of the dQ kernel
+    dkdv_tma = _tma_usable(cfg2, row_mode, q, dout)         # Q, dO tiles of the dK/dV kernel
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision)
     module.attnc_bwd_dq[(B * Hq, nqb)](
         q, k, v, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
         B, Hq, heads_kv, Nq, Nk, scale, *fwd_extra, *input_args,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        HAS_DLSE=dlse is not None, **common)
+        HAS_DLSE=dlse is not None, USE_TMA=dq_tma, **common)
     module.attnc_bwd_dkdv[(B * heads_kv, nkb)](
         q, k, v, dout, dk, dv, lse2, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         B, Hq, heads_kv, Nq, Nk, scale, math.ceil(Nq / cfg2.block_m), *bwd_extra, *input_args,
         BLOCK_M=cfg2.block_m, BLOCK_N=cfg2.block_n, num_warps=cfg2.num_warps, num_stages=cfg2.num_stages,
-        **common)
+        USE_TMA=dkdv_tma, **common)
     if layout is not None:
         dk, dv = layout.reduce_kv_heads(dk, Hkv), layout.reduce_kv_heads(dv, Hkv)
     return dq, dk, dv

@@ -83,6 +83,26 @@ def test_dkdv_kernel_with_its_own_tiles(name):
     assert "bwd" in asked
 
 
+@pytest.mark.parametrize("name", ["causal", "prefix_or_causal", "documents", "kept_keys", "fully_masked_rows"])
+def test_tma_backward_variant(name):
+    """Tensor-descriptor loads in both backward kernels (the permuted kernels fall back to gathers)."""
+    from unittest import mock
+
+    from attnc import launch
+    cfg = launch.FwdConfig(16, 32, 4, 1, tma=True, dkdv=launch.FwdConfig(32, 16, 4, 1, tma=True))
+    used = []
+    real = launch._tma_usable
+
+    def spy(*args):
+        used.append(real(*args))
+        return used[-1]
+
+    with mock.patch.object(launch, "_chosen_config", lambda kind, *a: cfg if kind == "bwd" else
+                           launch.FwdConfig(32, 32, 4, 1, tma=True)), mock.patch.object(launch, "_tma_usable", spy):
+        check_gradients(name, SHAPES[0])
+    assert any(used) == (name != "kept_keys")
+
+
 def check_gradients(name, shape):
     src, kind = CASES[name]
     B, Hq, Hkv, Nq, Nk, D = shape
