@@ -306,11 +306,10 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
 
 
 def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
-                    key=None, seq: int | None = None, sparse: bool = False) -> FwdConfig:
+                    key=None, seq: int | None = None) -> FwdConfig:
     """Default tiles of the backward kernels (an `attnc autotune` result first, as in forward_config).
-    On Hopper, closed-form plans give the dQ kernel 128 queries x 64 keys and the dK/dV kernel
-    64 queries x 128 keys; tile lists and layout transforms (``sparse``) keep 64 x 64 (H200 sweeps,
-    benchmarks/RESULTS.md run 6)."""
+    On Hopper: 64 x 64 tiles, 4 warps, 2 stages, tensor-descriptor loads (the best or within 3% of the
+    best of the H200 sweeps for causal, window, documents and prefix-LM, benchmarks/RESULTS.md run 8)."""
     chosen = _chosen_config("bwd", head_dim, head_dim_v, device, dtype, key, seq)
     if chosen is not None:
         return chosen
@@ -321,9 +320,7 @@ def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype:
     if d > 128:
         # D=256 on Hopper: 64x64 with 8 warps measured 1.83x faster than 32x32 (autotune, H200).
         return FwdConfig(64, 64, 8, 2) if major >= 9 else FwdConfig(32, 32, 4, 1)
-    if major >= 9 and not sparse:
-        return FwdConfig(128, 64, 8, 3, dkdv=FwdConfig(64, 128, 8, 3))
-    return FwdConfig(64, 64, 4, 2)
+    return FwdConfig(64, 64, 4, 2, tma=major >= 9)
 
 
 def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes: dict, inputs: dict,
@@ -337,8 +334,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     pir = kern.ir
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config or backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk),
-                                    sparse=kernel_mode(pir) != "ranges")
+    cfg = config or backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk))
     module = kern._backward_module()
     if Nq == 0 or Nk == 0 or B * Hq == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

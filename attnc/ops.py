@@ -91,19 +91,12 @@ def ops_for(kern) -> KernelOps:
     return ops
 
 
-@torch.compiler.assume_constant_result
-def op_key(kern) -> str:
-    """The source key naming ``kern``'s operators, registering them if needed.
-
-    Dynamo calls this once while tracing and keeps the result as a constant (guarded on the
-    kernel object's identity), so the hashing and registration never break a graph.
-    """
-    return ops_for(kern).key
-
-
 def attention_op(kern, q, k, v, values: list, scale: float):
-    """(out, lse) of ``kern`` through its custom operator; differentiable in q, k, v and float inputs."""
-    forward = getattr(getattr(torch.ops, NAMESPACE), f"fwd_{op_key(kern)}")
+    """(out, lse) of ``kern`` through its custom operator; differentiable in q, k, v and float inputs.
+
+    The operator was registered when the kernel was built (``Kernel._op_name``), so tracing this
+    under torch.compile reads a string attribute and never hashes or registers anything."""
+    forward = getattr(getattr(torch.ops, NAMESPACE), kern._op_name)
     return forward(q, k, v, list(values), scale)
 
 

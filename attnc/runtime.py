@@ -54,10 +54,14 @@ class Kernel:
     """A compiled attention pattern: callable like attention, plus its mask, reference, plan and source."""
 
     def __init__(self, pir: PatternIR):
+        from .ops import ops_for
         self.ir = pir
         self.name = pir.name
         self.params = dict(pir.params)
         self.inputs = dict(pir.inputs)
+        # The kernel's torch custom operators are registered now, not on the first call: a call traced by
+        # torch.compile then only reads this name (a constant), whatever the torch version's tracer can do.
+        self._op_name = f"fwd_{ops_for(self).key}"
 
     def __repr__(self):
         params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())

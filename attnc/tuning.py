@@ -381,8 +381,8 @@ def search_space(kind: str, head_dim: int, head_dim_v: int | None = None, dtype=
     ``smem`` is the shared-memory budget in bytes (default: the current GPU's limit). Eight warps on a
     tile smaller than 64 x 64 are left out below head dim 256 (idle warps; at 256 they relieve register
     pressure instead), as are tiles whose accumulators surely spill.
-    On Hopper (or with ``hopper=True``) the forward candidates come with and without tensor-descriptor
-    loads, and the backward ones also as pairs whose dK/dV kernel takes the transposed tile (e.g. dQ on
+    On Hopper (or with ``hopper=True``) every candidate comes with and without tensor-descriptor loads,
+    and the backward ones also as pairs whose dK/dV kernel takes the transposed tile (e.g. dQ on
     128 queries x 64 keys, dK/dV on 64 x 128).
     Ordered from large tiles and deep pipelines to small ones.
     """
@@ -400,10 +400,12 @@ def search_space(kind: str, head_dim: int, head_dim_v: int | None = None, dtype=
                 for stages in STAGES:
                     base = FwdConfig(bm, bn, warps, stages)
                     variants = [base]
-                    if hopper and kind == "fwd":
+                    if hopper:
                         variants.append(FwdConfig(bm, bn, warps, stages, tma=True))
                     if hopper and kind == "bwd" and bm != bn:
-                        variants.append(FwdConfig(bm, bn, warps, stages, dkdv=FwdConfig(bn, bm, warps, stages)))
+                        for tma in (False, True):
+                            variants.append(FwdConfig(bm, bn, warps, stages, tma,
+                                                      dkdv=FwdConfig(bn, bm, warps, stages, tma)))
                     for cfg in variants:
                         if smem_estimate(kind, cfg, head_dim, head_dim_v, dtype) > budget:
                             continue
@@ -618,7 +620,6 @@ def autotune(kern, seq: int, batch: int | None = None, heads: int = 16, dim: int
     problem is small enough) is written to ``cache_dir()/tuning.json`` unless ``save`` is false.
     Candidates that fail to compile or launch are skipped with a note in the report.
     """
-    from .codegen import kernel_mode
     from .launch import backward_config, forward_config, launch_backward, launch_forward, prefers_small_tiles
     from .validate import check_inputs, check_qkv
 
@@ -665,8 +666,7 @@ def autotune(kern, seq: int, batch: int | None = None, heads: int = 16, dim: int
     small = prefers_small_tiles(kern, seq, seq)
     fwd_default = forward_config(dim, dim, device, dtype, sparse=small)
     for kind in kinds:
-        default = fwd_default if kind == "fwd" else backward_config(dim, dim, device, dtype,
-                                                                    sparse=kernel_mode(kern.ir) != "ranges")
+        default = fwd_default if kind == "fwd" else backward_config(dim, dim, device, dtype)
         result = KindResult(kind=kind, default=default)
         report.results[kind] = result
         candidates = _ordered(search_space(kind, dim, dim, dtype, device=device), default, max_configs)

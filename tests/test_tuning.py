@@ -424,8 +424,8 @@ def test_hopper_search_space_has_tma_and_split_backward_variants():
     assert FwdConfig(128, 128, 8, 3, tma=True) in fwd and FwdConfig(128, 128, 8, 3) in fwd
     bwd = tuning.search_space("bwd", 128, smem=H200_SMEM, hopper=True)
     split = FwdConfig(128, 64, 8, 2, dkdv=FwdConfig(64, 128, 8, 2))
-    assert split in bwd
-    assert not any(c.tma for c in bwd)
+    assert split in bwd and FwdConfig(64, 64, 4, 2, tma=True) in bwd
+    assert FwdConfig(128, 64, 8, 2, tma=True, dkdv=FwdConfig(64, 128, 8, 2, tma=True)) in bwd
     assert all(c.tma is False and c.dkdv is None for c in tuning.search_space("fwd", 128, smem=H200_SMEM,
                                                                                hopper=False))
 
