@@ -145,7 +145,18 @@ def _parse_config(name: str, text: str) -> FwdConfig:
     return FwdConfig(bm, bn, warps, stages, tma)
 
 
-_allocator_ready: set = set()
+def _ensure_allocator(device_type: str) -> None:
+    """Descriptors built inside a kernel need a little global scratch memory. Triton keeps its allocator
+    in a context variable, so each thread (autograd runs the backward in its own) needs one: set torch's
+    allocator where none is set, and leave a caller's own allocator alone."""
+    try:
+        from triton.runtime import _allocation
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):      # another Triton layout: always set ours
+        pass
+    import triton
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device_type))
 
 
 def _tma_usable(cfg: FwdConfig, mode: str, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -159,12 +170,7 @@ def _tma_usable(cfg: FwdConfig, mode: str, k: torch.Tensor, v: torch.Tensor) -> 
         es = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
             return False
-    device = k.device.type
-    if device not in _allocator_ready:
-        # Descriptors built inside the kernel need a little global scratch memory, from torch's allocator.
-        import triton
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
-        _allocator_ready.add(device)
+    _ensure_allocator(k.device.type)
     return True
 
 

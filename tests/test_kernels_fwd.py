@@ -718,6 +718,62 @@ def test_tma_variant_matches_pointer_loads(case_id, size, how):
     torch.testing.assert_close(lse, plain_lse, rtol=1e-5, atol=1e-6)
 
 
+def test_tma_variant_in_fresh_threads():
+    """Triton keeps its allocator per context (thread): autograd runs the backward in its own thread on
+    a GPU, so every thread launching a descriptor kernel must get one, not only the first. (The
+    interpreter itself needs none, so the allocator is checked directly.)"""
+    import threading
+
+    from triton.runtime import _allocation
+
+    from attnc import launch
+    kern = case_by_id("causal").compile()
+    q, k, v = make_qkv(1, 2, 2, 67, 67, 32, 16)
+    want, _ = run_kernel(kern, q, k, v)
+    results, errors = [], []
+
+    def call():
+        try:
+            assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)   # a fresh context
+            results.append(kern(q, k, v))
+            assert not isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+        except Exception as exc:        # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    tma_cfg = launch.FwdConfig(32, 32, 4, 1, tma=True)
+    with mock.patch.object(launch, "_chosen_config", lambda kind, *a: tma_cfg):
+        for _ in range(2):
+            t = threading.Thread(target=call)
+            t.start()
+            t.join()
+    assert not errors, errors
+    assert len(results) == 2
+    for got in results:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_tma_keeps_a_callers_allocator():
+    import threading
+
+    import triton
+    from triton.runtime import _allocation
+
+    from attnc import launch
+    mine = []
+
+    def call():
+        def allocator(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8)
+        triton.set_allocator(allocator)
+        launch._ensure_allocator("cpu")
+        mine.append(_allocation._allocator.get() is allocator)
+
+    t = threading.Thread(target=call)
+    t.start()
+    t.join()
+    assert mine == [True]
+
+
 def test_env_config_accepts_tma_and_rejects_junk(monkeypatch):
     from attnc import launch
     monkeypatch.setenv("ATTNC_FWD_CONFIG", "128,64,8,3,tma")
