@@ -38,7 +38,7 @@ def plot(rows: dict, out: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     patterns = list(dict.fromkeys(p for p, _ in sorted(rows, key=lambda x: x[1])))
-    fig, axes = plt.subplots(2, len(patterns), figsize=(3.1 * len(patterns), 6.4), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2, len(patterns), figsize=(3.1 * len(patterns), 6.4), squeeze=False)
     for col, pattern in enumerate(patterns):
         lengths = sorted(n for p, n in rows if p == pattern)
         for line, kind in enumerate(("fwd", "fwdbwd")):
