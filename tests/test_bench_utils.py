@@ -409,3 +409,30 @@ def test_bench_pattern_on_gpu_small():
     assert row["check"] == "ok", row
     assert row["attnc_fwd_tflops"] > 0 and row["flex_fwd_tflops"] > 0
     assert row.get("cudnn_fwd_ms") or row.get("flash_fwd_ms")
+
+
+# ---- plot_tflops.py -------------------------------------------------------------------------------------
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plot_tflops_reads_runs_and_draws(tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = _load_script("plot_tflops")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    row = dict(pattern="causal", N=8192, check="ok", density=0.5, attnc_fwd_tflops=450.0, flex_fwd_tflops=410.0,
+               attnc_fwdbwd_tflops=380.0, flex_fwdbwd_tflops=390.0, cudnn_fwd_tflops=580.0)
+    a.write_text("\n".join(json.dumps(r) for r in (
+        row, dict(row, N=32768, attnc_fwd_tflops=500.0),
+        dict(row, pattern="hash8_causal", check="FAIL out 1e-1"))) + "\n")
+    b.write_text(json.dumps(dict(row, N=32768, attnc_fwd_tflops=510.0)) + "\n\n")
+    rows = plot.load_rows([a, b])
+    assert set(rows) == {("causal", 8192), ("causal", 32768)}         # failed checks are not drawn
+    assert rows[("causal", 32768)]["attnc_fwd_tflops"] == 510.0        # the later file wins
+    out = tmp_path / "fig.png"
+    plot.plot(rows, out, title="test")
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
