@@ -422,13 +422,13 @@ class PlannedTiles:
 
 def list_plan(pir: PatternIR, status: torch.Tensor, n_q, n_k, batch, heads, block_m, block_n) -> Plan:
     reps = (batch // status.shape[0]) * (heads // status.shape[1])
-    counts = [0, 0, 0]
+    computed = full = 0
     flat = status.reshape(-1, status.shape[-1])
     for start in range(0, flat.shape[0], 1024):           # bounded temporaries for huge plans
         part = flat[start:start + 1024]
-        for value in range(3):
-            counts[value] += int((part == value).sum())
-    tiles = {"full": counts[2] * reps, "partial": counts[1] * reps, "empty": counts[0] * reps}
+        computed += int(torch.count_nonzero(part))
+        full += int(torch.count_nonzero(part == 2))
+    tiles = {"full": full * reps, "partial": (computed - full) * reps, "empty": (status.numel() - computed) * reps}
     setup = (f"tile classification on {tuple(status.shape)} blocks"
              f"{' shared across heads' if status.shape[1] == 1 else ''}"
              f"{' and batch' if status.shape[0] == 1 else ''}")
@@ -548,9 +548,16 @@ class PermutedTileClassifier:
 
     ``q_perm`` / ``k_perm`` have shape (B', H', N) with B', H' in {1, batch/heads}: a pattern whose mask
     depends on neither b nor h is classified once. The work runs in chunks of query blocks, so memory
-    stays bounded (O(chunk x N/Bn)) even for a million tokens."""
+    stays bounded (O(chunk x N/Bn)) even for a million tokens.
+
+    Large problems are classified coarse to fine: first tiles of ``COARSE`` x ``COARSE`` blocks, then
+    only the blocks inside coarse tiles that are partial. Interval evaluation is inclusion-monotone
+    (a smaller box gives a narrower result), so an empty or full coarse tile has only empty or full
+    blocks and the result equals classifying every block, in time proportional to the partial area."""
 
     CHUNK_TILES = 1 << 22
+    COARSE = 16
+    HIERARCHY_MIN_TILES = 1 << 20       # below this, every block is classified directly
 
     def __init__(self, pir, q_perm, k_perm, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs,
                  modulus: int = 0):
@@ -569,20 +576,31 @@ class PermutedTileClassifier:
             self.qres = _block_summary(q_perm % modulus, -1, block_m, n_q)
             self.kres = _block_summary(k_perm % modulus, -1, block_n, n_k)
         self._summaries = {}
-        self._rows = slice(0, self.nqb)
+        self._direct_rows(slice(0, self.nqb))
+
+    # ---- where the evaluation happens: a rectangle of rows x all key blocks, or gathered tiles --------
+    def _direct_rows(self, rows: slice):
+        """Evaluate query blocks ``rows`` against every key block: shape (B', H', rows, nkb)."""
+        self._q_side = lambda x: x[..., rows, None]
+        self._k_side = lambda x: x.unsqueeze(-2)
+        self._b = torch.arange(self.batch, device=self.device).view(-1, 1, 1, 1)
+        self._h = torch.arange(self.heads, device=self.device).view(1, -1, 1, 1)
+
+    def _gathered(self, bi, hi, rows, cols):
+        """Evaluate gathered tiles: ``bi``, ``hi`` (T, 1, 1), ``rows`` (T, S, 1), ``cols`` (T, 1, S)."""
+        self._q_side = lambda x: x[bi, hi, rows]
+        self._k_side = lambda x: x[bi, hi, cols]
+        self._b, self._h = bi, hi
 
     def _leaves(self):
-        rows = self._rows
         leaves = {name: (v, v) for name, v in self.sizes.items()}
-        leaves["q"] = (self.qsum[0][..., rows, None], self.qsum[1][..., rows, None])
-        leaves["k"] = (self.ksum[0].unsqueeze(-2), self.ksum[1].unsqueeze(-2))
-        b = torch.arange(self.batch, device=self.device).view(-1, 1, 1, 1)
-        h = torch.arange(self.heads, device=self.device).view(1, -1, 1, 1)
-        leaves["b"], leaves["h"] = (b, b), (h, h)
+        leaves["q"] = (self._q_side(self.qsum[0]), self._q_side(self.qsum[1]))
+        leaves["k"] = (self._k_side(self.ksum[0]), self._k_side(self.ksum[1]))
+        leaves["b"], leaves["h"] = (self._b, self._b), (self._h, self._h)
         residues = {}
         if self.modulus:
-            residues = {"q": (self.modulus, self.qres[0][..., rows, None], self.qres[1][..., rows, None]),
-                        "k": (self.modulus, self.kres[0].unsqueeze(-2), self.kres[1].unsqueeze(-2))}
+            residues = {"q": (self.modulus, self._q_side(self.qres[0]), self._q_side(self.qres[1])),
+                        "k": (self.modulus, self._k_side(self.kres[0]), self._k_side(self.kres[1]))}
         return leaves, residues
 
     def _read(self, node, idx):
@@ -602,21 +620,61 @@ class PermutedTileClassifier:
             values = values.expand(self.batch, self.heads, perm.shape[-1])
             self._summaries[node] = _block_summary(values, -1, block, n)
         lo, hi = self._summaries[node]
-        if side == "q":
-            lo, hi = lo[..., self._rows, None], hi[..., self._rows, None]
-        else:
-            lo, hi = lo.unsqueeze(-2), hi.unsqueeze(-2)
+        pick = self._q_side if side == "q" else self._k_side
+        lo, hi = pick(lo), pick(hi)
         if node.type == "bool":
             return lo > 0, hi > 0
         return lo, hi
 
+    def _evaluate(self):
+        leaves, residues = self._leaves()
+        return IntervalEvaluator(TorchOps, leaves, self._read, residues=residues)(self.pir.mask)
+
+    # ---- classification ------------------------------------------------------------------------------
     def classify(self) -> torch.Tensor:
+        S = self.COARSE
+        if self.nqb * self.nkb < self.HIERARCHY_MIN_TILES or min(self.nqb, self.nkb) < 4 * S:
+            return self._classify_all()
+        return self._classify_coarse_to_fine()
+
+    def _classify_all(self) -> torch.Tensor:
         status = torch.zeros(self.batch, self.heads, self.nqb, self.nkb, dtype=torch.int8, device=self.device)
         step = max(1, self.CHUNK_TILES // max(1, self.batch * self.heads * self.nkb))
         for m0 in range(0, self.nqb, step):
-            self._rows = slice(m0, min(self.nqb, m0 + step))
-            leaves, residues = self._leaves()
-            ev = IntervalEvaluator(TorchOps, leaves, self._read, residues=residues)
-            shape = (self.batch, self.heads, self._rows.stop - m0, self.nkb)
-            status[:, :, self._rows] = tile_status(*ev(self.pir.mask), shape, self.device, self.n_k, self.block_n)
+            rows = slice(m0, min(self.nqb, m0 + step))
+            self._direct_rows(rows)
+            shape = (self.batch, self.heads, rows.stop - m0, self.nkb)
+            status[:, :, rows] = tile_status(*self._evaluate(), shape, self.device, self.n_k, self.block_n)
+        return status
+
+    def _classify_coarse_to_fine(self) -> torch.Tensor:
+        S = self.COARSE
+        coarse = PermutedTileClassifier(self.pir, self.q_perm, self.k_perm, self.n_q, self.n_k, self.batch,
+                                        self.heads, self.block_m * S, self.block_n * S, self.sizes, self.inputs,
+                                        modulus=self.modulus)
+        cstatus = coarse._classify_all()
+        # Full coarse tiles are full block by block; empty ones empty.
+        status = ((cstatus == 2).to(torch.int8) * 2).repeat_interleave(S, dim=-2).repeat_interleave(S, dim=-1)
+        status = status[..., :self.nqb, :self.nkb].contiguous()
+        partial = (cstatus == 1).nonzero()                      # (T, 4): b', h', coarse row, coarse column
+        offs = torch.arange(S, device=self.device)
+        step = max(1, self.CHUNK_TILES // (S * S))
+        for t0 in range(0, partial.shape[0], step):
+            part = partial[t0:t0 + step]
+            bi, hi = part[:, 0].view(-1, 1, 1), part[:, 1].view(-1, 1, 1)
+            rows = part[:, 2].view(-1, 1, 1) * S + offs.view(1, S, 1)
+            cols = part[:, 3].view(-1, 1, 1) * S + offs.view(1, 1, S)
+            ok = (rows < self.nqb) & (cols < self.nkb)
+            rows_c, cols_c = rows.clamp(max=self.nqb - 1), cols.clamp(max=self.nkb - 1)
+            self._gathered(bi, hi, rows_c, cols_c)
+            must, may = self._evaluate()
+            shape = (part.shape[0], S, S)
+            fine = (torch.as_tensor(may, device=self.device).expand(shape).to(torch.int8)
+                    + torch.as_tensor(must, device=self.device).expand(shape).to(torch.int8))
+            sel = ok.expand(shape)
+            status[bi.expand(shape)[sel], hi.expand(shape)[sel], rows_c.expand(shape)[sel],
+                   cols_c.expand(shape)[sel]] = fine[sel]
+        if self.n_k % self.block_n:
+            status[..., -1].clamp_(max=1)                      # a ragged last key block is never full
+        self._direct_rows(slice(0, self.nqb))
         return status

@@ -96,3 +96,40 @@ def test_dilated_neighborhood_uses_residue_classes():
     _check(kern, 1, 2, 1, 130, 16, {}, seed=8)
     # After the permutation each query block meets one or two key blocks of its class.
     assert kern.plan(8192, 8192, block_m=64, block_n=64).tile_fraction < 0.03
+
+
+@pytest.mark.parametrize("source,inputs", [
+    ("pattern p() { mask causal and window(300) and dilated(3) }", {}),
+    ("pattern p() { mask neighborhood(41, dilation = 4) }", {}),
+    (None, "hash"),
+    (None, "keep"),
+    ("pattern p() {\n input keep: bool[batch, heads, N]\n mask query_kept(keep) and window(200)\n}", "keep"),
+])
+def test_coarse_to_fine_classification_equals_classifying_every_tile(source, inputs, monkeypatch):
+    """Large permuted problems are classified coarse tiles first, then blocks of partial coarse tiles
+    only; the result must equal the direct classification block by block (ragged edges included)."""
+    from attnc.plan import PermutedTileClassifier
+    n, B, H = 1003, 2, 2
+    g = torch.Generator().manual_seed(11)
+    if inputs == "hash":
+        kern = attnc.compile(HASH)
+        qb = torch.randint(0, 5, (B, H, n), generator=g)
+        args = dict(qb=qb, kb=torch.randint(0, 5, (B, H, n), generator=g))
+    elif inputs == "keep":
+        kern = attnc.compile(source or KEEP)
+        args = dict(keep=torch.rand(B, H, n, generator=g) < 0.4)
+    else:
+        kern = attnc.compile(source)
+        args = {}
+    direct = kern.plan(n, n, B, H, block_m=16, block_n=8, **args)
+    monkeypatch.setattr(PermutedTileClassifier, "HIERARCHY_MIN_TILES", 0)
+    monkeypatch.setattr(PermutedTileClassifier, "COARSE", 4)
+    calls = []
+    real = PermutedTileClassifier._classify_coarse_to_fine
+    monkeypatch.setattr(PermutedTileClassifier, "_classify_coarse_to_fine",
+                        lambda self: calls.append(1) or real(self))
+    layered = kern.plan(n, n, B, H, block_m=16, block_n=8, **args)
+    assert calls, "the coarse-to-fine path did not run"
+    assert layered.tiles == direct.tiles
+    assert 0 < direct.tiles["partial"] and 0 < direct.tiles["empty"]
+
