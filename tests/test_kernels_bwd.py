@@ -1,32 +1,15 @@
 """Backward kernels (dQ, dK/dV) under the interpreter against float64 autograd of the reference."""
 
-import math
-from contextlib import contextmanager
-from unittest import mock
-
 import pytest
 import torch
 
 import attnc
 
-_real_empty, _real_empty_like = torch.empty, torch.empty_like
+try:
+    from tests.poison import poisoned_allocations
+except ImportError:                          # tests/ itself on sys.path
+    from poison import poisoned_allocations
 
-
-def _poison(t):
-    if t.is_floating_point():
-        t.fill_(math.nan)
-    elif t.dtype != torch.bool and t.numel():
-        t.fill_(-12345)
-    return t
-
-
-@contextmanager
-def poisoned_allocations():
-    """torch.empty / empty_like hand out NaN-filled memory: a gradient row the kernels forget to write
-    (or a delta / lse2 entry the dQ kernel forgets to store) shows up as NaN."""
-    with mock.patch.object(torch, "empty", lambda *a, **k: _poison(_real_empty(*a, **k))), \
-            mock.patch.object(torch, "empty_like", lambda *a, **k: _poison(_real_empty_like(*a, **k))):
-        yield
 
 CASES = {
     "causal": ("pattern p() { mask causal }", None),

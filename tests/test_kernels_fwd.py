@@ -9,8 +9,8 @@ of the interpreter's 32 x 32 blocks) and a few hand-made and random patterns are
   at most twice the max error of a plain torch attention computed in the same low precision (with the
   dense mask from ``kern.mask``), plus a slack of a few rounding steps of the dtype.
 * Rows with no visible key output exactly 0 and lse = -inf; nothing is ever NaN.
-* ``torch.empty`` is NaN-poisoned during every launch, so an output element the kernel forgets to
-  write shows up as NaN.
+* ``torch.empty`` and ``torch.empty_like`` are NaN-poisoned during every launch, so an output element
+  the kernel forgets to write shows up as NaN.
 
 The cross-product is chosen, not full: each case runs at one or two sizes, and shapes (GQA, head dims,
 non-contiguous views, dtypes) are covered by separate, smaller tables, to keep the file fast under the
@@ -23,7 +23,6 @@ import functools
 import math
 import os
 import random
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,23 +45,10 @@ LSE_TOL = 1e-4
 # Running the kernel
 
 
-_real_empty = torch.empty
-
-
-def _poisoned_empty(*args, **kwargs):
-    """torch.empty whose memory holds NaN (floats) or garbage (ints): unwritten outputs fail tests."""
-    t = _real_empty(*args, **kwargs)
-    if t.is_floating_point():
-        t.fill_(math.nan)
-    elif t.dtype != torch.bool and t.numel():
-        t.fill_(-12345)
-    return t
-
-
-@contextmanager
-def poisoned_allocations():
-    with mock.patch.object(torch, "empty", _poisoned_empty):
-        yield
+try:
+    from tests.poison import poisoned_allocations, real_empty as _real_empty
+except ImportError:                          # tests/ itself on sys.path
+    from poison import poisoned_allocations, real_empty as _real_empty
 
 
 def run_kernel(kern: attnc.Kernel, q, k, v, scale=None, **inputs):

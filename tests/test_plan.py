@@ -634,3 +634,35 @@ def test_plan_rejects_bad_inputs():
         kern.plan(64, 64)                                         # missing doc
     with pytest.raises(attnc.InputError):
         kern.plan(64, 64, doc=torch.zeros(1, 64, dtype=torch.bool))   # wrong dtype
+
+
+def test_loop_hull_ignores_disjuncts_without_visible_blocks():
+    """The kernels' loop hull over several disjuncts: a disjunct that sees nothing from a block must not
+    widen it. For `prefix(20) or causal`, the query blocks of a key block past the prefix start at its
+    diagonal, not at query block 0 (the dK/dV kernel used to walk all of them)."""
+    import triton
+    import triton.language as tl
+
+    kern = attnc.compile("pattern p() { mask prefix(20) or causal }")
+    module = kern._backward_module()
+
+    @triton.jit
+    def probe(OUT, n_q, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FN: tl.constexpr):
+        pid = tl.program_id(0)
+        lo, flo, fhi, hi = FN(pid, n_k, n_q, BLOCK_N, BLOCK_M)        # as attnc_bwd_dkdv calls it
+        tl.store(OUT + pid * 4 + 0, lo)
+        tl.store(OUT + pid * 4 + 1, flo)
+        tl.store(OUT + pid * 4 + 2, fhi)
+        tl.store(OUT + pid * 4 + 3, hi)
+
+    n, bm, bn = 200, 16, 16
+    nkb = -(-n // bn)
+    out = torch.zeros(nkb, 4, dtype=torch.int32)
+    probe[(nkb,)](out, n, n, bm, bn, module._loop_bounds_t)
+    mask = kern.mask(n, n)[0, 0]
+    for j in range(nkb):
+        lo, flo, fhi, hi = out[j].tolist()
+        visible = mask[:, j * bn:(j + 1) * bn].any(-1)
+        blocks = sorted({int(i) // bm for i in torch.nonzero(visible).flatten()})
+        assert (lo, hi) == (blocks[0], blocks[-1] + 1), (j, out[j].tolist(), blocks)
+        assert lo <= flo <= fhi <= hi
