@@ -241,6 +241,17 @@ def prefers_small_tiles(kern, n_q: int, n_k: int) -> bool:
     return cache[(n_q, n_k)]
 
 
+MAX_GRID_Y = 65535          # CUDA's limit on a grid's second dimension (the blocks of one sequence)
+
+
+def check_grid(blocks: int, block: int, n: int, what: str, device: torch.device) -> None:
+    """An InputError, not a failed launch, when one sequence needs more blocks than a CUDA grid holds."""
+    if device.type == "cuda" and blocks > MAX_GRID_Y:
+        raise InputError(f"{n} {what} make {blocks} blocks of {block}, more than the {MAX_GRID_Y} a CUDA grid "
+                         f"allows along one sequence (at most {MAX_GRID_Y * block} {what} with these tiles); "
+                         f"split the sequence or use larger tiles (ATTNC_FWD_CONFIG / ATTNC_BWD_CONFIG)")
+
+
 def input_launch_args(pir: PatternIR, inputs: dict) -> list:
     """Pointer, strides and sizes of each runtime input, in declaration order (bools as uint8)."""
     args = []
@@ -281,6 +292,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     if Nq == 0 or B * Hq == 0:
         return out, lse, None
     grid = (B * Hq, math.ceil(Nq / cfg.block_m))
+    check_grid(grid[1], cfg.block_m, Nq, "queries", q.device)
     qk_scale = scale * 1.4426950408889634
     mode = kernel_mode(pir)
     extra, layout, heads_kv = [], None, Hkv
@@ -355,6 +367,8 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     cfg2 = cfg.dkdv_config                  # the dK/dV kernel's tiles (BLOCK_M queries x BLOCK_N keys)
     nqb, nkb = math.ceil(Nq / cfg.block_m), math.ceil(Nk / cfg2.block_n)
+    check_grid(nqb, cfg.block_m, Nq, "queries", q.device)
+    check_grid(nkb, cfg2.block_n, Nk, "keys", q.device)
     mode = kernel_mode(pir)
     fwd_extra, bwd_extra, layout, heads_kv = [], [], None, Hkv
     if mode == "lists":

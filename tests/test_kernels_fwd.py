@@ -770,3 +770,11 @@ def test_env_config_accepts_tma_and_rejects_junk(monkeypatch):
         monkeypatch.setenv("ATTNC_FWD_CONFIG", junk)
         with pytest.raises(attnc.InputError):
             launch._env_config("ATTNC_FWD_CONFIG")
+
+
+def test_too_many_blocks_for_a_cuda_grid_is_an_input_error():
+    from attnc import launch
+    launch.check_grid(65535, 64, 65535 * 64, "queries", torch.device("cuda"))          # the largest that fits
+    launch.check_grid(70000, 64, 70000 * 64, "queries", torch.device("cpu"))           # the interpreter has no limit
+    with pytest.raises(attnc.InputError, match="65535"):
+        launch.check_grid(65536, 64, 65536 * 64, "keys", torch.device("cuda"))
