@@ -6,7 +6,8 @@ Each configuration is ``kind,block_m,block_n,num_warps,num_stages,tma|no`` (kind
 ``bwd`` compiles both backward kernels with the same tiles). The kernels are compiled by this
 machine's Triton for an sm_90 target (``triton.compile`` with a ``GPUTarget``, using the ptxas that
 ships with Triton), and ``cuobjdump --dump-resource-usage`` reports registers per thread (REG) and
-bytes of stack per thread (STACK: spilled registers and local arrays). Needs no CUDA device, so it
+bytes of stack per thread (STACK: spilled registers and local arrays), and Triton's shared-memory
+allocation per program (SMEM, bytes; the H100/H200 limit is 232448). Needs no CUDA device, so it
 can guide experiments before the GPU time is spent; the Triton version here may differ from the GPU
 machine's (record both).
 """
@@ -92,7 +93,8 @@ def main():
                 compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, consts, args.dtype),
                                                     constexprs=consts),
                                           target=target, options={"num_warps": int(warps), "num_stages": int(stages)})
-                print(f"{spec:22s} {name:16s} {resource_usage(compiled)}", flush=True)
+                smem = getattr(compiled.metadata, "shared", None)
+                print(f"{spec:22s} {name:16s} {resource_usage(compiled)} SMEM:{smem}", flush=True)
             except Exception as exc:  # noqa: BLE001 - report and go on with the next configuration
                 print(f"{spec:22s} {name:16s} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
 
