@@ -810,3 +810,27 @@ def mutated_sources(draw) -> tuple[str, str]:
             text = "".join(toks)
     # Always hand over multi-line text, so it can only be read as source, never as a file path.
     return seed, text + "\n"
+
+
+PRELUDE_KINDS = ["causal", "window", "prefix", "global_tokens", "block_local", "dilated", "neighborhood"]
+
+
+def prelude_predicate(pick, integer) -> str:
+    """A random static prelude predicate with random parameters, as attnc source.
+
+    ``pick(options)`` chooses one element and ``integer(lo, hi)`` an int in [lo, hi]: ``rng.choice`` and
+    ``rng.randint`` of a ``random.Random``, or the same drawn from hypothesis strategies."""
+    kind = pick(PRELUDE_KINDS)
+    if kind == "causal":
+        return "causal"
+    if kind == "window":
+        return f"window({integer(0, 50)}, {integer(0, 40)})"
+    if kind == "prefix":
+        return f"prefix({integer(1, 80)})"
+    if kind == "global_tokens":
+        return f"global_tokens({integer(1, 40)})"
+    if kind == "block_local":
+        return f"block_local({integer(1, 70)})"
+    if kind == "dilated":
+        return f"dilated({integer(1, 6)})"
+    return f"neighborhood({integer(1, 30)}, dilation = {integer(1, 4)})"

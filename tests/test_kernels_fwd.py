@@ -46,8 +46,10 @@ LSE_TOL = 1e-4
 
 
 try:
+    from tests import strategies as S
     from tests.poison import poisoned_allocations, real_empty as _real_empty
 except ImportError:                          # tests/ itself on sys.path
+    import strategies as S
     from poison import poisoned_allocations, real_empty as _real_empty
 
 
@@ -404,27 +406,8 @@ CUSTOM_CASES = [
 ]
 
 
-def prelude_piece(rng: random.Random) -> str:
-    """A random prelude predicate with random parameters (static: no runtime inputs)."""
-    kind = rng.choice(["causal", "window", "prefix", "global_tokens", "block_local", "dilated",
-                       "neighborhood"])
-    if kind == "causal":
-        return "causal"
-    if kind == "window":
-        return f"window({rng.randint(0, 50)}, {rng.randint(0, 20)})"
-    if kind == "prefix":
-        return f"prefix({rng.randint(1, 80)})"
-    if kind == "global_tokens":
-        return f"global_tokens({rng.randint(1, 40)})"
-    if kind == "block_local":
-        return f"block_local({rng.randint(1, 70)})"
-    if kind == "dilated":
-        return f"dilated({rng.randint(1, 5)})"
-    return f"neighborhood({rng.randint(1, 30)}, dilation = {rng.randint(1, 3)})"
-
-
 def random_mask_source(rng: random.Random, name: str) -> str:
-    pieces = [prelude_piece(rng) for _ in range(rng.randint(2, 3))]
+    pieces = [S.prelude_predicate(rng.choice, rng.randint) for _ in range(rng.randint(2, 3))]
     text = pieces[0]
     for piece in pieces[1:]:
         text = f"({text}) {rng.choice(['and', 'or'])} {piece}"

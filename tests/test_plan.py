@@ -32,6 +32,11 @@ from attnc.codegen import kernel_mode
 from attnc.plan import TileClassifier, build_tile_lists, layout_transform, static_block_ranges, static_plan
 from attnc.validate import check_inputs
 
+try:  # tests/ may or may not be a package
+    from tests import strategies as S
+except ImportError:  # pragma: no cover
+    import strategies as S
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 SETTINGS = dict(deadline=None, database=None,
@@ -295,22 +300,8 @@ def test_input_example_plans_are_sound(name, file, make):
 
 @st.composite
 def prelude_pieces(draw):
-    kind = draw(st.sampled_from(["causal", "window", "prefix", "global_tokens", "block_local", "dilated",
-                                 "neighborhood"]))
-    small = st.integers(0, 40)
-    if kind == "causal":
-        return "causal"
-    if kind == "window":
-        return f"window({draw(small)}, {draw(small)})"
-    if kind == "prefix":
-        return f"prefix({draw(st.integers(1, 60))})"
-    if kind == "global_tokens":
-        return f"global_tokens({draw(st.integers(1, 40))})"
-    if kind == "block_local":
-        return f"block_local({draw(st.integers(1, 40))})"
-    if kind == "dilated":
-        return f"dilated({draw(st.integers(1, 6))})"
-    return f"neighborhood({draw(st.integers(1, 20))}, dilation = {draw(st.integers(1, 4))})"
+    return S.prelude_predicate(lambda options: draw(st.sampled_from(options)),
+                               lambda lo, hi: draw(st.integers(lo, hi)))
 
 
 @st.composite
