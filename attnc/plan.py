@@ -16,6 +16,7 @@ Two kinds of plan:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -576,7 +577,26 @@ class PermutedTileClassifier:
             self.qres = _block_summary(q_perm % modulus, -1, block_m, n_q)
             self.kres = _block_summary(k_perm % modulus, -1, block_n, n_k)
         self._summaries = {}
+        self._fine = None               # set on a coarse copy: the classifier whose summaries it merges
         self._direct_rows(slice(0, self.nqb))
+
+    def _coarsened(self, S: int) -> "PermutedTileClassifier":
+        """The same problem on tiles of S x S blocks; summaries are merged from this classifier's,
+        so no read is evaluated again."""
+        coarse = copy.copy(self)
+        coarse.block_m, coarse.block_n = self.block_m * S, self.block_n * S
+        coarse.nqb, coarse.nkb = math.ceil(self.nqb / S), math.ceil(self.nkb / S)
+        coarse.qsum, coarse.ksum = self._merged(self.qsum, "q", S), self._merged(self.ksum, "k", S)
+        if self.modulus:
+            coarse.qres, coarse.kres = self._merged(self.qres, "q", S), self._merged(self.kres, "k", S)
+        coarse._summaries, coarse._fine = {}, self
+        coarse._direct_rows(slice(0, coarse.nqb))
+        return coarse
+
+    def _merged(self, summary, side: str, S: int):
+        """Per-block (min, max) of this classifier merged over groups of S blocks."""
+        n = self.nqb if side == "q" else self.nkb
+        return _block_summary(summary[0], -1, S, n)[0], _block_summary(summary[1], -1, S, n)[1]
 
     # ---- where the evaluation happens: a rectangle of rows x all key blocks, or gathered tiles --------
     def _direct_rows(self, rows: slice):
@@ -604,27 +624,34 @@ class PermutedTileClassifier:
         return leaves, residues
 
     def _read(self, node, idx):
-        from .evaluate import evaluate
         side = _position_var(node)
         if side is None or ir.free_vars(node) - {"b", "h", side}:
             return None
-        if node not in self._summaries:
-            perm, block, n = ((self.q_perm, self.block_m, self.n_q) if side == "q"
-                              else (self.k_perm, self.block_n, self.n_k))
-            env = dict(self.sizes)
-            env.update(self.inputs)
-            env["b"] = torch.arange(self.batch, device=self.device).view(-1, 1, 1)
-            env["h"] = torch.arange(self.heads, device=self.device).view(1, -1, 1)
-            env[side] = perm
-            values = torch.as_tensor(evaluate([node], env)[0], device=self.device)
-            values = values.expand(self.batch, self.heads, perm.shape[-1])
-            self._summaries[node] = _block_summary(values, -1, block, n)
-        lo, hi = self._summaries[node]
+        lo, hi = self._summary(node, side)
         pick = self._q_side if side == "q" else self._k_side
         lo, hi = pick(lo), pick(hi)
         if node.type == "bool":
             return lo > 0, hi > 0
         return lo, hi
+
+    def _summary(self, node, side: str):
+        """Per-block (min, max) of a read indexed by one position ``side``, over the sorted order."""
+        if node not in self._summaries:
+            if self._fine is not None:
+                self._summaries[node] = self._fine._merged(self._fine._summary(node, side), side, self.COARSE)
+            else:
+                from .evaluate import evaluate
+                perm, block, n = ((self.q_perm, self.block_m, self.n_q) if side == "q"
+                                  else (self.k_perm, self.block_n, self.n_k))
+                env = dict(self.sizes)
+                env.update(self.inputs)
+                env["b"] = torch.arange(self.batch, device=self.device).view(-1, 1, 1)
+                env["h"] = torch.arange(self.heads, device=self.device).view(1, -1, 1)
+                env[side] = perm
+                values = torch.as_tensor(evaluate([node], env)[0], device=self.device)
+                values = values.expand(self.batch, self.heads, perm.shape[-1])
+                self._summaries[node] = _block_summary(values, -1, block, n)
+        return self._summaries[node]
 
     def _evaluate(self):
         leaves, residues = self._leaves()
@@ -649,10 +676,7 @@ class PermutedTileClassifier:
 
     def _classify_coarse_to_fine(self) -> torch.Tensor:
         S = self.COARSE
-        coarse = PermutedTileClassifier(self.pir, self.q_perm, self.k_perm, self.n_q, self.n_k, self.batch,
-                                        self.heads, self.block_m * S, self.block_n * S, self.sizes, self.inputs,
-                                        modulus=self.modulus)
-        cstatus = coarse._classify_all()
+        cstatus = self._coarsened(S)._classify_all()
         # Full coarse tiles are full block by block; empty ones empty.
         status = ((cstatus == 2).to(torch.int8) * 2).repeat_interleave(S, dim=-2).repeat_interleave(S, dim=-1)
         status = status[..., :self.nqb, :self.nkb].contiguous()
