@@ -199,8 +199,12 @@ def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: 
     chosen = _chosen_config("fwd", head_dim, head_dim_v, device, dtype, key, seq)
     if chosen is not None:
         return chosen
+    return forward_table(head_dim, head_dim_v, dtype, torch.cuda.get_device_capability(device)[0], sparse)
+
+
+def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int, sparse: bool) -> FwdConfig:
+    """The default forward tiles for a GPU of compute capability ``major`` (no device needed)."""
     d = max(head_dim, head_dim_v)
-    major, _ = torch.cuda.get_device_capability(device)
     if dtype == torch.float32:
         return FwdConfig(64, 32, 4, 2) if d > 64 else FwdConfig(64, 64, 4, 2)
     if major >= 9:

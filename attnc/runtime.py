@@ -144,14 +144,13 @@ class Kernel:
         these lengths (narrow bands run on smaller tiles, see ``launch.prefers_small_tiles``).
 
         Without a GPU this is the Hopper table's choice (what `kern.plan` reports by default)."""
-        from .launch import forward_config, prefers_small_tiles
+        from .launch import forward_config, forward_table, prefers_small_tiles
         sparse = prefers_small_tiles(self, n_q, n_q if n_k is None else n_k)
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            if head_dim > 128:
-                return (128, 64)
-            return (64, 64) if sparse else ((128, 64) if head_dim <= 64 else (128, 128))
-        cfg = forward_config(head_dim, head_dim, dev, torch.bfloat16, sparse=sparse)
+            cfg = forward_table(head_dim, head_dim, torch.bfloat16, 9, sparse)
+        else:
+            cfg = forward_config(head_dim, head_dim, dev, torch.bfloat16, sparse=sparse)
         return cfg.block_m, cfg.block_n
 
     def _input_cached(self, key: tuple, inputs: dict, build):
@@ -197,7 +196,7 @@ class Kernel:
         """The execution plan for these sizes (and runtime inputs): tiles computed, mode, transforms."""
         from .codegen import kernel_mode
         from .plan import TileClassifier, list_plan, static_plan
-        bm, bn = self.block_sizes(n_q=n_q, n_k=n_k) if not (block_m and block_n) else (block_m, block_n)
+        bm, bn = (block_m, block_n) if block_m and block_n else self.block_sizes(n_q=n_q, n_k=n_k)
         bm, bn = block_m or bm, block_n or bn
         sizes = check_inputs(self.ir, inputs, batch=batch, heads=heads, n_q=n_q, n_k=n_k)
         mode = kernel_mode(self.ir)
