@@ -159,10 +159,11 @@ def _ensure_allocator(device_type: str) -> None:
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device_type))
 
 
-def _tma_usable(cfg: FwdConfig, mode: str, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Tensor descriptors need rows addressed in order (not the permuted kernels), a unit last stride,
-    and 16-byte aligned base and strides; anything else falls back to pointer loads."""
-    if not cfg.tma or mode == "permuted":
+def _tma_usable(cfg: FwdConfig, layout, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Tensor descriptors need rows addressed in order (no layout, or an identity one: not the permuted
+    kernels), a unit last stride, and 16-byte aligned base and strides; anything else falls back to
+    pointer loads."""
+    if not cfg.tma or (layout is not None and not layout.identity):
         return False
     if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
         return False
@@ -313,7 +314,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
             heads_kv = layout.kv_heads(Hq, Hkv)
             extra = list_args(layout.lists(False)) + [layout.qpos, layout.kpos]
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    use_tma = _tma_usable(cfg, "lists" if layout is not None and layout.identity else mode, k, v)
+    use_tma = _tma_usable(cfg, layout, k, v)
     module.attnc_fwd[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -393,9 +394,8 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             bwd_extra += [layout2.qpos, layout2.kpos]
             dk, dv = torch.empty_like(k), torch.empty_like(v)
     input_args = input_launch_args(pir, inputs)
-    row_mode = "lists" if layout is not None and layout.identity else mode
-    dq_tma = _tma_usable(cfg, row_mode, k, v)               # K, V tiles of the dQ kernel
-    dkdv_tma = _tma_usable(cfg2, row_mode, q, dout)         # Q, dO tiles of the dK/dV kernel
+    dq_tma = _tma_usable(cfg, layout, k, v)                 # K, V tiles of the dQ kernel
+    dkdv_tma = _tma_usable(cfg2, layout, q, dout)           # Q, dO tiles of the dK/dV kernel
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision)
     module.attnc_bwd_dq[(B * Hq, nqb)](
         q, k, v, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,

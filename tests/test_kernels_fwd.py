@@ -674,8 +674,8 @@ def test_tma_variant_matches_pointer_loads(case_id, size, how):
     used = []
     real_usable = launch._tma_usable
 
-    def spy(cfg, mode, kk, vv):
-        used.append(real_usable(cfg, mode, kk, vv))
+    def spy(cfg, layout, kk, vv):
+        used.append(real_usable(cfg, layout, kk, vv))
         return used[-1]
 
     with mock.patch.object(launch, "_chosen_config", lambda kind, *a: tma_cfg if kind == "fwd" else None), \
