@@ -159,11 +159,11 @@ def _ensure_allocator(device_type: str) -> None:
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device_type))
 
 
-def _tma_usable(cfg: FwdConfig, layout, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Tensor descriptors need rows addressed in order (no layout, or an identity one: not the permuted
-    kernels), a unit last stride, and 16-byte aligned base and strides; anything else falls back to
-    pointer loads."""
-    if not cfg.tma or (layout is not None and not layout.identity):
+def _tma_usable(cfg: FwdConfig, gathered: bool, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Tensor descriptors need rows addressed in order or in residue classes (not ``gathered`` through
+    loaded positions), a unit last stride, and 16-byte aligned base and strides; anything else falls
+    back to pointer loads."""
+    if not cfg.tma or gathered:
         return False
     if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
         return False
@@ -173,6 +173,26 @@ def _tma_usable(cfg: FwdConfig, layout, k: torch.Tensor, v: torch.Tensor) -> boo
             return False
     _ensure_allocator(k.device.type)
     return True
+
+
+def wide_rows(*tensors: torch.Tensor) -> bool:
+    """Whether a row offset inside one (batch, head) can reach 2^31 elements in any of these tensors: then
+    the kernels index rows in 64 bits, else in 32 (the batch and head offsets are always 64-bit)."""
+    return any((t.shape[-2] - 1) * abs(t.stride(-2)) + (t.shape[-1] - 1) * abs(t.stride(-1)) >= 2**31 - 1
+               for t in tensors if t.numel())
+
+
+def _residue(layout, n_q: int, n_k: int, cfg: FwdConfig) -> int:
+    """The residue-class modulus the permuted kernels may compute rows from (Layout.residue_classes)."""
+    return 0 if layout is None else layout.residue_classes(n_q, n_k, cfg.block_m, cfg.block_n)
+
+
+def _gathered(layout, residue: int, side: str) -> bool:
+    """Whether the kernels read the rows of ``side`` ('q' or 'k') through loaded positions: a layout
+    transform moved them, and not into block-aligned residue classes. Then no tensor descriptors."""
+    if layout is None or residue:
+        return False
+    return not (layout.q_identity if side == "q" else layout.k_identity)
 
 
 def _chosen_config(kind: str, head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
@@ -216,7 +236,7 @@ def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int
             return FwdConfig(128, 64, 4, 3)          # measured in session 1; TMA untested at D=64
         if d <= 128:
             return FwdConfig(128, 128, 8, 3, tma=True)
-        return FwdConfig(128, 64, 8, 2)          # D=256: 1.65x faster than 64x64/4 warps (autotune, H200)
+        return FwdConfig(128, 64, 8, 2, tma=True)    # D=256 (H200, RESULTS.md run 10: TMA 4% faster)
     if d <= 64:
         return FwdConfig(128, 64, 4, 3)
     if d <= 128:
@@ -232,18 +252,41 @@ def prefers_small_tiles(kern, n_q: int, n_k: int) -> bool:
     when the band is narrow (on average fewer than NARROW_KEYS keys per query block, counted on
     128 x 128 tiles), where large tiles would mostly be partial. Cached per (n_q, n_k)."""
     from .codegen import kernel_mode
-    if kernel_mode(kern.ir) != "ranges":
+    mode = kernel_mode(kern.ir)
+    pir = kern.ir if mode == "ranges" else _compacted_remainder(kern.ir) if mode == "permuted" else None
+    if pir is None:
         return True
     cache = kern.__dict__.setdefault("_narrow", {})
     if (n_q, n_k) not in cache:
         from .plan import static_plan
         if len(cache) > 64:
             cache.clear()
-        plan = static_plan(kern.ir, n_q, n_k, 1, 1, 128, 128)
+        plan = static_plan(pir, n_q, n_k, 1, 1, 128, 128)
         n_qblocks = max(1, math.ceil(n_q / 128))
         visited = (plan.tiles["full"] + plan.tiles["partial"]) / n_qblocks
         cache[(n_q, n_k)] = visited * 128 < NARROW_KEYS
     return cache[(n_q, n_k)]
+
+
+def _compacted_remainder(pir: PatternIR) -> PatternIR | None:
+    """A pattern whose only layout transform is compaction (kept keys / queries, e.g. ``kept(keep) and
+    causal``): the pattern without the kept-flag conjuncts, when what is left reads no runtime input.
+    The kept rows are dense after compaction, so their tiles follow that static remainder (causal: wide
+    tiles; 128 x 128 measured 8% faster than 64 x 64 for 50% kept keys at 32k, RESULTS.md run 10).
+    None for every other permuted pattern (buckets, residue classes: small tiles)."""
+    import dataclasses
+
+    from . import ir
+    from .plan import layout_transform
+    transform = layout_transform(pir.mask)
+    if transform is None or any(key.kind != "keep" for key in transform.query_keys + transform.key_keys):
+        return None
+    conjuncts = list(pir.mask.args) if pir.mask.op == "and" else [pir.mask]
+    rest = [c for c in conjuncts if ir.atom_kind(c) != "tensor-bool"]
+    mask = ir.and_(*rest)
+    if ir.uses(mask, "read"):
+        return None
+    return dataclasses.replace(pir, mask=mask)
 
 
 MAX_GRID_Y = 65535          # CUDA's limit on a grid's second dimension (the blocks of one sequence)
@@ -314,7 +357,8 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
             heads_kv = layout.kv_heads(Hq, Hkv)
             extra = list_args(layout.lists(False)) + [layout.qpos, layout.kpos]
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    use_tma = _tma_usable(cfg, layout, k, v)
+    residue = _residue(layout, Nq, Nk, cfg)
+    use_tma = _tma_usable(cfg, _gathered(layout, residue, "k"), k, v)
     module.attnc_fwd[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -322,17 +366,20 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
         *extra,
         *input_launch_args(pir, inputs),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv,
-        REVERSE=True, USE_TMA=use_tma, DOT_PRECISION=precision,
+        REVERSE=True, USE_TMA=use_tma, WIDE_ROWS=wide_rows(k, v), RESIDUE=residue,
+        DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse, layout
 
 
 def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
-                    key=None, seq: int | None = None) -> FwdConfig:
+                    key=None, seq: int | None = None, gathered: tuple[bool, bool] = (False, False)) -> FwdConfig:
     """Default tiles of the backward kernels (an `attnc autotune` result first, as in forward_config).
     On Hopper: 64 x 64 tiles, 4 warps, 2 stages, tensor-descriptor loads (the best or within 3% of the
-    best of the H200 sweeps for causal, window, documents and prefix-LM, benchmarks/RESULTS.md run 8)."""
+    best of the H200 sweeps for causal, window, documents and prefix-LM, benchmarks/RESULTS.md run 8).
+    ``gathered`` = (keys, queries) read through loaded positions by a layout transform: the dQ kernel
+    streams keys, the dK/dV kernel queries, and a kernel streaming gathered rows pipelines 3 deep."""
     chosen = _chosen_config("bwd", head_dim, head_dim_v, device, dtype, key, seq)
     if chosen is not None:
         return chosen
@@ -341,8 +388,14 @@ def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype:
         return FwdConfig(32, 32, 4, 1)
     major, _ = torch.cuda.get_device_capability(device)
     if d > 128:
-        # D=256 on Hopper: 64x64 with 8 warps measured 1.83x faster than 32x32 (autotune, H200).
-        return FwdConfig(64, 64, 8, 2) if major >= 9 else FwdConfig(32, 32, 4, 1)
+        # D=256 on Hopper: 64x64 with 8 warps measured 1.83x faster than 32x32 (autotune, H200), and
+        # tensor descriptors another 7% (RESULTS.md run 10).
+        return FwdConfig(64, 64, 8, 2, tma=True) if major >= 9 else FwdConfig(32, 32, 4, 1)
+    if major >= 9 and any(gathered):
+        # Pointer gathers pipeline better 3 deep (hash buckets f+b 5.79x -> 6.15x of Flex at 32k), while
+        # descriptor loads keep 2 stages (3 made the dilated window's backward 1.5x slower; run 10).
+        dq, dkdv = (FwdConfig(64, 64, 4, 3 if g else 2, tma=True) for g in gathered)
+        return FwdConfig(dq.block_m, dq.block_n, dq.num_warps, dq.num_stages, dq.tma, None if dkdv == dq else dkdv)
     return FwdConfig(64, 64, 4, 2, tma=major >= 9)
 
 
@@ -388,27 +441,33 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
         if layout.identity:
             module = kern._backward_module("lists")
         else:
+            residue = _residue(layout, Nq, Nk, cfg)
+            if config is None:      # the same tiles; deeper pipelines where rows are gathered
+                cfg = backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk),
+                                      gathered=(_gathered(layout, residue, "k"), _gathered(layout, residue, "q")))
+                cfg2 = cfg.dkdv_config
             k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
             heads_kv = layout.kv_heads(Hq, Hkv)
             fwd_extra += [layout.qpos, layout.kpos]
             bwd_extra += [layout2.qpos, layout2.kpos]
             dk, dv = torch.empty_like(k), torch.empty_like(v)
     input_args = input_launch_args(pir, inputs)
-    dq_tma = _tma_usable(cfg, layout, k, v)                 # K, V tiles of the dQ kernel
-    dkdv_tma = _tma_usable(cfg2, layout, q, dout)           # Q, dO tiles of the dK/dV kernel
+    residue, residue2 = _residue(layout, Nq, Nk, cfg), _residue(layout, Nq, Nk, cfg2)
+    dq_tma = _tma_usable(cfg, _gathered(layout, residue, "k"), k, v)          # K, V tiles of the dQ kernel
+    dkdv_tma = _tma_usable(cfg2, _gathered(layout, residue2, "q"), q, dout)   # Q, dO tiles of the dK/dV kernel
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision)
     module.attnc_bwd_dq[(B * Hq, nqb)](
         q, k, v, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
         B, Hq, heads_kv, Nq, Nk, scale, *fwd_extra, *input_args,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        HAS_DLSE=dlse is not None, USE_TMA=dq_tma, **common)
+        HAS_DLSE=dlse is not None, USE_TMA=dq_tma, WIDE_ROWS=wide_rows(k, v), RESIDUE=residue, **common)
     module.attnc_bwd_dkdv[(B * heads_kv, nkb)](
         q, k, v, dout, dk, dv, lse2, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         B, Hq, heads_kv, Nq, Nk, scale, math.ceil(Nq / cfg2.block_m), *bwd_extra, *input_args,
         BLOCK_M=cfg2.block_m, BLOCK_N=cfg2.block_n, num_warps=cfg2.num_warps, num_stages=cfg2.num_stages,
-        USE_TMA=dkdv_tma, **common)
+        USE_TMA=dkdv_tma, WIDE_ROWS=wide_rows(q, dout), RESIDUE=residue2, **common)
     if layout is not None:
         dk, dv = layout.reduce_kv_heads(dk, Hkv), layout.reduce_kv_heads(dv, Hkv)
     return dq, dk, dv

@@ -26,6 +26,8 @@ class Layout:
     kpos: torch.Tensor
     expand_kv: bool               # keys sorted per query head: K, V are expanded to the query heads
     identity: bool                # both permutations are the identity: the plain list kernels apply
+    q_identity: bool              # queries were not moved (only keys sorted, e.g. key compaction)
+    k_identity: bool              # keys were not moved (e.g. query compaction)
     tiles: PlannedTiles           # tile classes (B', H', nqb, nkb) of the sorted problem and their lists
 
     @property
@@ -34,6 +36,17 @@ class Layout:
 
     def lists(self, transposed: bool) -> TileLists:
         return self.tiles.lists(transposed)
+
+    def residue_classes(self, n_q: int, n_k: int, block_m: int, block_n: int) -> int:
+        """d when queries and keys are only sorted into residue classes mod d, each class of n / d rows
+        and a whole number of blocks: sorted row c * (n / d) + j is then position c + d * j, so the
+        kernels compute positions instead of loading them and read a class's rows through one strided
+        tensor descriptor (dilation costs nothing). 0 otherwise (positions are gathered)."""
+        keys = self.transform.query_keys + self.transform.key_keys
+        if self.identity or not keys or any(key.kind != "residue" for key in keys):
+            return 0
+        d = keys[0].modulus
+        return 0 if n_q % (d * block_m) or n_k % (d * block_n) else d
 
     # ---- the kernels address rows through qpos / kpos, so data stays in the caller's order --------
     def kv_heads(self, heads_q: int, heads_kv: int) -> int:
@@ -69,8 +82,9 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     modulus = next((k.modulus for k in transform.query_keys if k.kind == "residue"), 0)
     status = PermutedTileClassifier(pir, q_perm, k_perm, n_q, n_k, B, Hq, block_m, block_n, sizes, inputs,
                                     modulus=modulus).classify()
-    identity = bool(torch.equal(q_perm, torch.arange(n_q, device=device).expand_as(q_perm))
-                    and torch.equal(k_perm, torch.arange(n_k, device=device).expand_as(k_perm)))
+    q_identity = bool(torch.equal(q_perm, torch.arange(n_q, device=device).expand_as(q_perm)))
+    k_identity = bool(torch.equal(k_perm, torch.arange(n_k, device=device).expand_as(k_perm)))
+    identity = q_identity and k_identity
     expand = Hp > 1 and Hq != Hkv
     if expand:
         # Keys sorted per query head: under GQA, each query head needs its own K/V rows unless the
@@ -81,4 +95,5 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     # The kernels index positions per (batch, query head).
     qpos = q_perm.to(torch.int32).expand(B, Hq, n_q).contiguous()
     kpos = k_perm.to(torch.int32).expand(B, Hq, n_k).contiguous()
-    return Layout(transform, q_perm, k_perm, qpos, kpos, expand, identity, PlannedTiles(status))
+    return Layout(transform, q_perm, k_perm, qpos, kpos, expand, identity, q_identity, k_identity,
+                  PlannedTiles(status))

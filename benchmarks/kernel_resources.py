@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--wide-rows", action="store_true", help="64-bit row offsets (as for tensors past 2^31 elements)")
+    ap.add_argument("--residue", type=int, default=0, help="permuted kernels: rows from residue classes mod this")
     ap.add_argument("-p", "--param", action="append", default=[], help="NAME=VALUE pattern parameter")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -88,7 +90,8 @@ def main():
         for name, extra in kernels:
             fn = getattr(module, name)
             consts = dict(BLOCK_M=int(bm), BLOCK_N=int(bn), HEAD_DIM=args.dim, HEAD_DIM_V=args.dim,
-                          DOT_PRECISION="tf32", USE_TMA=tma == "tma", **extra)
+                          DOT_PRECISION="tf32", USE_TMA=tma == "tma", WIDE_ROWS=args.wide_rows,
+                          RESIDUE=args.residue, **extra)
             try:
                 compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, consts, args.dtype),
                                                     constexprs=consts),

@@ -608,6 +608,22 @@ def test_narrow_bands_prefer_small_tiles():
     assert causal.block_sizes(n_q=32768) == (128, 128) and window.block_sizes(n_q=32768) == (64, 64)
 
 
+def test_compaction_follows_the_static_remainder():
+    """After key or query compaction the kept rows are dense: tiles follow what is left of the mask
+    without the kept flags (causal: wide; a narrow window: small). Buckets and residue classes, and a
+    remainder that still reads inputs, stay on small tiles."""
+    from attnc.launch import prefers_small_tiles
+    keep = "pattern p() {{\n input keep: bool[batch, heads, N]\n mask {}\n}}"
+    assert not prefers_small_tiles(attnc.compile(keep.format("kept(keep) and causal")), 32768, 32768)
+    assert not prefers_small_tiles(attnc.compile(keep.format("query_kept(keep)")), 8192, 8192)
+    assert prefers_small_tiles(attnc.compile(keep.format("kept(keep) and causal and window(512)")), 32768, 32768)
+    assert prefers_small_tiles(attnc.compile(keep.format("kept(keep) and causal")), 1024, 1024)
+    mixed = "pattern p() {\n input keep: bool[batch, heads, N]\n input doc: int[batch, N]\n mask kept(keep) and same(doc)\n}"
+    assert prefers_small_tiles(attnc.compile(mixed), 32768, 32768)
+    for name in ("hash_buckets.attn", "dilated_window.attn"):
+        assert prefers_small_tiles(attnc.compile(str(EXAMPLES / name)), 32768, 32768)
+
+
 
 def test_plan_with_nq_ne_nk():
     kern = attnc.compile(str(EXAMPLES / "causal.attn"))

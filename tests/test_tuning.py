@@ -287,6 +287,24 @@ def test_tuning_can_be_switched_off(tune_dir, monkeypatch):
 # The launcher's configuration functions
 
 
+def test_backward_defaults_pipeline_gathered_rows_deeper(tune_dir, kern, monkeypatch):
+    """On Hopper the kernel that streams rows gathered through a layout transform's positions (dQ: keys,
+    dK/dV: queries) gets 3 stages; descriptor-fed kernels keep 2; tiles never change (the layout is
+    built for them); a tuned entry wins regardless."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    plain = backward_config(128, 128, CUDA, torch.bfloat16)
+    assert plain == FwdConfig(64, 64, 4, 2, tma=True)
+    both = backward_config(128, 128, CUDA, torch.bfloat16, gathered=(True, True))
+    assert both == FwdConfig(64, 64, 4, 3, tma=True)
+    keys = backward_config(128, 128, CUDA, torch.bfloat16, gathered=(True, False))
+    assert keys.num_stages == 3 and keys.dkdv_config == FwdConfig(64, 64, 4, 2, tma=True)
+    for cfg in (both, keys):
+        assert (cfg.block_m, cfg.block_n) == (cfg.dkdv_config.block_m, cfg.dkdv_config.block_n) == (64, 64)
+    tuned = FwdConfig(128, 32, 8, 1)
+    save(entry(tuning.pattern_key(kern), tuned, kind="bwd"))
+    assert backward_config(128, 128, CUDA, torch.bfloat16, key=kern, seq=4096, gathered=(True, True)) == tuned
+
+
 def test_forward_and_backward_config_honour_tuned_entries(tune_dir, kern, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     default_fwd = forward_config(128, 128, CUDA, torch.bfloat16)
