@@ -205,9 +205,30 @@ def template_context(pir: PatternIR, mode: str | None = None) -> dict:
         t_range_lines=t_range_lines,
         t_n_parts=t_n_parts,
         t_range_targets=", ".join(f"lo{i}, hi{i}, flo{i}, fhi{i}" for i in range(t_n_parts)),
+        pieces=_masked_pieces(n_parts),
+        t_pieces=_masked_pieces(t_n_parts),
         input_params=[p for a in inputs for p in a.params],
         inputs=inputs,
     )
+
+
+def _masked_pieces(parts: int) -> dict:
+    """Names for the masked-loop pieces of a multi-disjunct range plan (``_masked_pieces`` in the
+    templates): the tuple it returns, the loop's trip count, and the tile index at loop position ``i``
+    (a chain of selects over the pieces' cumulative ends; no branch)."""
+    if parts < 2:
+        return {}
+    names = [(f"ls{i}", f"le{i}", f"rs{i}", f"re{i}") for i in range(parts)]
+    flat = [piece for ls, le, rs, re in names for piece in ((ls, le), (rs, re))]
+    # Position i of the loop in piece k is tile start_k + i - end_(k-1).
+    terms = []
+    for k, (start, end) in enumerate(flat):
+        offset = "i" if k == 0 else f"i - {flat[k - 1][1]}"
+        terms.append((end, f"{start} + {offset}"))
+    expr = terms[-1][1]
+    for end, value in reversed(terms[:-1]):
+        expr = f"tl.where(i < {end}, {value}, {expr})"
+    return dict(targets=", ".join(x for quad in names for x in quad), total=flat[-1][1], index=expr)
 
 
 def render_forward(pir: PatternIR, mode: str | None = None) -> str:

@@ -673,3 +673,55 @@ def test_loop_hull_ignores_disjuncts_without_visible_blocks():
         blocks = sorted({int(i) // bm for i in torch.nonzero(visible).flatten()})
         assert (lo, hi) == (blocks[0], blocks[-1] + 1), (j, out[j].tolist(), blocks)
         assert lo <= flo <= fhi <= hi
+
+
+@pytest.mark.parametrize("mask", ["prefix(20) or causal", "window(20, 5) or global_tokens(9)",
+                                  "block_local(24) or global_tokens(5) or k <= q - 150"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["keys", "queries"])
+def test_masked_pieces_cover_each_needed_tile_once(mask, transposed):
+    """Multi-disjunct range plans walk their masked tiles as disjoint pieces without a per-tile branch:
+    together with the full loop they visit every tile that holds a visible pair exactly once, and no
+    tile of the hull's empty gaps (e.g. between global tokens and a window)."""
+    import triton
+    import triton.language as tl
+
+    kern = attnc.compile(f"pattern p() {{ mask {mask} }}")
+    module = kern._backward_module()
+    from attnc.codegen import template_context
+    parts = template_context(kern.ir)["t_n_parts" if transposed else "n_parts"]
+    assert parts > 1
+
+    @triton.jit
+    def probe(OUT, n_a, n_b, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BOUNDS: tl.constexpr,
+              PIECES: tl.constexpr, WIDTH: tl.constexpr):
+        pid = tl.program_id(0)
+        lo, flo, fhi, hi = BOUNDS(pid, n_a, n_b, BLOCK_A, BLOCK_B)
+        pieces = PIECES(pid, flo, fhi, n_a, n_b, BLOCK_A, BLOCK_B)
+        tl.store(OUT + pid * (WIDTH + 2) + 0, flo)
+        tl.store(OUT + pid * (WIDTH + 2) + 1, fhi)
+        for k in tl.static_range(WIDTH):
+            tl.store(OUT + pid * (WIDTH + 2) + 2 + k, pieces[k])
+
+    n, bm, bn = 200, 16, 24                     # query and key blocks of different sizes
+    suffix = "_t" if transposed else ""
+    ba, bb = (bn, bm) if transposed else (bm, bn)   # the walked blocks (programs) and the looped ones
+    nblocks = -(-n // ba)
+    out = torch.zeros(nblocks, 4 * parts + 2, dtype=torch.int32)
+    probe[(nblocks,)](out, n, n, ba, bb, getattr(module, "_loop_bounds" + suffix),
+                      getattr(module, "_masked_pieces" + suffix), 4 * parts)
+    visible = kern.mask(n, n)[0, 0]
+    if transposed:
+        visible = visible.T
+    for a in range(nblocks):
+        row = out[a].tolist()
+        flo, fhi, pieces = row[0], row[1], row[2:]
+        visited, done = list(range(flo, fhi)), 0
+        for start, end in zip(pieces[0::2], pieces[1::2]):        # (start, cumulative end) pairs
+            visited += range(start, start + end - done)
+            done = end
+        rows = visible[a * ba:(a + 1) * ba]
+        needed = {int(c) // bb for c in torch.nonzero(rows.any(0)).flatten()}
+        assert len(visited) == len(set(visited)), (a, row)
+        assert set(visited) == needed, (a, row, sorted(needed))
+        full_ok = [rows[:, j * bb:(j + 1) * bb].all() for j in range(flo, fhi)]
+        assert all(full_ok), (a, row)
