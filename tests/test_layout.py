@@ -133,3 +133,30 @@ def test_coarse_to_fine_classification_equals_classifying_every_tile(source, inp
     assert layered.tiles == direct.tiles
     assert 0 < direct.tiles["partial"] and 0 < direct.tiles["empty"]
 
+
+
+def test_which_rows_the_kernels_compute_or_read_in_order():
+    """The launcher's view of a layout: residue classes of block-aligned length are computed (no loaded
+    positions), other lengths and other transforms are gathered; compaction leaves the other side's
+    rows in order (tensor descriptors stay possible there)."""
+    kern = attnc.compile(DILATED)
+    aligned = kern._layout(1, 2, 2, 192, 288, 32, 32, {}, {}, torch.device("cpu"))
+    assert aligned.residue_classes(192, 288, 32, 32) == 3
+    assert aligned.residue_classes(192, 288, 32, 64) == 0           # 288 keys: not a multiple of 3 x 64
+    odd = kern._layout(1, 2, 2, 100, 100, 32, 32, {}, {}, torch.device("cpu"))
+    assert odd.residue_classes(100, 100, 32, 32) == 0
+    # Sorted row c * (N / d) + j is position c + d * j, as the kernels compute it.
+    n, d = 192, 3
+    want = torch.tensor([c + d * j for c in range(d) for j in range(n // d)])
+    assert torch.equal(aligned.q_perm.reshape(-1), want)
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(1, 2, 128, generator=g) < 0.5
+    for path, q_moved, k_moved in ((KEEP, False, True), (QKEEP, True, False)):
+        lay = attnc.compile(path)._layout(1, 2, 2, 128, 128, 32, 32, {}, {"keep": keep}, torch.device("cpu"))
+        assert (lay.q_identity, lay.k_identity) == (not q_moved, not k_moved)
+        assert lay.residue_classes(128, 128, 32, 32) == 0
+    buckets = attnc.compile(HASH)
+    ids = torch.randint(0, 8, (1, 2, 128), generator=g)
+    inputs = {"qb": ids, "kb": ids}
+    lay = buckets._layout(1, 2, 2, 128, 128, 32, 32, {}, inputs, torch.device("cpu"))
+    assert lay.residue_classes(128, 128, 32, 32) == 0 and not lay.q_identity
