@@ -252,8 +252,11 @@ def prefers_small_tiles(kern, n_q: int, n_k: int) -> bool:
     when the band is narrow (on average fewer than NARROW_KEYS keys per query block, counted on
     128 x 128 tiles), where large tiles would mostly be partial. Cached per (n_q, n_k)."""
     from .codegen import kernel_mode
-    mode = kernel_mode(kern.ir)
-    pir = kern.ir if mode == "ranges" else _compacted_remainder(kern.ir) if mode == "permuted" else None
+    if "_narrow_ir" not in kern.__dict__:         # the pattern whose static plan decides, once per kernel
+        mode = kernel_mode(kern.ir)
+        kern.__dict__["_narrow_ir"] = (kern.ir if mode == "ranges" else
+                                       _compacted_remainder(kern.ir) if mode == "permuted" else None)
+    pir = kern.__dict__["_narrow_ir"]
     if pir is None:
         return True
     cache = kern.__dict__.setdefault("_narrow", {})
