@@ -346,19 +346,21 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     check_grid(grid[1], cfg.block_m, Nq, "queries", q.device)
     qk_scale = scale * 1.4426950408889634
     mode = kernel_mode(pir)
-    extra, layout, heads_kv = [], None, Hkv
+    extra, layout, heads_kv, lists = [], None, Hkv, None
     if mode == "lists":
-        extra = list_args(kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device))
+        lists = kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
+        extra = list_args(lists)
     elif mode == "permuted":
         layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
+        lists = layout.lists(False)
         if layout.identity:
             # Nothing moved (e.g. documents already contiguous): the plain list kernel, same tile lists.
             module = kern._forward_module("lists")
-            extra = list_args(layout.lists(False))
+            extra = list_args(lists)
         else:
             k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
             heads_kv = layout.kv_heads(Hq, Hkv)
-            extra = list_args(layout.lists(False)) + [layout.qpos, layout.kpos]
+            extra = list_args(lists) + [layout.qpos, layout.kpos]
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     residue = _residue(layout, Nq, Nk, cfg)
     use_tma = _tma_usable(cfg, _gathered(layout, residue, "k"), k, v)
@@ -370,7 +372,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
         *input_launch_args(pir, inputs),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv,
         REVERSE=True, USE_TMA=use_tma, WIDE_ROWS=wide_rows(k, v), RESIDUE=residue,
-        DOT_PRECISION=precision,
+        FULL_RUNS=lists is not None and lists.full_runs, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse, layout
@@ -431,16 +433,18 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     check_grid(nqb, cfg.block_m, Nq, "queries", q.device)
     check_grid(nkb, cfg2.block_n, Nk, "keys", q.device)
     mode = kernel_mode(pir)
-    fwd_extra, bwd_extra, layout, heads_kv = [], [], None, Hkv
+    fwd_extra, bwd_extra, layout, heads_kv, fwd_lists, bwd_lists = [], [], None, Hkv, None, None
     if mode == "lists":
-        fwd_extra = list_args(kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device))
-        bwd_extra = list_args(kern._tile_lists(Nq, Nk, B, Hq, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device,
-                                               transposed=True))
+        fwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
+        bwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device,
+                                     transposed=True)
+        fwd_extra, bwd_extra = list_args(fwd_lists), list_args(bwd_lists)
     elif mode == "permuted":
         layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
         layout2 = (layout if cfg2.block_m == cfg.block_m and cfg2.block_n == cfg.block_n else
                    kern._layout(B, Hq, Hkv, Nq, Nk, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device))
-        fwd_extra, bwd_extra = list_args(layout.lists(False)), list_args(layout2.lists(True))
+        fwd_lists, bwd_lists = layout.lists(False), layout2.lists(True)
+        fwd_extra, bwd_extra = list_args(fwd_lists), list_args(bwd_lists)
         if layout.identity:
             module = kern._backward_module("lists")
         else:
@@ -464,13 +468,15 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
         B, Hq, heads_kv, Nq, Nk, scale, *fwd_extra, *input_args,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        HAS_DLSE=dlse is not None, USE_TMA=dq_tma, WIDE_ROWS=wide_rows(k, v), RESIDUE=residue, **common)
+        HAS_DLSE=dlse is not None, USE_TMA=dq_tma, WIDE_ROWS=wide_rows(k, v), RESIDUE=residue,
+        FULL_RUNS=fwd_lists is not None and fwd_lists.full_runs, **common)
     module.attnc_bwd_dkdv[(B * heads_kv, nkb)](
         q, k, v, dout, dk, dv, lse2, delta,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         B, Hq, heads_kv, Nq, Nk, scale, math.ceil(Nq / cfg2.block_m), *bwd_extra, *input_args,
         BLOCK_M=cfg2.block_m, BLOCK_N=cfg2.block_n, num_warps=cfg2.num_warps, num_stages=cfg2.num_stages,
-        USE_TMA=dkdv_tma, WIDE_ROWS=wide_rows(q, dout), RESIDUE=residue2, **common)
+        USE_TMA=dkdv_tma, WIDE_ROWS=wide_rows(q, dout), RESIDUE=residue2,
+        FULL_RUNS=bwd_lists is not None and bwd_lists.full_runs, **common)
     if layout is not None:
         dk, dv = layout.reduce_kv_heads(dk, Hkv), layout.reduce_kv_heads(dv, Hkv)
     return dq, dk, dv

@@ -388,6 +388,19 @@ class TileLists:
     part_idx: torch.Tensor
     part_cnt: torch.Tensor
     status: torch.Tensor
+    full_runs: bool = False    # every full list is one run of consecutive blocks (the kernels then need
+                               # only its first entry)
+
+
+def _single_runs(sel: torch.Tensor, cnt: torch.Tensor) -> bool:
+    """Whether the True entries along the last axis form one run of consecutive indices in every row."""
+    if sel.numel() == 0:
+        return True
+    n = sel.shape[-1]
+    ar = torch.arange(n, device=sel.device)
+    first = torch.where(sel, ar, n).amin(-1)
+    last = torch.where(sel, ar, -1).amax(-1)
+    return bool(((cnt == 0) | (last - first + 1 == cnt)).all())
 
 
 def _compact(sel: torch.Tensor):
@@ -401,9 +414,10 @@ def _compact(sel: torch.Tensor):
 
 
 def build_tile_lists(status: torch.Tensor) -> TileLists:
-    full_idx, full_cnt = _compact(status == 2)
+    full = status == 2
+    full_idx, full_cnt = _compact(full)
     part_idx, part_cnt = _compact(status == 1)
-    return TileLists(full_idx, full_cnt, part_idx, part_cnt, status)
+    return TileLists(full_idx, full_cnt, part_idx, part_cnt, status, _single_runs(full, full_cnt))
 
 
 class PlannedTiles:

@@ -91,7 +91,7 @@ def main():
             fn = getattr(module, name)
             consts = dict(BLOCK_M=int(bm), BLOCK_N=int(bn), HEAD_DIM=args.dim, HEAD_DIM_V=args.dim,
                           DOT_PRECISION="tf32", USE_TMA=tma == "tma", WIDE_ROWS=args.wide_rows,
-                          RESIDUE=args.residue, **extra)
+                          RESIDUE=args.residue, FULL_RUNS=False, **extra)
             try:
                 compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, consts, args.dtype),
                                                     constexprs=consts),

@@ -17,6 +17,7 @@ CASES = {
     "dilated_window": ("pattern p() { mask causal and dilated(3) and window(50) }", None),
     "fully_masked_rows": ("pattern p() { mask q < 0 or k <= q - 40 }", None),
     "documents": ("pattern p() {\n input doc: int[batch, N]\n mask same(doc) and causal\n}", "doc"),
+    "alternating_docs": ("pattern p() {\n input doc: int[batch, N]\n mask same(doc) or q < 0\n}", "altdoc"),
     "kept_keys": ("pattern p() {\n input keep: bool[batch, heads, N]\n mask kept(keep) and causal\n}", "keep"),
     "dropped_queries": ("pattern p() {\n input keep: bool[batch, heads, N]\n mask query_kept(keep)\n}", "keep"),
     "alibi": ("pattern p() {\n input s: float[heads]\n mask causal\n score alibi(s[h])\n}", "s"),
@@ -33,6 +34,8 @@ SHAPES = [(2, 4, 2, 67, 67, 16), (1, 2, 1, 45, 70, 32)]
 def _inputs(kind, B, Hq, n, g):
     if kind == "doc":
         return {"doc": torch.sort(torch.randint(0, 4, (B, n), generator=g), dim=-1).values}
+    if kind == "altdoc":                 # two documents alternating every 32 positions
+        return {"doc": (torch.arange(n) // 32 % 2).expand(B, n).contiguous()}
     if kind == "keep":
         return {"keep": torch.rand(B, Hq, n, generator=g) < 0.5}
     if kind == "s":
@@ -135,6 +138,30 @@ def test_wide_row_offsets_variant(name):
     from attnc import launch
     with mock.patch.object(launch, "wide_rows", lambda *tensors: True):
         check_gradients(name, SHAPES[0])
+
+
+@pytest.mark.parametrize("name,shape,runs", [
+    ("documents", (2, 4, 2, 128, 128, 16), True),
+    ("alternating_docs", (1, 2, 2, 128, 128, 16), False),
+])
+def test_full_lists_read_as_runs_or_entry_by_entry(name, shape, runs):
+    """When every full list is one run of consecutive blocks (documents), the kernels read only its
+    first entry; otherwise (blocks of two documents alternating) every entry. Both give the reference."""
+    from unittest import mock
+
+    from attnc import launch, plan
+    seen = []
+    real = plan.build_tile_lists
+
+    def spy(status):
+        lists = real(status)
+        seen.append(lists.full_runs)
+        return lists
+
+    with mock.patch.object(launch, "_chosen_config", lambda kind, *a: launch.FwdConfig(32, 32, 4, 1)), \
+            mock.patch.object(plan, "build_tile_lists", spy):
+        check_gradients(name, shape)
+    assert seen and all(r == runs for r in seen)
 
 
 def check_gradients(name, shape):
