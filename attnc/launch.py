@@ -434,6 +434,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     check_grid(nkb, cfg2.block_n, Nk, "keys", q.device)
     mode = kernel_mode(pir)
     fwd_extra, bwd_extra, layout, heads_kv, fwd_lists, bwd_lists = [], [], None, Hkv, None, None
+    residue = residue2 = 0                  # residue classes the dQ / dK-dV kernels compute rows from
     if mode == "lists":
         fwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
         bwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device,
@@ -445,13 +446,13 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                    kern._layout(B, Hq, Hkv, Nq, Nk, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device))
         fwd_lists, bwd_lists = layout.lists(False), layout2.lists(True)
         fwd_extra, bwd_extra = list_args(fwd_lists), list_args(bwd_lists)
+        residue, residue2 = _residue(layout, Nq, Nk, cfg), _residue(layout, Nq, Nk, cfg2)
         if layout.identity:
             module = kern._backward_module("lists")
         else:
-            residue = _residue(layout, Nq, Nk, cfg)
             if config is None:      # the same tiles; deeper pipelines where rows are gathered
                 cfg = backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk),
-                                      gathered=(_gathered(layout, residue, "k"), _gathered(layout, residue, "q")))
+                                      gathered=(_gathered(layout, residue, "k"), _gathered(layout, residue2, "q")))
                 cfg2 = cfg.dkdv_config
             k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
             heads_kv = layout.kv_heads(Hq, Hkv)
@@ -459,7 +460,6 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             bwd_extra += [layout2.qpos, layout2.kpos]
             dk, dv = torch.empty_like(k), torch.empty_like(v)
     input_args = input_launch_args(pir, inputs)
-    residue, residue2 = _residue(layout, Nq, Nk, cfg), _residue(layout, Nq, Nk, cfg2)
     dq_tma = _tma_usable(cfg, _gathered(layout, residue, "k"), k, v)          # K, V tiles of the dQ kernel
     dkdv_tma = _tma_usable(cfg2, _gathered(layout, residue2, "q"), q, dout)   # Q, dO tiles of the dK/dV kernel
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision)

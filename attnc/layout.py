@@ -25,10 +25,14 @@ class Layout:
     qpos: torch.Tensor            # int32 contiguous copies for the kernels
     kpos: torch.Tensor
     expand_kv: bool               # keys sorted per query head: K, V are expanded to the query heads
-    identity: bool                # both permutations are the identity: the plain list kernels apply
     q_identity: bool              # queries were not moved (only keys sorted, e.g. key compaction)
     k_identity: bool              # keys were not moved (e.g. query compaction)
     tiles: PlannedTiles           # tile classes (B', H', nqb, nkb) of the sorted problem and their lists
+
+    @property
+    def identity(self) -> bool:
+        """Both permutations are the identity: the plain list kernels apply."""
+        return self.q_identity and self.k_identity
 
     @property
     def status(self) -> torch.Tensor:
@@ -84,7 +88,6 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
                                     modulus=modulus).classify()
     q_identity = bool(torch.equal(q_perm, torch.arange(n_q, device=device).expand_as(q_perm)))
     k_identity = bool(torch.equal(k_perm, torch.arange(n_k, device=device).expand_as(k_perm)))
-    identity = q_identity and k_identity
     expand = Hp > 1 and Hq != Hkv
     if expand:
         # Keys sorted per query head: under GQA, each query head needs its own K/V rows unless the
@@ -95,5 +98,4 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     # The kernels index positions per (batch, query head).
     qpos = q_perm.to(torch.int32).expand(B, Hq, n_q).contiguous()
     kpos = k_perm.to(torch.int32).expand(B, Hq, n_k).contiguous()
-    return Layout(transform, q_perm, k_perm, qpos, kpos, expand, identity, q_identity, k_identity,
-                  PlannedTiles(status))
+    return Layout(transform, q_perm, k_perm, qpos, kpos, expand, q_identity, k_identity, PlannedTiles(status))
