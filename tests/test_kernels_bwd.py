@@ -7,8 +7,10 @@ import attnc
 
 try:
     from tests.poison import poisoned_allocations
+    from tests.spies import returns_of
 except ImportError:                          # tests/ itself on sys.path
     from poison import poisoned_allocations
+    from spies import returns_of
 
 
 CASES = {
@@ -78,15 +80,8 @@ def test_tma_backward_variant(name):
 
     from attnc import launch
     cfg = launch.FwdConfig(16, 32, 4, 1, tma=True, dkdv=launch.FwdConfig(32, 16, 4, 1, tma=True))
-    used = []
-    real = launch._tma_usable
-
-    def spy(*args):
-        used.append(real(*args))
-        return used[-1]
-
     with mock.patch.object(launch, "_chosen_config", lambda kind, *a: cfg if kind == "bwd" else
-                           launch.FwdConfig(32, 32, 4, 1, tma=True)), mock.patch.object(launch, "_tma_usable", spy):
+                           launch.FwdConfig(32, 32, 4, 1, tma=True)), returns_of(launch, "_tma_usable") as used:
         check_gradients(name, SHAPES[0])
     assert used == ([False, False, True] if name == "kept_keys" else [True, True, True])      # fwd, dQ, dK/dV
 
@@ -102,19 +97,8 @@ def test_residue_classes_computed_not_gathered(name, shape, tma):
 
     from attnc import launch
     cfg = launch.FwdConfig(32, 32, 4, 1, tma=tma)
-    residues, usable = [], []
-    real_residue, real_usable = launch._residue, launch._tma_usable
-
-    def residue_spy(*args):
-        residues.append(real_residue(*args))
-        return residues[-1]
-
-    def usable_spy(*args):
-        usable.append(real_usable(*args))
-        return usable[-1]
-
     with mock.patch.object(launch, "_chosen_config", lambda kind, *a: cfg), \
-            mock.patch.object(launch, "_residue", residue_spy), mock.patch.object(launch, "_tma_usable", usable_spy):
+            returns_of(launch, "_residue") as residues, returns_of(launch, "_tma_usable") as usable:
         check_gradients(name, shape)
     assert len(residues) >= 3 and all(r > 1 for r in residues)          # forward, dQ, dK/dV (at least)
     assert usable == [tma] * 3
@@ -150,18 +134,10 @@ def test_full_lists_read_as_runs_or_entry_by_entry(name, shape, runs):
     from unittest import mock
 
     from attnc import launch, plan
-    seen = []
-    real = plan.build_tile_lists
-
-    def spy(status):
-        lists = real(status)
-        seen.append(lists.full_runs)
-        return lists
-
     with mock.patch.object(launch, "_chosen_config", lambda kind, *a: launch.FwdConfig(32, 32, 4, 1)), \
-            mock.patch.object(plan, "build_tile_lists", spy):
+            returns_of(plan, "build_tile_lists") as built:
         check_gradients(name, shape)
-    assert seen and all(r == runs for r in seen)
+    assert built and all(lists.full_runs == runs for lists in built)
 
 
 def check_gradients(name, shape):

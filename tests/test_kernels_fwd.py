@@ -48,9 +48,11 @@ LSE_TOL = 1e-4
 try:
     from tests import strategies as S
     from tests.poison import poisoned_allocations, real_empty as _real_empty
+    from tests.spies import returns_of
 except ImportError:                          # tests/ itself on sys.path
     import strategies as S
     from poison import poisoned_allocations, real_empty as _real_empty
+    from spies import returns_of
 
 
 def run_kernel(kern: attnc.Kernel, q, k, v, scale=None, **inputs):
@@ -671,15 +673,8 @@ def test_tma_variant_matches_pointer_loads(case_id, size, how):
         q, k, v = (noncontiguous(t, how) for t in (q, k, v))
     plain, plain_lse = run_kernel(kern, q, k, v, **inputs)
     tma_cfg = launch.FwdConfig(32, 32, 4, 1, tma=True)
-    used = []
-    real_usable = launch._tma_usable
-
-    def spy(cfg, layout, kk, vv):
-        used.append(real_usable(cfg, layout, kk, vv))
-        return used[-1]
-
     with mock.patch.object(launch, "_chosen_config", lambda kind, *a: tma_cfg if kind == "fwd" else None), \
-            mock.patch.object(launch, "_tma_usable", spy):
+            returns_of(launch, "_tma_usable") as used:
         out, lse = run_kernel(kern, q, k, v, **inputs)
     assert used == [how != "strided-last"]
     check_against_reference(kern, q, k, v, out, lse, **inputs)
