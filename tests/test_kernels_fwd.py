@@ -438,6 +438,15 @@ def case_by_id(case_id: str) -> Case:
     return next(c for c in EXAMPLE_CASES + CUSTOM_CASES if c.id == case_id)
 
 
+def case_problem(case_id: str, size: tuple, input_seed: int):
+    """A case's kernel, runtime inputs and contiguous q, k, v (D = 32, Dv = 16) at lengths ``size``."""
+    case = case_by_id(case_id)
+    n_q, n_k = size
+    B, H = case.batch, case.heads
+    inputs = case.inputs(B, H, n_q, n_k, torch.Generator().manual_seed(input_seed)) if case.inputs else {}
+    return case.compile(), inputs, make_qkv(B, H, H, n_q, n_k, 32, 16)
+
+
 LOW_PRECISION = [
     ("causal", (130, 130), 64),
     ("sliding_window-w45", (130, 130), 32),
@@ -523,12 +532,7 @@ def noncontiguous(x: torch.Tensor, how: str) -> torch.Tensor:
     ("alibi", (17, 67), "transposed"),
 ])
 def test_noncontiguous_qkv(case_id, size, how):
-    case = case_by_id(case_id)
-    kern = case.compile()
-    n_q, n_k = size
-    B, H = case.batch, case.heads
-    inputs = case.inputs(B, H, n_q, n_k, torch.Generator().manual_seed(5)) if case.inputs else {}
-    q, k, v = make_qkv(B, H, H, n_q, n_k, 32, 16)
+    kern, inputs, (q, k, v) = case_problem(case_id, size, 5)
     qn, kn, vn = (noncontiguous(t, how) for t in (q, k, v))
     assert not (qn.is_contiguous() or kn.is_contiguous() or vn.is_contiguous())
     out, lse = run_kernel(kern, qn, kn, vn, **inputs)
@@ -663,12 +667,7 @@ def test_empty_query_length():
 ])
 def test_tma_variant_matches_pointer_loads(case_id, size, how):
     from attnc import launch
-    case = case_by_id(case_id)
-    kern = case.compile()
-    n_q, n_k = size
-    B, H = case.batch, case.heads
-    inputs = case.inputs(B, H, n_q, n_k, torch.Generator().manual_seed(3)) if case.inputs else {}
-    q, k, v = make_qkv(B, H, H, n_q, n_k, 32, 16)
+    kern, inputs, (q, k, v) = case_problem(case_id, size, 3)
     if how:
         q, k, v = (noncontiguous(t, how) for t in (q, k, v))
     plain, plain_lse = run_kernel(kern, q, k, v, **inputs)
