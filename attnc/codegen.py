@@ -18,7 +18,7 @@ from .analyze import PatternIR
 from .evaluate import OPS
 from .interval import Emitter, IntervalEvaluator, Sym, TritonOps
 from .parse import _resource_text
-from .plan import RangeProgram, block_ranges, range_program
+from .plan import RangeProgram, block_ranges, layout_transform, range_program, summarized_side
 
 # How the element-wise code names the index variables and sizes inside a tile.
 LEAF_NAMES = {"q": "q_pos", "k": "k_pos", "b": "off_b", "h": "off_h",
@@ -139,6 +139,102 @@ def _range_code(program: RangeProgram) -> tuple[list[str], int]:
         em.named(f"flo{i}", flo)
         em.named(f"fhi{i}", fhi)
     return em.lines, len(ranges)
+
+
+@dataclass(frozen=True)
+class SetupRead:
+    """A runtime-input read the tile classifier knows per block: its min / max over each block's rows."""
+    index: int
+    node: ir.Node
+    side: str                 # 'q' or 'k': the one position its indices use
+    text: str
+
+
+@dataclass(frozen=True)
+class ClassifierCode:
+    """The tile classifier's hook: interval code over block summaries, and what it reads."""
+    lines: list
+    status_expr: str          # may + must as int32 (2 full, 1 partial, 0 empty)
+    reads: tuple              # SetupRead, in kernel-argument order
+    modulus: int              # residue classes of a residue permutation (0: none)
+
+
+def classifier_code(pir: PatternIR) -> ClassifierCode:
+    """Triton code evaluating the mask to (must, may) over a query block x BLOCK_J key blocks, with the
+    interval rules of :class:`attnc.interval.IntervalEvaluator` (the ones the torch classifiers use).
+
+    Leaves are block summaries: ``q_lo``/``q_hi`` (scalars) and ``k_lo``/``k_hi`` (vectors) are the
+    smallest and largest original positions of the block, ``rd<i>_lo``/``rd<i>_hi`` the same for each
+    runtime-input read indexed by one position, ``qres_*``/``kres_*`` for position % modulus."""
+    cached = pir.__dict__.get("_classifier_code")
+    if cached is not None:
+        return cached
+    transform = layout_transform(pir.mask)
+    modulus = next((key.modulus for key in transform.query_keys if key.kind == "residue"), 0) if transform else 0
+    em = Emitter("c")
+    ops = TritonOps(em)
+    leaves = {"q": (Sym(em, "q_lo"), Sym(em, "q_hi")), "k": (Sym(em, "k_lo"), Sym(em, "k_hi"))}
+    for name in ("b", "h", "n_q", "n_k", "batch", "heads"):
+        leaves[name] = (Sym(em, LEAF_NAMES[name]),) * 2
+    reads: list[SetupRead] = []
+
+    def read(node: ir.Node, idx):
+        side = summarized_side(node)
+        if side is None:
+            return None
+        r = next((r for r in reads if r.node == node), None)
+        if r is None:
+            r = SetupRead(len(reads), node, side, ir.to_text(node))
+            reads.append(r)
+        lo, hi = Sym(em, f"rd{r.index}_lo"), Sym(em, f"rd{r.index}_hi")
+        return (lo > 0, hi > 0) if node.type == "bool" else (lo, hi)
+
+    residues = ({side: (modulus, Sym(em, f"{side}res_lo"), Sym(em, f"{side}res_hi")) for side in "qk"}
+                if modulus else {})
+    must, may = IntervalEvaluator(ops, leaves, read, residues)(pir.mask)
+
+    def as_int(x) -> str:
+        return str(int(x)) if isinstance(x, bool) else f"{x.text}.to(tl.int32)"
+
+    code = ClassifierCode(list(em.lines), f"{as_int(may)} + {as_int(must)}", tuple(reads), modulus)
+    pir.__dict__["_classifier_code"] = code
+    return code
+
+
+def summary_slots(code: ClassifierCode, side: str) -> list[str]:
+    """What the summary of a block of ``side`` rows holds, in order: positions, residues, reads."""
+    return ["position"] + (["residue"] if code.modulus else []) + [r.text for r in code.reads if r.side == side]
+
+
+def _side_context(pir: PatternIR, code: ClassifierCode, side: str) -> dict:
+    """The per-side setup kernels' code: block summaries (positions, residues, reads) and sort keys."""
+    pos = LEAF_NAMES[side]
+    printer = ElementwisePrinter(f"{side}s")
+    values = [pos] + ([f"_mod({pos}, {code.modulus})"] if code.modulus else [])
+    values += [printer(r.node) for r in code.reads if r.side == side]
+    transform = layout_transform(pir.mask)
+    keys = []
+    for key in (transform.query_keys if side == "q" else transform.key_keys) if transform else ():
+        if key.kind == "residue":
+            keys.append(dict(text=f"position % {key.modulus}", lines=[], value=f"_mod({pos}, {key.modulus})"))
+            continue
+        kp = ElementwisePrinter(f"{side}k")
+        var = kp(key.node)
+        value = f"({var} == 0)" if key.kind == "keep" else var      # kept rows first
+        keys.append(dict(text=ir.to_text(key.node) + (" (0: kept)" if key.kind == "keep" else ""),
+                         lines=kp.em.lines, value=value))
+    return dict(name=side, slots=summary_slots(code, side), lines=printer.em.lines, summary_values=values,
+                sort_keys=keys)
+
+
+def render_setup(pir: PatternIR) -> str:
+    """The Triton source of the pattern's setup kernels: sort keys and block summaries per side, and the
+    tile classifier (runtime-input and layout-transform plans)."""
+    code = classifier_code(pir)
+    context = template_context(pir)
+    context.update(classify_lines=code.lines, status_expr=code.status_expr, setup_reads=code.reads,
+                   modulus=code.modulus, sides=[_side_context(pir, code, side) for side in "qk"])
+    return _environment().get_template("attn_setup.py.j2").render(**context)
 
 
 @functools.lru_cache(maxsize=1)

@@ -71,7 +71,8 @@ class Sym:
             return self if other else False
         if op == "|" and isinstance(other, bool):
             return True if other else self
-        if op in ("+", "-") and isinstance(other, int) and not isinstance(other, bool) and other == 0 and not swap:
+        if (op in ("+", "-") and isinstance(other, int) and not isinstance(other, bool) and other == 0
+                and (op == "+" or not swap)):
             return self
         if op == "*" and isinstance(other, int) and not isinstance(other, bool) and other == 1:
             return self

@@ -322,10 +322,35 @@ def list_args(lists) -> list:
             lists.full_idx.shape[1], lists.full_idx.shape[-1], lists.part_idx.shape[-1]]
 
 
+def forward_setup(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdConfig):
+    """The forward's per-call setup: tile lists (runtime-input patterns) or the layout transform, cached
+    per shape and input tensors by the kernel. Returns (module, list and position arguments, layout,
+    K/V heads, lists, k, v); k and v are expanded per query head when keys are sorted per head."""
+    from .codegen import kernel_mode
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    module, extra, layout, heads_kv, lists = kern._forward_module(), [], None, Hkv, None
+    mode = kernel_mode(kern.ir)
+    if mode == "lists":
+        lists = kern._tile_lists(Nq, Nk, B, Hq, config.block_m, config.block_n, sizes, inputs, q.device)
+        extra = list_args(lists)
+    elif mode == "permuted":
+        layout = kern._layout(B, Hq, Hkv, Nq, Nk, config.block_m, config.block_n, sizes, inputs, q.device)
+        lists = layout.lists(False)
+        if layout.identity:
+            # Nothing moved (e.g. documents already contiguous): the plain list kernel, same tile lists.
+            module = kern._forward_module("lists")
+            extra = list_args(lists)
+        else:
+            k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
+            heads_kv = layout.kv_heads(Hq, Hkv)
+            extra = list_args(lists) + [layout.qpos, layout.kpos]
+    return module, extra, layout, heads_kv, lists, k, v
+
+
 def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, config: FwdConfig | None = None,
                    out: torch.Tensor | None = None):
     """Run the forward kernel; returns (out, lse, plan_state)."""
-    from .codegen import kernel_mode
     if q.device.type != "cuda" and q.dtype == torch.bfloat16:
         # Triton's interpreter multiplies bf16 tiles as raw 16-bit integers: run it in float32.
         out32, lse, state = launch_forward(kern, q.float(), k.float(), v.float(), scale=scale, sizes=sizes,
@@ -336,7 +361,6 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = config or forward_config(D, Dv, q.device, q.dtype, sparse=prefers_small_tiles(kern, Nq, Nk), key=kern,
                                    seq=max(Nq, Nk))
-    module = kern._forward_module()
     if out is None:
         out = torch.empty(B, Hq, Nq, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
@@ -345,22 +369,8 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     grid = (B * Hq, math.ceil(Nq / cfg.block_m))
     check_grid(grid[1], cfg.block_m, Nq, "queries", q.device)
     qk_scale = scale * 1.4426950408889634
-    mode = kernel_mode(pir)
-    extra, layout, heads_kv, lists = [], None, Hkv, None
-    if mode == "lists":
-        lists = kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
-        extra = list_args(lists)
-    elif mode == "permuted":
-        layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
-        lists = layout.lists(False)
-        if layout.identity:
-            # Nothing moved (e.g. documents already contiguous): the plain list kernel, same tile lists.
-            module = kern._forward_module("lists")
-            extra = list_args(lists)
-        else:
-            k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
-            heads_kv = layout.kv_heads(Hq, Hkv)
-            extra = list_args(lists) + [layout.qpos, layout.kpos]
+    module, extra, layout, heads_kv, lists, k, v = forward_setup(kern, q, k, v, sizes=sizes, inputs=inputs,
+                                                                 config=cfg)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     residue = _residue(layout, Nq, Nk, cfg)
     use_tma = _tma_usable(cfg, _gathered(layout, residue, "k"), k, v)

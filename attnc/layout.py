@@ -10,6 +10,7 @@ under GQA).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -20,14 +21,28 @@ from .plan import LayoutTransform, PermutedTileClassifier, PlannedTiles, TileLis
 @dataclass
 class Layout:
     transform: LayoutTransform
-    q_perm: torch.Tensor          # int64 (B, Hq, Nq): sorted index -> original query position
-    k_perm: torch.Tensor          # int64 (B, Hq, Nk): per query head
-    qpos: torch.Tensor            # int32 contiguous copies for the kernels
-    kpos: torch.Tensor
-    expand_kv: bool               # keys sorted per query head: K, V are expanded to the query heads
+    q_perm: torch.Tensor          # int64 (B', H', Nq): sorted index -> original query position
+    k_perm: torch.Tensor          # int64 (B', H', Nk); B', H' are 1 where the mask ignores b, h
+    batch: int
+    heads: int                    # query heads
+    expand_kv: bool               # keys sorted per head under GQA: K, V are expanded to the query heads
     q_identity: bool              # queries were not moved (only keys sorted, e.g. key compaction)
     k_identity: bool              # keys were not moved (e.g. query compaction)
     tiles: PlannedTiles           # tile classes (B', H', nqb, nkb) of the sorted problem and their lists
+    q_pos32: torch.Tensor | None = None     # int32 copies of the perms, when the setup made them
+    k_pos32: torch.Tensor | None = None
+
+    # The kernels index positions per (batch, query head), as int32: made on first use (a layout whose
+    # positions stayed in place runs the plain list kernels and never needs them).
+    @functools.cached_property
+    def qpos(self) -> torch.Tensor:
+        pos = self.q_pos32 if self.q_pos32 is not None else self.q_perm.to(torch.int32)
+        return pos.expand(self.batch, self.heads, pos.shape[-1]).contiguous()
+
+    @functools.cached_property
+    def kpos(self) -> torch.Tensor:
+        pos = self.k_pos32 if self.k_pos32 is not None else self.k_perm.to(torch.int32)
+        return pos.expand(self.batch, self.heads, pos.shape[-1]).contiguous()
 
     @property
     def identity(self) -> bool:
@@ -71,12 +86,28 @@ class Layout:
 
 
 def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q: int, n_k: int,
-                 block_m: int, block_n: int, sizes: dict, inputs: dict, device) -> Layout:
-    """Sort, find the original positions, classify the tiles of the sorted problem (all on device)."""
+                 block_m: int, block_n: int, sizes: dict, inputs: dict, device, classifier=None) -> Layout:
+    """Sort, find the original positions, classify the tiles of the sorted problem (all on device).
+
+    ``classifier``: the pattern's generated tile classifier module (see :mod:`attnc.device_setup`),
+    which also builds the forward lists, with one host synchronization for everything; None runs the
+    torch classifier (CPU, and the tests' oracle)."""
     from . import ir
     # Sort and classify once per batch / head only where the mask depends on b / h.
     used = ir.free_vars(pir.mask)
     Bp, Hp = (B if "b" in used else 1), (Hq if "h" in used else 1)
+    if classifier is not None:
+        from .device_setup import plan_tiles, tile_lists
+        status, q_perm, k_perm, q_pos, k_pos, moved = plan_tiles(
+            classifier, pir, transform, shape=(Bp, Hp), batch=B, heads=Hq, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n,
+            sizes=sizes, inputs=inputs, device=device)
+        q_perm = q_perm if q_perm is not None else _arange(n_q, Bp, Hp, device)
+        k_perm = k_perm if k_perm is not None else _arange(n_k, Bp, Hp, device)
+        checks = [moved] + _expand_check(k_perm, Bp, Hp, Hq, Hkv)
+        lists, flags = tile_lists(status, also=tuple(checks))    # one host synchronization for all
+        tiles = PlannedTiles(status, on_device=True, lists={False: lists})
+        expand = bool(flags[2]) if len(flags) > 2 else False
+        return Layout(transform, q_perm, k_perm, B, Hq, expand, bool(flags[0]), bool(flags[1]), tiles, q_pos, k_pos)
     env = {name: value for name, value in sizes.items()}
     env.update(inputs)
     env["b"] = torch.arange(Bp, device=device).view(Bp, 1, 1)
@@ -86,16 +117,19 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     modulus = next((k.modulus for k in transform.query_keys if k.kind == "residue"), 0)
     status = PermutedTileClassifier(pir, q_perm, k_perm, n_q, n_k, B, Hq, block_m, block_n, sizes, inputs,
                                     modulus=modulus).classify()
-    q_identity = bool(torch.equal(q_perm, torch.arange(n_q, device=device).expand_as(q_perm)))
-    k_identity = bool(torch.equal(k_perm, torch.arange(n_k, device=device).expand_as(k_perm)))
-    expand = Hp > 1 and Hq != Hkv
-    if expand:
-        # Keys sorted per query head: under GQA, each query head needs its own K/V rows unless the
-        # heads of a group happen to share one order.
-        group = Hq // Hkv
-        view = k_perm.view(Bp, Hkv, group, n_k)
-        expand = not torch.equal(view, view[:, :, :1].expand_as(view))
-    # The kernels index positions per (batch, query head).
-    qpos = q_perm.to(torch.int32).expand(B, Hq, n_q).contiguous()
-    kpos = k_perm.to(torch.int32).expand(B, Hq, n_k).contiguous()
-    return Layout(transform, q_perm, k_perm, qpos, kpos, expand, q_identity, k_identity, PlannedTiles(status))
+    identity = [bool(torch.equal(p, _arange(p.shape[-1], Bp, Hp, device))) for p in (q_perm, k_perm)]
+    expand = any(bool(c) for c in _expand_check(k_perm, Bp, Hp, Hq, Hkv))
+    return Layout(transform, q_perm, k_perm, B, Hq, expand, identity[0], identity[1], PlannedTiles(status))
+
+
+def _arange(n: int, Bp: int, Hp: int, device) -> torch.Tensor:
+    return torch.arange(n, device=device).expand(Bp, Hp, n)
+
+
+def _expand_check(k_perm: torch.Tensor, Bp: int, Hp: int, Hq: int, Hkv: int) -> list:
+    """Keys sorted per query head under GQA: [whether the heads of some group differ in key order] (then
+    each query head needs its own K / V rows); [] when keys are shared by construction."""
+    if Hp == 1 or Hq == Hkv:
+        return []
+    view = k_perm.view(Bp, Hkv, Hq // Hkv, k_perm.shape[-1])
+    return [~(view == view[:, :, :1]).all()]

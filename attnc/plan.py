@@ -286,16 +286,29 @@ def static_plan(pir: PatternIR, n_q: int, n_k: int, batch: int, heads: int, bloc
 
 
 def _block_summary(x: torch.Tensor, axis: int, block: int, n: int):
-    """(min, max) of ``x`` over blocks of ``block`` positions along ``axis`` (positions < n)."""
-    x = x.movedim(axis, -1)[..., :n]
-    if x.dtype == torch.bool:
-        x = x.to(torch.int8)
+    """(min, max) of ``x`` over blocks of ``block`` positions along ``axis`` (positions < n). A ragged
+    last block is padded with its own last value, which changes neither its min nor its max."""
+    x = x.movedim(axis, -1)[..., :n].to(torch.int64)      # exact interval arithmetic, bools as 0 / 1
     pad = (-x.shape[-1]) % block
-    xmin = torch.nn.functional.pad(x.to(torch.int64), (0, pad), value=(1 << 62)) if pad else x.to(torch.int64)
-    xmax = torch.nn.functional.pad(x.to(torch.int64), (0, pad), value=-(1 << 62)) if pad else x.to(torch.int64)
-    lo = xmin.unflatten(-1, (-1, block)).amin(-1)
-    hi = xmax.unflatten(-1, (-1, block)).amax(-1)
+    if pad:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], -1)
+    lo, hi = torch.aminmax(x.unflatten(-1, (-1, block)), dim=-1)
     return lo.movedim(-1, axis), hi.movedim(-1, axis)
+
+
+def read_summary(node: ir.Node, side: str, perm: torch.Tensor | None, shape: tuple, block: int, n: int,
+                 sizes: dict, inputs: dict, device):
+    """Per-block (min, max), shape ``shape + (blocks,)``, of a read indexed by one position ``side``
+    (:func:`summarized_side`), evaluated at the positions ``perm`` (``shape + (n,)``; None: in order)."""
+    from .evaluate import evaluate
+    Bp, Hp = shape
+    env = dict(sizes)
+    env.update(inputs)
+    env["b"] = torch.arange(Bp, device=device).view(-1, 1, 1)
+    env["h"] = torch.arange(Hp, device=device).view(1, -1, 1)
+    env[side] = perm if perm is not None else torch.arange(n, device=device).view(1, 1, n)
+    values = torch.as_tensor(evaluate([node], env)[0], device=device).expand(Bp, Hp, n)
+    return _block_summary(values, -1, block, n)
 
 
 class TileClassifier:
@@ -424,14 +437,19 @@ class PlannedTiles:
     """The tile classes of one call and their lists, each built on first use: per query block for the
     forward and dQ kernels, per key block (transposed) for the dK/dV kernel."""
 
-    def __init__(self, status: torch.Tensor):
+    def __init__(self, status: torch.Tensor, on_device: bool = False, lists: dict | None = None):
         self.status = status
-        self._lists: dict[bool, TileLists] = {}
+        self.on_device = on_device          # build lists with the Triton kernels of attnc.device_setup
+        self._lists: dict[bool, TileLists] = dict(lists or {})
 
     def lists(self, transposed: bool = False) -> TileLists:
         if transposed not in self._lists:
-            status = self.status.transpose(-1, -2).contiguous() if transposed else self.status
-            self._lists[transposed] = build_tile_lists(status)
+            if self.on_device:
+                from .device_setup import tile_lists
+                self._lists[transposed] = tile_lists(self.status, transposed)[0]
+            else:
+                status = self.status.transpose(-1, -2).contiguous() if transposed else self.status
+                self._lists[transposed] = build_tile_lists(status)
         return self._lists[transposed]
 
 
@@ -478,6 +496,15 @@ def _position_var(node: ir.Node) -> str | None:
     """'q' or 'k' when a read's indices use exactly one of them (and otherwise only b, h, sizes)."""
     used = ir.free_vars(node) & {"q", "k"}
     return next(iter(used)) if len(used) == 1 else None
+
+
+def summarized_side(node: ir.Node) -> str | None:
+    """'q' or 'k' when a read can be summarized per block of that side (its indices use that position
+    and otherwise only b and h): the classifiers then know its min / max over each block."""
+    side = _position_var(node)
+    if side is None or ir.free_vars(node) - {"b", "h", side}:
+        return None
+    return side
 
 
 def layout_transform(mask: ir.Node) -> LayoutTransform | None:
@@ -638,8 +665,8 @@ class PermutedTileClassifier:
         return leaves, residues
 
     def _read(self, node, idx):
-        side = _position_var(node)
-        if side is None or ir.free_vars(node) - {"b", "h", side}:
+        side = summarized_side(node)
+        if side is None:
             return None
         lo, hi = self._summary(node, side)
         pick = self._q_side if side == "q" else self._k_side
@@ -654,17 +681,10 @@ class PermutedTileClassifier:
             if self._fine is not None:
                 self._summaries[node] = self._fine._merged(self._fine._summary(node, side), side, self.COARSE)
             else:
-                from .evaluate import evaluate
                 perm, block, n = ((self.q_perm, self.block_m, self.n_q) if side == "q"
                                   else (self.k_perm, self.block_n, self.n_k))
-                env = dict(self.sizes)
-                env.update(self.inputs)
-                env["b"] = torch.arange(self.batch, device=self.device).view(-1, 1, 1)
-                env["h"] = torch.arange(self.heads, device=self.device).view(1, -1, 1)
-                env[side] = perm
-                values = torch.as_tensor(evaluate([node], env)[0], device=self.device)
-                values = values.expand(self.batch, self.heads, perm.shape[-1])
-                self._summaries[node] = _block_summary(values, -1, block, n)
+                self._summaries[node] = read_summary(node, side, perm, (self.batch, self.heads), block, n,
+                                                     self.sizes, self.inputs, self.device)
         return self._summaries[node]
 
     def _evaluate(self):

@@ -113,12 +113,16 @@ class Kernel:
         return cached_source(self.ir, "fwd", render_forward)[0]
 
     def _module(self, kind: str, mode: str | None = None):
-        """The loaded generated module of ``kind`` ('fwd' or 'bwd'), optionally in another plan mode."""
+        """The loaded generated module of ``kind`` ('fwd', 'bwd', or 'setup': the tile classifier),
+        optionally in another plan mode."""
         modules = self.__dict__.setdefault("_modules", {})
         if (kind, mode) not in modules:
-            from .codegen import render_backward, render_forward
+            from .codegen import render_backward, render_forward, render_setup
             from .launch import cached_source, load_module
-            render = render_forward if kind == "fwd" else render_backward
+            if kind == "setup":
+                render = lambda pir, mode: render_setup(pir)          # noqa: E731 (one variant per pattern)
+            else:
+                render = render_forward if kind == "fwd" else render_backward
             tag = kind if mode is None else f"{kind}-{mode}"
             _, path = cached_source(self.ir, tag, lambda pir: render(pir, mode))
             modules[(kind, mode)] = load_module(path)
@@ -171,16 +175,30 @@ class Kernel:
             entry = cache[key] = (build(), tuple(inputs.values()))
         return entry[0]
 
-    def _tile_lists(self, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, device, transposed=False):
-        """Tile lists of a list-mode call (see :meth:`_input_cached`)."""
-        from .plan import PlannedTiles, TileClassifier
+    def _setup_module(self, device):
+        """The generated tile classifier where Triton runs (CUDA, or the interpreter); None: torch."""
+        return self._module("setup") if device.type == "cuda" or _interpreting() else None
 
-        def build():
+    def _classify(self, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, device, module):
+        """Tile classes of a list-mode call: the generated classifier ``module`` on the device, or the
+        torch classifier when it is None."""
+        from .plan import PlannedTiles, TileClassifier
+        if module is None:
             return PlannedTiles(TileClassifier(self.ir, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs,
                                                device).classify())
+        from .device_setup import plan_tiles
+        used = ir.free_vars(self.ir.mask)
+        shape = (batch if "b" in used else 1, heads if "h" in used else 1)
+        status = plan_tiles(module, self.ir, None, shape=shape, batch=batch, heads=heads, n_q=n_q, n_k=n_k, block_m=block_m,
+                            block_n=block_n, sizes=sizes, inputs=inputs, device=device)[0]
+        return PlannedTiles(status, on_device=True)
 
+    def _tile_lists(self, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, device, transposed=False):
+        """Tile lists of a list-mode call (see :meth:`_input_cached`)."""
         key = ("lists", n_q, n_k, batch, heads, block_m, block_n, str(device))
-        return self._input_cached(key, inputs, build).lists(transposed)
+        return self._input_cached(key, inputs, lambda: self._classify(
+            n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, device,
+            self._setup_module(device))).lists(transposed)
 
     def _layout(self, batch, heads_q, heads_kv, n_q, n_k, block_m, block_n, sizes, inputs, device):
         """The layout transform of a permuted-mode call (see :mod:`attnc.layout`), cached."""
@@ -189,13 +207,13 @@ class Kernel:
         key = ("layout", batch, heads_q, heads_kv, n_q, n_k, block_m, block_n, str(device))
         return self._input_cached(key, inputs, lambda: build_layout(
             self.ir, layout_transform(self.ir.mask), batch, heads_q, heads_kv, n_q, n_k, block_m, block_n,
-            sizes, inputs, device))
+            sizes, inputs, device, classifier=self._setup_module(device)))
 
     def plan(self, n_q: int, n_k: int, batch: int = 1, heads: int = 1, block_m: int | None = None,
              block_n: int | None = None, **inputs):
         """The execution plan for these sizes (and runtime inputs): tiles computed, mode, transforms."""
         from .codegen import kernel_mode
-        from .plan import TileClassifier, list_plan, static_plan
+        from .plan import list_plan, static_plan
         bm, bn = (block_m, block_n) if block_m and block_n else self.block_sizes(n_q=n_q, n_k=n_k)
         bm, bn = block_m or bm, block_n or bn
         sizes = check_inputs(self.ir, inputs, batch=batch, heads=heads, n_q=n_q, n_k=n_k)
@@ -203,18 +221,21 @@ class Kernel:
         if mode == "ranges":
             return static_plan(self.ir, n_q, n_k, batch, heads, bm, bn)
         device = next((t.device for t in inputs.values()), torch.device("cpu"))
+        # CUDA inputs plan with the device classifier the calls use; CPU ones with the torch classifier.
+        classifier = self._module("setup") if device.type == "cuda" else None
         if mode == "permuted":
             from .layout import build_layout
             from .plan import layout_transform
             transform = layout_transform(self.ir.mask)
-            layout = build_layout(self.ir, transform, batch, heads, heads, n_q, n_k, bm, bn, sizes, inputs, device)
+            layout = build_layout(self.ir, transform, batch, heads, heads, n_q, n_k, bm, bn, sizes, inputs, device,
+                                  classifier=classifier)
             plan = list_plan(self.ir, layout.status, n_q, n_k, batch, heads, bm, bn)
             plan.mode = "permuted"
             plan.transforms = list(transform.names)
             plan.setup = (f"stable sorts of queries and keys per (batch, head), then tile classification of the "
                           f"sorted problem on {tuple(layout.status.shape)} blocks")
             return plan
-        status = TileClassifier(self.ir, n_q, n_k, batch, heads, bm, bn, sizes, inputs, device).classify()
+        status = self._classify(n_q, n_k, batch, heads, bm, bn, sizes, inputs, device, classifier).status
         return list_plan(self.ir, status, n_q, n_k, batch, heads, bm, bn)
 
     def explain(self, n_q: int, n_k: int, batch: int = 1, heads: int = 1, **inputs) -> str:

@@ -10,11 +10,11 @@ real_empty, real_empty_like = torch.empty, torch.empty_like
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:
-    """Fill floats with NaN and integers with a garbage value (-12345)."""
+    """Fill floats with NaN and integers with a garbage value (-12345, or -99 / 199 for 8-bit types)."""
     if t.is_floating_point():
         t.fill_(math.nan)
     elif t.dtype != torch.bool and t.numel():
-        t.fill_(-12345)
+        t.fill_({torch.int8: -99, torch.uint8: 199}.get(t.dtype, -12345))
     return t
 
 

@@ -159,7 +159,45 @@ def check_all_planners(kern, n_q, n_k, batch, heads, block_m, block_n, inputs, w
         if mode == "permuted":
             any_t, all_t, ragged = brute_force_tiles(kern.mask(n_q, n_k, batch, heads, **inputs), block_m, block_n)
         assert_sound(cfull, ccomp, any_t, all_t, ragged, f"classifier on {what}")
+    if kern.ir.inputs and mode != "ranges" and min(block_m, block_n) >= 5:    # (interpreter time)
+        check_device_setup(kern, n_q, n_k, batch, heads, block_m, block_n, inputs, what)
     return status
+
+
+def _same_lists(a, b, what: str):
+    """Two TileLists agree: counts, the valid entries of each list, the runs flag."""
+    assert torch.equal(a.full_cnt, b.full_cnt) and torch.equal(a.part_cnt, b.part_cnt), what
+    assert a.full_runs == b.full_runs, what
+    for x, y, cnt in ((a.full_idx, b.full_idx, a.full_cnt), (a.part_idx, b.part_idx, a.part_cnt)):
+        assert x.shape == y.shape, what
+        valid = torch.arange(x.shape[-1]) < cnt.unsqueeze(-1)
+        assert torch.equal(x[valid], y[valid]), what
+
+
+def check_device_setup(kern, n_q, n_k, batch, heads, block_m, block_n, inputs, what=""):
+    """The device setup (generated Triton classifier, here in the interpreter) plans exactly what the
+    torch classifier plans: sorts, identity flags, tile classes and both orientations of tile lists."""
+    from attnc.layout import build_layout
+    sizes = check_inputs(kern.ir, inputs, batch=batch, heads=heads, n_q=n_q, n_k=n_k)
+    module = kern._module("setup")
+    cpu = torch.device("cpu")
+    if kernel_mode(kern.ir) == "permuted":
+        transform = layout_transform(kern.ir.mask)
+        args = (kern.ir, transform, batch, heads, heads, n_q, n_k, block_m, block_n, sizes, inputs, cpu)
+        want, got = build_layout(*args), build_layout(*args, classifier=module)
+        for x, y in ((want.q_perm, got.q_perm), (want.k_perm, got.k_perm)):
+            assert torch.equal(x.expand_as(y), y), f"device sort on {what}"
+        assert (want.q_identity, want.k_identity, want.expand_kv) == (got.q_identity, got.k_identity,
+                                                                      got.expand_kv), what
+        if not got.identity:
+            assert torch.equal(want.qpos, got.qpos) and torch.equal(want.kpos, got.kpos), what
+        want, got = want.tiles, got.tiles
+    else:
+        want = kern._classify(n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, cpu, None)
+        got = kern._classify(n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, cpu, module)
+    assert torch.equal(want.status, got.status), f"device classifier on {what}"
+    for transposed in (False, True):
+        _same_lists(want.lists(transposed), got.lists(transposed), f"device lists ({transposed}) on {what}")
 
 
 def assert_sound(full, computed, any_t, all_t, ragged, what: str):

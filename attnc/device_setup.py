@@ -1,0 +1,231 @@
+"""Plan setup on the device in a few launches: tile classification and tile lists.
+
+Patterns with runtime inputs or a layout transform need, per call, the class of every (query block,
+key block) tile and the lists the kernels walk. The torch classifiers of :mod:`attnc.plan` compute
+them with dozens of small launches and several host synchronizations; here the work is:
+
+1. per-block summaries (min / max of original positions, residues and each read), a few torch ops;
+2. the pattern's generated classifier (``templates/attn_setup.py.j2``): one launch writes the status
+   of every tile;
+3. :func:`tile_lists`: one launch counts each row's full and partial tiles, one host synchronization
+   reads the list widths (together with any flags the caller adds), one launch fills the lists.
+
+The torch classifiers stay the CPU path (``kern.plan`` on CPU tensors) and the tests' oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan import TileLists
+
+
+@triton.jit
+def _tile_lists_kernel(status_ptr, s_bh, s_row, s_col, n_rows, n_cols,
+                       full_cnt_ptr, part_cnt_ptr, stats_ptr, full_idx_ptr, part_idx_ptr, full_width, part_width,
+                       GROUP: tl.constexpr, BLOCK_J: tl.constexpr, FILL: tl.constexpr):
+    # One program per (batch, head, GROUP rows): a row is a query block (a key block for the transposed
+    # lists of the dK/dV kernel). FILL=False counts each row's full and partial tiles and folds the widths
+    # and the "every full list is one run" flag into stats; FILL=True writes the lists (columns in order).
+    bh = tl.program_id(0)
+    r = tl.program_id(1) * GROUP + tl.arange(0, GROUP)
+    r_ok = r < n_rows
+    base = status_ptr + bh.to(tl.int64) * s_bh + r[:, None].to(tl.int64) * s_row
+    out = bh.to(tl.int64) * n_rows + r
+    n_full = tl.zeros([GROUP], dtype=tl.int32)
+    n_part = tl.zeros([GROUP], dtype=tl.int32)
+    first = tl.zeros([GROUP], dtype=tl.int32) + n_cols
+    last = tl.zeros([GROUP], dtype=tl.int32) - 1
+    for j0 in range(0, n_cols, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)[None, :]
+        st = tl.load(base + j.to(tl.int64) * s_col, mask=r_ok[:, None] & (j < n_cols), other=0)
+        is_full = (st == 2).to(tl.int32)
+        is_part = (st == 1).to(tl.int32)
+        if FILL:
+            at = n_full[:, None] + tl.cumsum(is_full, 1) - 1
+            tl.store(full_idx_ptr + out[:, None] * full_width + at, j + 0 * at, mask=is_full != 0)
+            at = n_part[:, None] + tl.cumsum(is_part, 1) - 1
+            tl.store(part_idx_ptr + out[:, None] * part_width + at, j + 0 * at, mask=is_part != 0)
+        n_full += tl.sum(is_full, 1)
+        n_part += tl.sum(is_part, 1)
+        first = tl.minimum(first, tl.min(tl.where(is_full != 0, j, n_cols), 1))
+        last = tl.maximum(last, tl.max(tl.where(is_full != 0, j, -1), 1))
+    if not FILL:
+        tl.store(full_cnt_ptr + out, n_full, mask=r_ok)
+        tl.store(part_cnt_ptr + out, n_part, mask=r_ok)
+        tl.atomic_max(stats_ptr + 0, tl.max(n_full, 0))
+        tl.atomic_max(stats_ptr + 1, tl.max(n_part, 0))
+        runs = (n_full == 0) | (last - first + 1 == n_full)
+        tl.atomic_min(stats_ptr + 2, tl.min(tl.where(r_ok & ~runs, 0, 1), 0))
+
+
+def _block_j(n: int, cap: int = 1024) -> int:
+    return min(cap, max(16, triton.next_power_of_2(max(n, 1))))
+
+
+def tile_lists(status: torch.Tensor, transposed: bool = False, also: tuple = ()) -> tuple[TileLists, list[int]]:
+    """The tile lists of ``status`` (B', H', nqb, nkb), per query block, or per key block when
+    ``transposed``; equal to :func:`attnc.plan.build_tile_lists`. ``also``: device scalars to read in the
+    same host synchronization as the list widths; their values are returned as ints."""
+    status = status.contiguous()
+    Bp, Hp, nqb, nkb = status.shape
+    n_rows, n_cols, s_row, s_col = (nkb, nqb, 1, nkb) if transposed else (nqb, nkb, nkb, 1)
+    device = status.device
+    full_cnt = torch.empty(Bp, Hp, n_rows, dtype=torch.int32, device=device)
+    part_cnt = torch.empty_like(full_cnt)
+    stats = torch.tensor([0, 0, 1], dtype=torch.int32, device=device)
+    group, block_j = 16, _block_j(n_cols, 256)
+    grid = (Bp * Hp, triton.cdiv(n_rows, group))
+    _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_cnt, part_cnt, stats,
+                             full_cnt, part_cnt, 1, 1, GROUP=group, BLOCK_J=block_j, FILL=False)
+    values = torch.cat([stats.to(torch.int64)] + [torch.as_tensor(a, device=device).to(torch.int64).view(-1)
+                                                  for a in also]).tolist()     # the one synchronization
+    max_full, max_part, runs = values[:3]
+    full_idx = torch.empty(Bp, Hp, n_rows, max(max_full, 1), dtype=torch.int32, device=device)
+    part_idx = torch.empty(Bp, Hp, n_rows, max(max_part, 1), dtype=torch.int32, device=device)
+    if max_full or max_part:
+        _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_cnt, part_cnt, stats,
+                                 full_idx, part_idx, full_idx.shape[-1], part_idx.shape[-1],
+                                 GROUP=group, BLOCK_J=block_j, FILL=True)
+    lists_status = status.transpose(-1, -2) if transposed else status
+    return TileLists(full_idx, full_cnt, part_idx, part_cnt, lists_status, bool(runs)), values[3:]
+
+
+ROWS = 1024          # rows per program of the sort-key kernels
+
+
+_BIG = 1 << 62
+
+
+@triton.jit
+def _key_stats_kernel(values_ptr, n, stats_ptr, BLOCK: tl.constexpr):
+    # Whether every row of sort keys is already in order (then the stable sort is the identity and is
+    # skipped), and their min / max (a narrow range sorts in a narrow dtype).
+    bh = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    row = values_ptr + bh.to(tl.int64) * n
+    v = tl.load(row + i, mask=ok, other=0).to(tl.int64)
+    prev = tl.load(row + i - 1, mask=ok & (i > 0), other=0).to(tl.int64)
+    out_of_order = tl.max((ok & (i > 0) & (v < prev)).to(tl.int32), 0)
+    tl.atomic_min(stats_ptr + 0, 1 - out_of_order.to(tl.int64))
+    tl.atomic_min(stats_ptr + 1, tl.min(tl.where(ok, v, 1 << 62), 0))
+    tl.atomic_max(stats_ptr + 2, tl.max(tl.where(ok, v, -(1 << 62)), 0))
+
+
+def _sort_keys(module, side: str, keys: tuple, *, shape: tuple, dims: tuple, input_args: list, device, stats):
+    """Launch the sorts of one side that need no look at the data; returns ('perm', perm or None), or, for
+    a single bucket key, ('values', values) after queuing the order / range check into ``stats``."""
+    Bp, Hp, n = shape + dims[:1]
+    grid = (Bp * Hp, triton.cdiv(n, ROWS))
+    perm = None
+    for i in reversed(range(len(keys))):
+        values = torch.empty(Bp, Hp, n, dtype=torch.int64 if keys[i].kind == "bucket" else
+                             (torch.uint8 if keys[i].kind == "keep" or keys[i].modulus <= 256 else torch.int32),
+                             device=device)
+        getattr(module, f"attnc_sort_key_{side}{i}")[grid](
+            values, perm if perm is not None else values, *dims, *input_args, BLOCK=ROWS,
+            PERMUTED=perm is not None)
+        if len(keys) == 1 and keys[0].kind == "bucket":
+            _key_stats_kernel[grid](values, n, stats, BLOCK=ROWS)
+            return "values", values
+        order = torch.sort(values, dim=-1, stable=True).indices
+        perm = order if perm is None else torch.gather(perm, -1, order)
+    return "perm", perm
+
+
+def _sort_checked(values: torch.Tensor, in_order: int, lo: int, hi: int):
+    """The permutation of a single bucket key from its checked statistics: None when the keys are in
+    order already (documents laid out one after another), else a stable sort in the narrowest dtype."""
+    if in_order:
+        return None
+    if hi - lo < 256:
+        values = (values - lo).to(torch.uint8)
+    elif hi - lo < 1 << 15:
+        values = (values - lo).to(torch.int16)
+    elif lo >= -(1 << 31) and hi < 1 << 31:
+        values = values.to(torch.int32)
+    return torch.sort(values, dim=-1, stable=True).indices
+
+
+def summarize_side(module, code, side: str, perm, *, shape: tuple, dims: tuple, block: int, input_args: list,
+                   flag: torch.Tensor):
+    """Summarize one side's blocks for the classifier: (pos32, summary). summary (2 * slots, B', H', blocks)
+    int64 holds the min / max per block of :func:`attnc.codegen.summary_slots`; pos32 is perm's int32
+    copy (None when the rows are in order). ``flag`` (int32, one element) is cleared when a position moved."""
+    Bp, Hp, n = shape + dims[:1]
+    n_blocks = triton.cdiv(n, block)
+    slots = 1 + (1 if code.modulus else 0) + sum(1 for r in code.reads if r.side == side)
+    if perm is None and slots == 1:
+        # Rows in order and nothing read: the classifier computes the positions from block indices.
+        return None, torch.empty(2, 1, 1, 1, dtype=torch.int64, device=flag.device)
+    summary = torch.empty(2 * slots, Bp, Hp, n_blocks, dtype=torch.int64, device=flag.device)
+    pos32 = torch.empty(Bp, Hp, n, dtype=torch.int32, device=flag.device) if perm is not None else None
+    block_p = triton.next_power_of_2(block)
+    group = max(1, 1024 // block_p)
+    getattr(module, f"attnc_summarize_{side}")[(Bp * Hp, triton.cdiv(n_blocks, group))](
+        summary, perm if perm is not None else summary, pos32 if pos32 is not None else summary, flag,
+        n, Hp, n_blocks, *dims[2:], *input_args, BLOCK=block, BLOCK_P=block_p, GROUP=group,
+        PERMUTED=perm is not None)
+    return pos32, summary
+
+
+def classify(module, code, *, shape: tuple, n_q: int, n_k: int, block_m: int, block_n: int, sizes: dict,
+             q_summary: torch.Tensor, k_summary: torch.Tensor, q_sorted: bool, k_sorted: bool) -> torch.Tensor:
+    """int8 tile classes (B', H', nqb, nkb) from the pattern's generated classifier ``module`` (its
+    :class:`attnc.codegen.ClassifierCode` is ``code``) over the block summaries of :func:`summarize_side`."""
+    Bp, Hp = shape
+    nqb, nkb = triton.cdiv(n_q, block_m), triton.cdiv(n_k, block_n)
+    status = torch.empty(Bp, Hp, nqb, nkb, dtype=torch.int8, device=q_summary.device)
+    if status.numel() == 0:
+        return status
+    args = [q_summary[0], q_summary[1], k_summary[0], k_summary[1]]
+    if code.modulus:
+        args += [q_summary[2], q_summary[3], k_summary[2], k_summary[3]]
+    slot = {"q": 2 if code.modulus else 1, "k": 2 if code.modulus else 1}
+    for r in code.reads:
+        summary = q_summary if r.side == "q" else k_summary
+        args += [summary[2 * slot[r.side]], summary[2 * slot[r.side] + 1]]
+        slot[r.side] += 1
+    group = 16
+    module.attnc_classify[(Bp * Hp, triton.cdiv(nqb, group))](
+        status, *args, n_q, n_k, sizes["batch"], sizes["heads"], Hp, nqb, nkb, BLOCK_M=block_m,
+        BLOCK_N=block_n, GROUP_M=group, BLOCK_J=_block_j(nkb, 128), Q_SORTED=q_sorted, K_SORTED=k_sorted)
+    return status
+
+
+def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, n_q: int, n_k: int, block_m: int,
+               block_n: int, sizes: dict, inputs: dict, device):
+    """The whole device setup of a call up to the tile classes: sorts (``transform``, None for list-mode
+    patterns), block summaries, classification. Returns (status, q_perm, k_perm, q_pos32, k_pos32, flags):
+    perms None where a side is not sorted; flags (int32 [2]) 1 where a side's positions stayed in place."""
+    from .codegen import classifier_code
+    from .launch import input_launch_args
+    code = classifier_code(pir)
+    sizes = {**sizes, "batch": batch, "heads": heads, "n_q": n_q, "n_k": n_k}
+    input_args = input_launch_args(pir, inputs)
+    flags = torch.ones(2, dtype=torch.int32, device=device)
+    keys = {"q": transform.query_keys if transform else (), "k": transform.key_keys if transform else ()}
+    n = {"q": n_q, "k": n_k}
+    dims = {side: (n[side], shape[1], n_q, n_k, batch, heads) for side in "qk"}
+    # Sorts that need no look at the data are queued at once; single bucket keys (documents, hash buckets)
+    # are checked first, both sides in one host synchronization: keys already in order are not sorted.
+    checked = any(len(k) == 1 and k[0].kind == "bucket" for k in keys.values())
+    stats = torch.tensor([1, _BIG, -_BIG] * 2, dtype=torch.int64, device=device) if checked else None
+    first = {side: _sort_keys(module, side, keys[side], shape=shape, dims=dims[side], input_args=input_args,
+                              device=device, stats=stats[3 * i:3 * i + 3] if checked else None)
+             for i, side in enumerate("qk")}
+    seen = stats.tolist() if checked else None
+    perm = {side: (_sort_checked(value, *seen[3 * i:3 * i + 3]) if kind == "values" else value)
+            for i, (side, (kind, value)) in enumerate(first.items())}
+    q_pos, q_summary = summarize_side(module, code, "q", perm["q"], shape=shape, dims=dims["q"], block=block_m,
+                                      input_args=input_args, flag=flags[0:1])
+    k_pos, k_summary = summarize_side(module, code, "k", perm["k"], shape=shape, dims=dims["k"], block=block_n,
+                                      input_args=input_args, flag=flags[1:2])
+    q_perm, k_perm = perm["q"], perm["k"]
+    status = classify(module, code, shape=shape, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, sizes=sizes,
+                      q_summary=q_summary, k_summary=k_summary, q_sorted=q_perm is not None,
+                      k_sorted=k_perm is not None)
+    return status, q_perm, k_perm, q_pos, k_pos, flags

@@ -1,0 +1,115 @@
+"""The device setup (attnc/device_setup.py, templates/attn_setup.py.j2), run here in Triton's interpreter.
+
+The tile classes it computes are compared with the torch classifiers in test_plan.py (every runtime-input
+example and hypothesis-drawn inputs, through ``check_all_planners``). Here: the list kernel against
+``build_tile_lists``, the checked bucket sorts (keys in order are not sorted; others sort in the narrowest
+dtype that holds their range), and the generated source.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+import attnc
+from attnc import device_setup
+from attnc.layout import build_layout
+from attnc.plan import build_tile_lists, layout_transform
+from attnc.validate import check_inputs
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def same_lists(want, got):
+    assert torch.equal(want.full_cnt, got.full_cnt) and torch.equal(want.part_cnt, got.part_cnt)
+    assert want.full_runs == got.full_runs
+    for a, b, cnt in ((want.full_idx, got.full_idx, want.full_cnt), (want.part_idx, got.part_idx, want.part_cnt)):
+        assert a.shape == b.shape and b.dtype == torch.int32
+        valid = torch.arange(a.shape[-1]) < cnt.unsqueeze(-1)
+        assert torch.equal(a[valid], b[valid])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 9), (1, 1, 40, 3), (1, 2, 3, 300), (1, 1, 1, 1)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_tile_lists_kernel_matches_build_tile_lists(shape, transposed):
+    g = torch.Generator().manual_seed(sum(shape))
+    status = torch.randint(0, 3, shape, generator=g).to(torch.int8)
+    want = build_tile_lists(status.transpose(-1, -2).contiguous() if transposed else status)
+    got, extra = device_setup.tile_lists(status, transposed, also=(torch.tensor(7), torch.tensor([1, 0])))
+    same_lists(want, got)
+    assert extra == [7, 1, 0]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_tile_lists_kernel_runs_flag_and_empty_lists(transposed):
+    # Full tiles forming one run per row (a band), then a row with a gap: the flag follows.
+    status = torch.zeros(1, 1, 6, 6, dtype=torch.int8)
+    for m in range(6):
+        status[0, 0, m, max(0, m - 1):m + 1] = 2
+    assert device_setup.tile_lists(status, transposed)[0].full_runs
+    status[0, 0, 5, 0] = 2
+    assert not device_setup.tile_lists(status, transposed)[0].full_runs
+    empty, _ = device_setup.tile_lists(torch.zeros(1, 2, 3, 4, dtype=torch.int8), transposed)
+    assert empty.full_idx.shape[-1] == 1 and not empty.full_cnt.any() and not empty.part_cnt.any()
+    assert empty.full_runs
+
+
+def _hash_layout(qb, kb, device: bool, block=16):
+    """The layout of the hash-bucket example: from the device setup, or the torch one."""
+    kern = attnc.compile(str(EXAMPLES / "hash_buckets.attn"))
+    B, H, N = qb.shape
+    inputs = {"qb": qb, "kb": kb}
+    sizes = check_inputs(kern.ir, inputs, batch=B, heads=H, n_q=N, n_k=N)
+    return build_layout(kern.ir, layout_transform(kern.ir.mask), B, H, H, N, N, block, block, sizes, inputs,
+                        torch.device("cpu"), classifier=kern._module("setup") if device else None)
+
+
+@pytest.mark.parametrize("span,dtype", [(8, torch.uint8), (1000, torch.int16), (10 ** 6, torch.int32),
+                                        (2 ** 40, torch.int64)])
+def test_bucket_sorts_use_the_narrowest_dtype_and_agree(span, dtype):
+    g = torch.Generator().manual_seed(span % 1000)
+    qb = torch.randint(-span // 2, span - span // 2, (2, 2, 150), generator=g)
+    kb = torch.randint(-span // 2, span - span // 2, (2, 2, 150), generator=g)
+    qb[..., :10] = kb[..., :10] = 3          # ties: a stable sort keeps them in position order
+    sorted_dtypes = []
+    real_sort = torch.sort
+
+    def spy(values, *a, **k):
+        sorted_dtypes.append(values.dtype)
+        return real_sort(values, *a, **k)
+
+    want = _hash_layout(qb, kb, device=False)
+    with mock.patch.object(torch, "sort", spy):
+        got = _hash_layout(qb, kb, device=True)
+    assert dtype in sorted_dtypes
+    assert torch.equal(want.q_perm, got.q_perm) and torch.equal(want.k_perm, got.k_perm)
+    assert torch.equal(want.status, got.status)
+    assert not got.q_identity and not got.k_identity
+
+
+def test_keys_already_in_order_are_not_sorted():
+    ids = (torch.arange(130) // 17).expand(1, 2, 130).contiguous()       # documents one after another
+    with mock.patch.object(torch, "sort", side_effect=AssertionError("sorted keys were sorted")):
+        got = _hash_layout(ids, ids, device=True)
+    assert got.q_identity and got.k_identity and got.identity
+    assert torch.equal(got.q_perm, torch.arange(130).expand(1, 2, 130))
+    # One side in order, the other not: only that one is sorted.
+    shuffled = ids.flip(-1).contiguous()
+    want, got = _hash_layout(ids, shuffled, device=False), _hash_layout(ids, shuffled, device=True)
+    assert got.q_identity and not got.k_identity
+    assert torch.equal(want.k_perm, got.k_perm) and torch.equal(want.status, got.status)
+
+
+def test_setup_source_is_generated_readable_and_cached():
+    kern = attnc.compile(str(EXAMPLES / "documents.attn"))
+    module = kern._module("setup")
+    source = Path(module.__file__).read_text()
+    for name in ("def attnc_classify(", "def attnc_summarize_q(", "def attnc_summarize_k(",
+                 "def attnc_sort_key_q0(", "def attnc_sort_key_k0("):
+        assert name in source
+    assert "tile classifier for pattern `document_causal`" in source
+    assert "doc[b, q]" in source and "must: true on every element" in source
+    assert kern._module("setup") is module
