@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import LayoutTransform, PermutedTileClassifier, PlannedTiles, TileLists, sort_positions
+from .plan import LayoutTransform, PermutedTileClassifier, PlannedTiles, TileLists, setup_shape, sort_positions
 
 
 @dataclass
@@ -92,10 +92,7 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     ``classifier``: the pattern's generated tile classifier module (see :mod:`attnc.device_setup`),
     which also builds the forward lists, with one host synchronization for everything; None runs the
     torch classifier (CPU, and the tests' oracle)."""
-    from . import ir
-    # Sort and classify once per batch / head only where the mask depends on b / h.
-    used = ir.free_vars(pir.mask)
-    Bp, Hp = (B if "b" in used else 1), (Hq if "h" in used else 1)
+    Bp, Hp = setup_shape(pir, B, Hq)
     if classifier is not None:
         from .device_setup import plan_tiles, tile_lists
         status, q_perm, k_perm, q_pos, k_pos, moved = plan_tiles(

@@ -17,6 +17,7 @@ Two kinds of plan:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -498,6 +499,15 @@ def _position_var(node: ir.Node) -> str | None:
     return next(iter(used)) if len(used) == 1 else None
 
 
+def setup_shape(pir: PatternIR, batch: int, heads: int) -> tuple[int, int]:
+    """(B', H'): setup (sorts, summaries, tile classes) runs per batch entry / head only where the mask
+    depends on b / h, else once for all."""
+    used = pir.__dict__.get("_mask_vars")
+    if used is None:
+        used = pir.__dict__["_mask_vars"] = frozenset(ir.free_vars(pir.mask))
+    return (batch if "b" in used else 1), (heads if "h" in used else 1)
+
+
 def summarized_side(node: ir.Node) -> str | None:
     """'q' or 'k' when a read can be summarized per block of that side (its indices use that position
     and otherwise only b and h): the classifiers then know its min / max over each block."""
@@ -507,6 +517,7 @@ def summarized_side(node: ir.Node) -> str | None:
     return side
 
 
+@functools.lru_cache(maxsize=256)
 def layout_transform(mask: ir.Node) -> LayoutTransform | None:
     """The layout transforms that the mask's top-level conjuncts allow, or None.
 

@@ -187,8 +187,8 @@ class Kernel:
             return PlannedTiles(TileClassifier(self.ir, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs,
                                                device).classify())
         from .device_setup import plan_tiles
-        used = ir.free_vars(self.ir.mask)
-        shape = (batch if "b" in used else 1, heads if "h" in used else 1)
+        from .plan import setup_shape
+        shape = setup_shape(self.ir, batch, heads)
         status = plan_tiles(module, self.ir, None, shape=shape, batch=batch, heads=heads, n_q=n_q, n_k=n_k, block_m=block_m,
                             block_n=block_n, sizes=sizes, inputs=inputs, device=device)[0]
         return PlannedTiles(status, on_device=True)

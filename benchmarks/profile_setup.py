@@ -7,7 +7,8 @@ For each pattern and length (B = 32k tokens / N, H = 16, D = 128, bf16, the benc
 - ``setup_ms``: median wall time of the uncached setup (``attnc.bench.uncached_setup``: what a call with
   runtime inputs it has not seen pays before the kernel), GPU synchronized around each;
 - ``frac``: setup / forward (SPEC section 6: at most 0.05 at 32k);
-- ``kernels`` / ``syncs``: device launches and host synchronizations in one uncached setup (profiler).
+- ``gpu_us`` / ``gpu_frac``: device time of one uncached setup (kernels and copies, profiler), and over the forward;
+- ``kernels`` / ``syncs``: device launches and host-device copies or synchronizations in it (profiler).
 ``--profile`` also writes the profiler's op table per row into ``$OUT/setup_profile_<pattern>_<N>.txt``.
 """
 
@@ -31,17 +32,19 @@ from attnc.bench import uncached_setup, wall_ms  # noqa: E402
 PATTERNS = "document_causal,hash8_causal,keep50_causal,dilated_w2048_d2"
 
 
-def _count(fn) -> tuple[int, int, str]:
+def _count(fn) -> tuple[int, int, float, str]:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     events = prof.events()
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    gpu_us = sum(getattr(a, "self_device_time_total", None) or getattr(a, "self_cuda_time_total", 0)
+                 for a in prof.key_averages())
     syncs = sum(1 for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
                                                  "cudaMemcpyAsync") and e.device_type != torch.autograd.DeviceType.CUDA)
     table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
-    return kernels, syncs, table
+    return kernels, syncs, gpu_us, table
 
 
 def main(argv=None) -> int:
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
             kern(q, k, v, **inputs)
             fwd_ms = do_bench(lambda: kern(q, k, v, **inputs), warmup=25, rep=100)
             setup_ms = wall_ms(lambda: uncached_setup(kern, q, k, v, inputs), reps=20, warmup=3)
-            kernels, syncs, table = _count(lambda: uncached_setup(kern, q, k, v, inputs))
+            kernels, syncs, gpu_us, table = _count(lambda: uncached_setup(kern, q, k, v, inputs))
             if args.profile:
                 (out / f"setup_profile_{name}_{N}.txt").write_text(table)
             if args.cprofile:
@@ -87,14 +90,16 @@ def main(argv=None) -> int:
                 pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(45)
                 (out / f"setup_cprofile_{name}_{N}.txt").write_text(text.getvalue())
             row = dict(pattern=name, N=N, B=B, H=H, D=D, fwd_ms=round(fwd_ms, 4), setup_ms=round(setup_ms, 4),
-                       frac=round(setup_ms / fwd_ms, 4), kernels=kernels, syncs=syncs)
+                       frac=round(setup_ms / fwd_ms, 4), gpu_us=round(gpu_us, 1),
+                       gpu_frac=round(gpu_us / 1e3 / fwd_ms, 4), kernels=kernels, syncs=syncs)
             rows.append(row)
             print(json.dumps(row), flush=True)
     (out / "setup.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"\n{'pattern':<20} {'N':>6} {'fwd ms':>8} {'setup ms':>9} {'setup/fwd':>9} {'kernels':>8} {'syncs':>6}")
+    print(f"\n{'pattern':<20} {'N':>6} {'fwd ms':>8} {'setup ms':>9} {'setup/fwd':>9} {'gpu us':>8} {'gpu/fwd':>8} "
+          f"{'kernels':>8} {'syncs':>6}")
     for r in rows:
         print(f"{r['pattern']:<20} {r['N']:>6} {r['fwd_ms']:>8.3f} {r['setup_ms']:>9.3f} {r['frac']:>9.3f} "
-              f"{r['kernels']:>8} {r['syncs']:>6}")
+              f"{r['gpu_us']:>8.1f} {r['gpu_frac']:>8.3f} {r['kernels']:>8} {r['syncs']:>6}")
     return 0
 
 
