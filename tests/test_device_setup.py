@@ -113,3 +113,20 @@ def test_setup_source_is_generated_readable_and_cached():
     assert "tile classifier for pattern `document_causal`" in source
     assert "doc[b, q]" in source and "must: true on every element" in source
     assert kern._module("setup") is module
+
+
+@pytest.mark.parametrize("n", [96, 97])
+def test_residue_classes_of_equal_size_are_a_transpose(n):
+    """Dilation by 3: when 3 divides n the classes come from a transpose (no sort), else from a stable
+    sort; both equal the torch setup's order."""
+    kern = attnc.compile("pattern p() { mask causal and dilated(3) and window(40, 0) }")
+    sizes = check_inputs(kern.ir, {}, batch=1, heads=2, n_q=n, n_k=n)
+    args = (kern.ir, layout_transform(kern.ir.mask), 1, 2, 2, n, n, 16, 16, sizes, {}, torch.device("cpu"))
+    want = build_layout(*args)
+    if n % 3 == 0:
+        with mock.patch.object(torch, "sort", side_effect=AssertionError("equal classes were sorted")):
+            got = build_layout(*args, classifier=kern._module("setup"))
+    else:
+        got = build_layout(*args, classifier=kern._module("setup"))
+    assert torch.equal(want.q_perm, got.q_perm) and torch.equal(want.k_perm, got.k_perm)
+    assert torch.equal(want.status, got.status)
