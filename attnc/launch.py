@@ -175,6 +175,16 @@ def _tma_usable(cfg: FwdConfig, gathered: bool, k: torch.Tensor, v: torch.Tensor
     return True
 
 
+def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether to copy keys moved by a layout transform into sorted order for tensor-descriptor loads:
+    where descriptors exist (``_tma_usable`` of the copies), unless ATTNC_SORTED_KV=0."""
+    if os.environ.get("ATTNC_SORTED_KV", "1") == "0" or not cfg.tma:
+        return False
+    if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    return k.shape[-1] % 8 == 0 and v.shape[-1] % 8 == 0 and k.element_size() * k.shape[-1] >= 16
+
+
 def wide_rows(*tensors: torch.Tensor) -> bool:
     """Whether a row offset inside one (batch, head) can reach 2^31 elements in any of these tensors: then
     the kernels index rows in 64 bits, else in 32 (the batch and head offsets are always 64-bit)."""
@@ -373,7 +383,13 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
                                                                  config=cfg)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     residue = _residue(layout, Nq, Nk, cfg)
-    use_tma = _tma_usable(cfg, _gathered(layout, residue, "k"), k, v)
+    gathered = _gathered(layout, residue, "k")
+    if gathered and _sorted_copies(cfg, k, v):
+        # Keys moved by a sort or compaction: copy K and V in sorted order once, so every tile is a
+        # tensor-descriptor load that does not wait for the positions (they only feed the mask).
+        k, v = layout.sorted_keys(k), layout.sorted_keys(v)
+        gathered = False
+    use_tma = _tma_usable(cfg, gathered, k, v)
     module.attnc_fwd[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),

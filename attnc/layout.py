@@ -67,6 +67,14 @@ class Layout:
         d = keys[0].modulus
         return 0 if n_q % (d * block_m) or n_k % (d * block_n) else d
 
+    def sorted_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """K or V (B, H, Nk, D), H its heads as the kernels read them, copied into the keys' sorted order."""
+        B, H, N, D = x.shape
+        perm = self.k_perm
+        if perm.shape[1] not in (1, H):
+            perm = perm[:, ::perm.shape[1] // H]          # heads of a GQA group share one order
+        return torch.gather(x, 2, perm.expand(B, H, N)[..., None].expand(B, H, N, D))
+
     # ---- the kernels address rows through qpos / kpos, so data stays in the caller's order --------
     def kv_heads(self, heads_q: int, heads_kv: int) -> int:
         return heads_q if self.expand_kv else heads_kv

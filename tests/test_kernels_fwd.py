@@ -681,6 +681,35 @@ def test_tma_variant_matches_pointer_loads(case_id, size, how):
     torch.testing.assert_close(lse, plain_lse, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("case_id,heads_kv", [("hash_buckets-random", None), ("hash_buckets-random", 1),
+                                              ("dropped_keys", None), ("dilated_window-w9-d3", None)])
+def test_sorted_key_copies_with_descriptors(case_id, heads_kv):
+    """Keys moved by a sort or compaction are copied into sorted order for tensor-descriptor loads; the
+    result equals the gathered pointer loads. (Dilation by 3 at 67 keys is not block aligned: its classes
+    are gathered, so it copies too.)"""
+    from attnc import launch
+    from attnc.layout import Layout
+    case = case_by_id(case_id)
+    kern = case.compile()
+    B, H = case.batch, case.heads
+    inputs = case.inputs(B, H, 67, 67, torch.Generator().manual_seed(5)) if case.inputs else {}
+    q, k, v = make_qkv(B, H, heads_kv or H, 67, 67, 32, 16)
+    plain, plain_lse = run_kernel(kern, q, k, v, **inputs)
+    tma_cfg = launch.FwdConfig(32, 32, 4, 1, tma=True)
+    with mock.patch.object(launch, "_chosen_config", lambda kind, *a: tma_cfg if kind == "fwd" else None), \
+            returns_of(Layout, "sorted_keys") as copies, returns_of(launch, "_tma_usable") as used:
+        out, lse = run_kernel(kern, q, k, v, **inputs)
+    assert len(copies) == 2 and used == [True]
+    check_against_reference(kern, q, k, v, out, lse, **inputs)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, plain_lse, rtol=1e-5, atol=1e-6)
+    with mock.patch.dict("os.environ", {"ATTNC_SORTED_KV": "0"}), \
+            mock.patch.object(launch, "_chosen_config", lambda kind, *a: tma_cfg if kind == "fwd" else None), \
+            returns_of(launch, "_tma_usable") as used:
+        run_kernel(kern, q, k, v, **inputs)
+    assert used == [False]
+
+
 def test_tma_variant_in_fresh_threads():
     """Triton keeps its allocator per context (thread): autograd runs the backward in its own thread on
     a GPU, so every thread launching a descriptor kernel must get one, not only the first. (The
