@@ -175,14 +175,28 @@ def _tma_usable(cfg: FwdConfig, gathered: bool, k: torch.Tensor, v: torch.Tensor
     return True
 
 
-def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether to copy keys moved by a layout transform into sorted order for tensor-descriptor loads:
-    where descriptors exist (``_tma_usable`` of the copies), unless ATTNC_SORTED_KV=0."""
-    if os.environ.get("ATTNC_SORTED_KV", "1") == "0" or not cfg.tma:
+def _copies_enabled(device: torch.device) -> bool:
+    """Rows moved by a layout transform may be copied into sorted order for tensor-descriptor loads
+    (Hopper or the interpreter), unless ATTNC_SORTED_KV=0."""
+    if os.environ.get("ATTNC_SORTED_KV", "1") == "0":
         return False
-    if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+SORTED_COPY_MIN_ROWS = 8192    # rows streamed per block before a sorted copy pays (RESULTS run 11d)
+
+
+def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor, lists, block: int) -> bool:
+    """Whether to copy the rows of ``k``, ``v`` (K and V, or Q and dO) that a layout transform moved into
+    sorted order, for tensor-descriptor tiles that need not wait for the positions. The copy costs one
+    pass over the rows; it pays when a program streams many tiles: the longest tile list of the kernel
+    that streams these rows (``lists``, tiles of ``block`` rows) covers at least SORTED_COPY_MIN_ROWS
+    rows. ATTNC_SORTED_KV=1 copies whenever descriptors can be used, 0 never."""
+    if not cfg.tma or not _copies_enabled(k.device) or k.shape[-1] % 8 or v.shape[-1] % 8:
         return False
-    return k.shape[-1] % 8 == 0 and v.shape[-1] % 8 == 0 and k.element_size() * k.shape[-1] >= 16
+    if os.environ.get("ATTNC_SORTED_KV") == "1":
+        return True
+    return lists.longest * block >= SORTED_COPY_MIN_ROWS
 
 
 def wide_rows(*tensors: torch.Tensor) -> bool:
@@ -384,7 +398,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     residue = _residue(layout, Nq, Nk, cfg)
     gathered = _gathered(layout, residue, "k")
-    if gathered and _sorted_copies(cfg, k, v):
+    if gathered and _sorted_copies(cfg, k, v, lists, cfg.block_n):
         # Keys moved by a sort or compaction: copy K and V in sorted order once, so every tile is a
         # tensor-descriptor load that does not wait for the positions (they only feed the mask).
         k, v = layout.sorted_keys(k), layout.sorted_keys(v)
@@ -460,6 +474,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     check_grid(nkb, cfg2.block_n, Nk, "keys", q.device)
     mode = kernel_mode(pir)
     fwd_extra, bwd_extra, layout, heads_kv, fwd_lists, bwd_lists = [], [], None, Hkv, None, None
+    gathered_k = gathered_q = False         # rows the dQ / dK-dV kernels read through loaded positions
     residue = residue2 = 0                  # residue classes the dQ / dK-dV kernels compute rows from
     if mode == "lists":
         fwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
@@ -476,32 +491,43 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
         if layout.identity:
             module = kern._backward_module("lists")
         else:
+            k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
+            # Moved rows are read from sorted copies (see _sorted_copies) or gathered through positions.
+            gathered_k = _gathered(layout, residue, "k") and not _sorted_copies(cfg, k, v, fwd_lists, cfg.block_n)
+            gathered_q = (_gathered(layout, residue2, "q")
+                          and not _sorted_copies(cfg2, q, dout, bwd_lists, cfg2.block_m))
             if config is None:      # the same tiles; deeper pipelines where rows are gathered
                 cfg = backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk),
-                                      gathered=(_gathered(layout, residue, "k"), _gathered(layout, residue2, "q")))
+                                      gathered=(gathered_k, gathered_q))
                 cfg2 = cfg.dkdv_config
-            k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
             heads_kv = layout.kv_heads(Hq, Hkv)
             fwd_extra += [layout.qpos, layout.kpos]
             bwd_extra += [layout2.qpos, layout2.kpos]
             dk, dv = torch.empty_like(k), torch.empty_like(v)
     input_args = input_launch_args(pir, inputs)
-    dq_tma = _tma_usable(cfg, _gathered(layout, residue, "k"), k, v)          # K, V tiles of the dQ kernel
-    dkdv_tma = _tma_usable(cfg2, _gathered(layout, residue2, "q"), q, dout)   # Q, dO tiles of the dK/dV kernel
+    # The dQ kernel streams K, V tiles; the dK/dV kernel Q, dO tiles. Rows a transform moved are read
+    # through positions, or from copies in sorted order with tensor descriptors (as in the forward).
+    k_tiles, v_tiles, q_tiles, do_tiles = k, v, q, dout
+    if layout is not None and _gathered(layout, residue, "k") and not gathered_k:
+        k_tiles, v_tiles = layout.sorted_keys(k), layout.sorted_keys(v)
+    if layout is not None and _gathered(layout, residue2, "q") and not gathered_q:
+        q_tiles, do_tiles = layout.sorted_queries(q), layout.sorted_queries(dout)
+    dq_tma = _tma_usable(cfg, gathered_k, k_tiles, v_tiles)
+    dkdv_tma = _tma_usable(cfg2, gathered_q, q_tiles, do_tiles)
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision)
     module.attnc_bwd_dq[(B * Hq, nqb)](
-        q, k, v, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *out.stride(),
+        q, k_tiles, v_tiles, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
+        *q.stride(), *k_tiles.stride(), *v_tiles.stride(), *dout.stride(), *dq.stride(), *out.stride(),
         B, Hq, heads_kv, Nq, Nk, scale, *fwd_extra, *input_args,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        HAS_DLSE=dlse is not None, USE_TMA=dq_tma, WIDE_ROWS=wide_rows(k, v), RESIDUE=residue,
+        HAS_DLSE=dlse is not None, USE_TMA=dq_tma, WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=residue,
         FULL_RUNS=fwd_lists is not None and fwd_lists.full_runs, **common)
     module.attnc_bwd_dkdv[(B * heads_kv, nkb)](
-        q, k, v, dout, dk, dv, lse2, delta,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        q_tiles, k, v, do_tiles, dk, dv, lse2, delta,
+        *q_tiles.stride(), *k.stride(), *v.stride(), *do_tiles.stride(), *dk.stride(), *dv.stride(),
         B, Hq, heads_kv, Nq, Nk, scale, math.ceil(Nq / cfg2.block_m), *bwd_extra, *input_args,
         BLOCK_M=cfg2.block_m, BLOCK_N=cfg2.block_n, num_warps=cfg2.num_warps, num_stages=cfg2.num_stages,
-        USE_TMA=dkdv_tma, WIDE_ROWS=wide_rows(q, dout), RESIDUE=residue2,
+        USE_TMA=dkdv_tma, WIDE_ROWS=wide_rows(q_tiles, do_tiles), RESIDUE=residue2,
         FULL_RUNS=bwd_lists is not None and bwd_lists.full_runs, **common)
     if layout is not None:
         dk, dv = layout.reduce_kv_heads(dk, Hkv), layout.reduce_kv_heads(dv, Hkv)

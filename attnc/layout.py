@@ -75,6 +75,11 @@ class Layout:
             perm = perm[:, ::perm.shape[1] // H]          # heads of a GQA group share one order
         return torch.gather(x, 2, perm.expand(B, H, N)[..., None].expand(B, H, N, D))
 
+    def sorted_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """Q or dO (B, Hq, Nq, D) copied into the queries' sorted order."""
+        B, H, N, D = x.shape
+        return torch.gather(x, 2, self.q_perm.expand(B, H, N)[..., None].expand(B, H, N, D))
+
     # ---- the kernels address rows through qpos / kpos, so data stays in the caller's order --------
     def kv_heads(self, heads_q: int, heads_kv: int) -> int:
         return heads_q if self.expand_kv else heads_kv

@@ -71,19 +71,28 @@ def test_dkdv_kernel_with_its_own_tiles(name):
     assert "bwd" in asked
 
 
-@pytest.mark.parametrize("name", ["causal", "prefix_or_causal", "documents", "kept_keys", "fully_masked_rows"])
-def test_tma_backward_variant(name):
-    """Tensor-descriptor loads in both backward kernels; the permuted kernels fall back to gathers for
-    the rows a layout transform moved (kept keys: the forward and dQ kernels' keys), not for the others
-    (kept keys: the dK/dV kernel's queries)."""
+@pytest.mark.parametrize("copies", [True, False], ids=["sorted-copies", "gathers"])
+@pytest.mark.parametrize("name", ["causal", "prefix_or_causal", "documents", "kept_keys", "dropped_queries",
+                                  "fully_masked_rows"])
+def test_tma_backward_variant(name, copies):
+    """Tensor-descriptor loads in both backward kernels. Rows a layout transform moved (kept keys: the
+    forward and dQ kernels' keys; dropped queries: the dK/dV kernel's queries) are copied into sorted
+    order for them, or, with ATTNC_SORTED_KV=0, gathered through their positions without descriptors;
+    the rows it did not move are read in order either way."""
     from unittest import mock
 
     from attnc import launch
+    from attnc.layout import Layout
     cfg = launch.FwdConfig(16, 32, 4, 1, tma=True, dkdv=launch.FwdConfig(32, 16, 4, 1, tma=True))
     with mock.patch.object(launch, "_chosen_config", lambda kind, *a: cfg if kind == "bwd" else
-                           launch.FwdConfig(32, 32, 4, 1, tma=True)), returns_of(launch, "_tma_usable") as used:
+                           launch.FwdConfig(32, 32, 4, 1, tma=True)), returns_of(launch, "_tma_usable") as used, \
+            returns_of(Layout, "sorted_keys") as key_copies, returns_of(Layout, "sorted_queries") as query_copies, \
+            mock.patch.dict("os.environ", {"ATTNC_SORTED_KV": "1" if copies else "0"}):
         check_gradients(name, SHAPES[0])
-    assert used == ([False, False, True] if name == "kept_keys" else [True, True, True])      # fwd, dQ, dK/dV
+    moved = {"kept_keys": [False, False, True], "dropped_queries": [True, True, False]}.get(name)
+    assert used == ([True, True, True] if copies or moved is None else moved)       # fwd, dQ, dK/dV
+    assert len(key_copies) == (4 if copies and name == "kept_keys" else 0)          # K, V in fwd and dQ
+    assert len(query_copies) == (2 if copies and name == "dropped_queries" else 0)  # Q, dO in dK/dV
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])

@@ -697,6 +697,7 @@ def test_sorted_key_copies_with_descriptors(case_id, heads_kv):
     plain, plain_lse = run_kernel(kern, q, k, v, **inputs)
     tma_cfg = launch.FwdConfig(32, 32, 4, 1, tma=True)
     with mock.patch.object(launch, "_chosen_config", lambda kind, *a: tma_cfg if kind == "fwd" else None), \
+            mock.patch.dict("os.environ", {"ATTNC_SORTED_KV": "1"}), \
             returns_of(Layout, "sorted_keys") as copies, returns_of(launch, "_tma_usable") as used:
         out, lse = run_kernel(kern, q, k, v, **inputs)
     assert len(copies) == 2 and used == [True]
@@ -708,6 +709,26 @@ def test_sorted_key_copies_with_descriptors(case_id, heads_kv):
             returns_of(launch, "_tma_usable") as used:
         run_kernel(kern, q, k, v, **inputs)
     assert used == [False]
+
+
+def test_sorted_copies_pay_only_for_long_tile_lists():
+    """By default a sorted copy is made when the longest tile list streams >= SORTED_COPY_MIN_ROWS rows
+    (one pass over the rows against many tiles per program)."""
+    from attnc import launch
+    from attnc.plan import build_tile_lists
+    cfg = launch.FwdConfig(128, 64, 8, 3, tma=True)
+    k = torch.zeros(1, 1, 8, 64)
+    wide = build_tile_lists(torch.full((1, 1, 2, 128), 2, dtype=torch.int8))       # 128 blocks of 64 keys
+    narrow = build_tile_lists(torch.full((1, 1, 2, 127), 2, dtype=torch.int8))
+    with mock.patch.dict("os.environ", {}, clear=False) as env:
+        env.pop("ATTNC_SORTED_KV", None)
+        assert launch._sorted_copies(cfg, k, k, wide, 64)
+        assert not launch._sorted_copies(cfg, k, k, narrow, 64)
+        assert not launch._sorted_copies(launch.FwdConfig(128, 64, 8, 3), k, k, wide, 64)    # no descriptors
+        env["ATTNC_SORTED_KV"] = "1"
+        assert launch._sorted_copies(cfg, k, k, narrow, 64)
+        env["ATTNC_SORTED_KV"] = "0"
+        assert not launch._sorted_copies(cfg, k, k, wide, 64)
 
 
 def test_tma_variant_in_fresh_threads():
