@@ -183,20 +183,21 @@ def _copies_enabled(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
-SORTED_COPY_MIN_ROWS = 8192    # rows streamed per block before a sorted copy pays (RESULTS run 11d)
+SORTED_COPY_MIN_ROWS = 8192    # rows streamed per program before a sorted copy pays (RESULTS runs 11d, 11e)
 
 
 def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor, lists, block: int) -> bool:
     """Whether to copy the rows of ``k``, ``v`` (K and V, or Q and dO) that a layout transform moved into
     sorted order, for tensor-descriptor tiles that need not wait for the positions. The copy costs one
-    pass over the rows; it pays when a program streams many tiles: the longest tile list of the kernel
-    that streams these rows (``lists``, tiles of ``block`` rows) covers at least SORTED_COPY_MIN_ROWS
-    rows. ATTNC_SORTED_KV=1 copies whenever descriptors can be used, 0 never."""
+    pass over the rows; in the forward it pays when a program streams many tiles: the longest tile list
+    (``lists``, tiles of ``block`` rows) covers at least SORTED_COPY_MIN_ROWS rows. ``lists`` None (the
+    backward kernels, where run 11e measured no gain): never. ATTNC_SORTED_KV=1 copies whenever
+    descriptors can be used, 0 never."""
     if not cfg.tma or not _copies_enabled(k.device) or k.shape[-1] % 8 or v.shape[-1] % 8:
         return False
     if os.environ.get("ATTNC_SORTED_KV") == "1":
         return True
-    return lists.longest * block >= SORTED_COPY_MIN_ROWS
+    return lists is not None and lists.longest * block >= SORTED_COPY_MIN_ROWS
 
 
 def wide_rows(*tensors: torch.Tensor) -> bool:
@@ -493,9 +494,8 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
         else:
             k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
             # Moved rows are read from sorted copies (see _sorted_copies) or gathered through positions.
-            gathered_k = _gathered(layout, residue, "k") and not _sorted_copies(cfg, k, v, fwd_lists, cfg.block_n)
-            gathered_q = (_gathered(layout, residue2, "q")
-                          and not _sorted_copies(cfg2, q, dout, bwd_lists, cfg2.block_m))
+            gathered_k = _gathered(layout, residue, "k") and not _sorted_copies(cfg, k, v, None, cfg.block_n)
+            gathered_q = _gathered(layout, residue2, "q") and not _sorted_copies(cfg2, q, dout, None, cfg2.block_m)
             if config is None:      # the same tiles; deeper pipelines where rows are gathered
                 cfg = backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk),
                                       gathered=(gathered_k, gathered_q))

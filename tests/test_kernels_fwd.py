@@ -712,8 +712,9 @@ def test_sorted_key_copies_with_descriptors(case_id, heads_kv):
 
 
 def test_sorted_copies_pay_only_for_long_tile_lists():
-    """By default a sorted copy is made when the longest tile list streams >= SORTED_COPY_MIN_ROWS rows
-    (one pass over the rows against many tiles per program)."""
+    """By default a sorted copy is made in the forward when the longest tile list streams
+    >= SORTED_COPY_MIN_ROWS rows (one pass over the rows against many tiles per program), in the backward
+    only when ATTNC_SORTED_KV=1."""
     from attnc import launch
     from attnc.plan import build_tile_lists
     cfg = launch.FwdConfig(128, 64, 8, 3, tma=True)
@@ -725,8 +726,9 @@ def test_sorted_copies_pay_only_for_long_tile_lists():
         assert launch._sorted_copies(cfg, k, k, wide, 64)
         assert not launch._sorted_copies(cfg, k, k, narrow, 64)
         assert not launch._sorted_copies(launch.FwdConfig(128, 64, 8, 3), k, k, wide, 64)    # no descriptors
+        assert not launch._sorted_copies(cfg, k, k, None, 64)        # the backward kernels: no gain measured
         env["ATTNC_SORTED_KV"] = "1"
-        assert launch._sorted_copies(cfg, k, k, narrow, 64)
+        assert launch._sorted_copies(cfg, k, k, narrow, 64) and launch._sorted_copies(cfg, k, k, None, 64)
         env["ATTNC_SORTED_KV"] = "0"
         assert not launch._sorted_copies(cfg, k, k, wide, 64)
 
