@@ -69,19 +69,16 @@ class Layout:
 
     def sorted_keys(self, x: torch.Tensor) -> torch.Tensor:
         """K or V (B, H, Nk, D), H its heads as the kernels read them, copied into the keys' sorted order."""
+        B, H, N, D = x.shape
         perm = self.k_perm
-        if perm.shape[1] not in (1, x.shape[1]):
-            perm = perm[:, ::perm.shape[1] // x.shape[1]]          # heads of a GQA group share one order
-        return _rows_in_order(x, perm, self._row_index, "k")
+        if perm.shape[1] not in (1, H):
+            perm = perm[:, ::perm.shape[1] // H]          # heads of a GQA group share one order
+        return torch.gather(x, 2, perm.expand(B, H, N)[..., None].expand(B, H, N, D))
 
     def sorted_queries(self, x: torch.Tensor) -> torch.Tensor:
         """Q or dO (B, Hq, Nq, D) copied into the queries' sorted order."""
-        return _rows_in_order(x, self.q_perm, self._row_index, "q")
-
-    @functools.cached_property
-    def _row_index(self) -> dict:
-        """Flat row indices of the copies, per (side, shape), made once per layout."""
-        return {}
+        B, H, N, D = x.shape
+        return torch.gather(x, 2, self.q_perm.expand(B, H, N)[..., None].expand(B, H, N, D))
 
     # ---- the kernels address rows through qpos / kpos, so data stays in the caller's order --------
     def kv_heads(self, heads_q: int, heads_kv: int) -> int:
@@ -99,20 +96,6 @@ class Layout:
             B, H, N, D = x.shape
             return x.view(B, heads_kv, H // heads_kv, N, D).sum(2)
         return x
-
-
-def _rows_in_order(x: torch.Tensor, perm: torch.Tensor, memo: dict, side: str) -> torch.Tensor:
-    """x (B, H, N, D) with each (b, h)'s rows in the order ``perm`` (B' or 1, H' or 1, N). A contiguous x
-    is copied row by row (one index per row, not per element as torch.gather reads); its flat row index
-    is kept in ``memo`` under (side, shape)."""
-    B, H, N, D = x.shape
-    if not x.is_contiguous():
-        return torch.gather(x, 2, perm.expand(B, H, N)[..., None].expand(B, H, N, D))
-    key = (side, B, H, N)
-    if key not in memo:
-        base = torch.arange(B * H, device=perm.device).view(B, H, 1) * N
-        memo[key] = (perm.expand(B, H, N) + base).reshape(-1)
-    return x.view(B * H * N, D).index_select(0, memo[key]).view(B, H, N, D)
 
 
 def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q: int, n_k: int,
