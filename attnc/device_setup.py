@@ -90,8 +90,7 @@ def tile_lists(status: torch.Tensor, transposed: bool = False, also: tuple = ())
                                  full_idx, part_idx, full_idx.shape[-1], part_idx.shape[-1],
                                  GROUP=group, BLOCK_J=block_j, FILL=True)
     lists_status = status.transpose(-1, -2) if transposed else status
-    return (TileLists(full_idx, full_cnt, part_idx, part_cnt, lists_status, bool(runs), max_full + max_part),
-            values[3:])
+    return TileLists(full_idx, full_cnt, part_idx, part_cnt, lists_status, bool(runs)), values[3:]
 
 
 ROWS = 1024          # rows per program of the sort-key kernels

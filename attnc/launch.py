@@ -183,21 +183,22 @@ def _copies_enabled(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
-SORTED_COPY_MIN_ROWS = 8192    # rows streamed per program before a sorted copy pays (RESULTS runs 11d, 11e)
+SORTED_COPY_MIN_ROWS = 8192    # rows of full tiles per program before a sorted copy pays (RESULTS run 11)
 
 
 def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor, lists, block: int) -> bool:
     """Whether to copy the rows of ``k``, ``v`` (K and V, or Q and dO) that a layout transform moved into
-    sorted order, for tensor-descriptor tiles that need not wait for the positions. The copy costs one
-    pass over the rows; in the forward it pays when a program streams many tiles: the longest tile list
-    (``lists``, tiles of ``block`` rows) covers at least SORTED_COPY_MIN_ROWS rows. ``lists`` None (the
-    backward kernels, where run 11e measured no gain): never. ATTNC_SORTED_KV=1 copies whenever
-    descriptors can be used, 0 never."""
+    sorted order, for tensor-descriptor tiles that need not wait for the positions. The copy costs a
+    pass over the rows; in the forward it pays when a program streams many full tiles: the longest full
+    list (``lists``, tiles of ``block`` rows) covers at least SORTED_COPY_MIN_ROWS rows (kept keys at 32k
+    and beyond; not hash buckets at 32k nor anything at 8k, runs 11d-11f). ``lists`` None (the backward
+    kernels, where run 11e measured no gain): never. ATTNC_SORTED_KV=1 copies whenever descriptors can
+    be used, 0 never."""
     if not cfg.tma or not _copies_enabled(k.device) or k.shape[-1] % 8 or v.shape[-1] % 8:
         return False
     if os.environ.get("ATTNC_SORTED_KV") == "1":
         return True
-    return lists is not None and lists.longest * block >= SORTED_COPY_MIN_ROWS
+    return lists is not None and lists.full_idx.shape[-1] * block >= SORTED_COPY_MIN_ROWS
 
 
 def wide_rows(*tensors: torch.Tensor) -> bool:

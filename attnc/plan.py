@@ -404,7 +404,6 @@ class TileLists:
     status: torch.Tensor
     full_runs: bool = False    # every full list is one run of consecutive blocks (the kernels then need
                                # only its first entry)
-    longest: int = 0           # an upper bound of any row's tiles: the longest full plus the longest partial list
 
 
 def _single_runs(sel: torch.Tensor, cnt: torch.Tensor) -> bool:
@@ -432,8 +431,7 @@ def build_tile_lists(status: torch.Tensor) -> TileLists:
     full = status == 2
     full_idx, full_cnt = _compact(full)
     part_idx, part_cnt = _compact(status == 1)
-    longest = sum(int(c.max()) if c.numel() else 0 for c in (full_cnt, part_cnt))
-    return TileLists(full_idx, full_cnt, part_idx, part_cnt, status, _single_runs(full, full_cnt), longest)
+    return TileLists(full_idx, full_cnt, part_idx, part_cnt, status, _single_runs(full, full_cnt))
 
 
 class PlannedTiles:

@@ -712,15 +712,17 @@ def test_sorted_key_copies_with_descriptors(case_id, heads_kv):
 
 
 def test_sorted_copies_pay_only_for_long_tile_lists():
-    """By default a sorted copy is made in the forward when the longest tile list streams
+    """By default a sorted copy is made in the forward when the longest full tile list streams
     >= SORTED_COPY_MIN_ROWS rows (one pass over the rows against many tiles per program), in the backward
     only when ATTNC_SORTED_KV=1."""
     from attnc import launch
     from attnc.plan import build_tile_lists
     cfg = launch.FwdConfig(128, 64, 8, 3, tma=True)
     k = torch.zeros(1, 1, 8, 64)
-    wide = build_tile_lists(torch.full((1, 1, 2, 128), 2, dtype=torch.int8))       # 128 blocks of 64 keys
-    narrow = build_tile_lists(torch.full((1, 1, 2, 127), 2, dtype=torch.int8))
+    wide = build_tile_lists(torch.full((1, 1, 2, 128), 2, dtype=torch.int8))       # 128 full blocks of 64 keys
+    narrow = torch.full((1, 1, 2, 160), 1, dtype=torch.int8)
+    narrow[..., :127] = 2
+    narrow = build_tile_lists(narrow)                                                # 127 full, 33 partial
     with mock.patch.dict("os.environ", {}, clear=False) as env:
         env.pop("ATTNC_SORTED_KV", None)
         assert launch._sorted_copies(cfg, k, k, wide, 64)
