@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compile a pattern and print (or write with -o) the generated Triton "
                                    "source, the optimized IR, or the execution plan.")
     _add_pattern_args(p)
-    p.add_argument("--emit", choices=("triton", "ir", "plan"), default="triton",
-                   help="what to print (default: triton)")
+    p.add_argument("--emit", choices=("triton", "triton-bwd", "setup", "ir", "plan"), default="triton",
+                   help="what to print: the forward kernel (triton, the default), the backward kernels "
+                        "(triton-bwd), the per-call setup kernels of patterns with runtime inputs or layout "
+                        "transforms (setup), the optimized IR, or the plan")
     p.add_argument("-n", "--seq", type=int, default=4096, help="sequence length for --emit plan (default 4096)")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
 
@@ -217,6 +219,11 @@ def _cmd_compile(args) -> int:
         _write(kern.ir_text, args.output)
     elif args.emit == "plan":
         _write(kern.explain(args.seq, args.seq), args.output)
+    elif args.emit == "triton-bwd":
+        _write(kern.backward_source, args.output)
+    elif args.emit == "setup":
+        _write(kern.setup_source or f"# pattern `{kern.name}` has no per-call setup: its tile plan is closed "
+                                    f"form (computed inside the kernels)", args.output)
     else:
         _write(kern.source, args.output)
     return 0

@@ -141,6 +141,16 @@ class Kernel:
         from .launch import cached_source
         return cached_source(self.ir, "bwd", render_backward)[0]
 
+    @property
+    def setup_source(self) -> str | None:
+        """The generated Triton source of the per-call setup kernels (sort keys, block summaries, tile
+        classifier) of a pattern with runtime inputs or a layout transform; None for closed-form plans."""
+        from .codegen import kernel_mode, render_setup
+        from .launch import cached_source
+        if kernel_mode(self.ir) == "ranges":
+            return None
+        return cached_source(self.ir, "setup", lambda pir: render_setup(pir))[0]
+
     # ---- planning ----------------------------------------------------------------------------------
     def block_sizes(self, head_dim: int = 128, device: str = "cuda", n_q: int = 8192,
                     n_k: int | None = None) -> tuple[int, int]:

@@ -169,6 +169,18 @@ def test_compile_emit_triton_equals_kernel_source(capsys):
     assert out.rstrip("\n") == kern.source.rstrip("\n")
 
 
+def test_compile_emit_backward_and_setup(capsys):
+    import attnc
+    code, out, err = cli(capsys, "compile", EXAMPLES / "documents.attn", "--emit", "triton-bwd")
+    assert code == 0 and out.strip() == attnc.compile(str(EXAMPLES / "documents.attn")).backward_source.strip()
+    code, out, err = cli(capsys, "compile", EXAMPLES / "documents.attn", "--emit", "setup")
+    assert code == 0 and "def attnc_classify(" in out and "doc[b, q]" in out
+    assert out.strip() == attnc.compile(str(EXAMPLES / "documents.attn")).setup_source.strip()
+    code, out, err = cli(capsys, "compile", EXAMPLES / "causal.attn", "--emit", "setup")
+    assert code == 0 and "no per-call setup" in out
+    assert attnc.compile(str(EXAMPLES / "causal.attn")).setup_source is None
+
+
 def test_compile_emit_ir(capsys):
     code, out, err = cli(capsys, "compile", EXAMPLES / "dilated_window.attn", "--emit", "ir",
                          "-p", "window=300", "-p", "dilation=3")
