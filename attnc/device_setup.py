@@ -96,63 +96,39 @@ def tile_lists(status: torch.Tensor, transposed: bool = False, also: tuple = ())
 ROWS = 1024          # rows per program of the sort-key kernels
 
 
-_BIG = 1 << 62
+def _key_dtype(key, inputs: dict) -> torch.dtype:
+    """The dtype a sort key is written in: radix sorts cost in proportion to its bytes, so flags and
+    residues take one byte and a bucket read keeps its input's integer dtype (int64 holds any other)."""
+    if key.kind == "keep" or (key.kind == "residue" and key.modulus <= 256):
+        return torch.uint8
+    if key.kind == "residue":
+        return torch.int32
+    if key.node.op == "read" and inputs[key.node.attr].dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        return inputs[key.node.attr].dtype
+    return torch.int64
 
 
-@triton.jit
-def _key_stats_kernel(values_ptr, n, stats_ptr, BLOCK: tl.constexpr):
-    # Whether every row of sort keys is already in order (then the stable sort is the identity and is
-    # skipped), and their min / max (a narrow range sorts in a narrow dtype).
-    bh = tl.program_id(0)
-    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < n
-    row = values_ptr + bh.to(tl.int64) * n
-    v = tl.load(row + i, mask=ok, other=0).to(tl.int64)
-    prev = tl.load(row + i - 1, mask=ok & (i > 0), other=0).to(tl.int64)
-    out_of_order = tl.max((ok & (i > 0) & (v < prev)).to(tl.int32), 0)
-    tl.atomic_min(stats_ptr + 0, 1 - out_of_order.to(tl.int64))
-    tl.atomic_min(stats_ptr + 1, tl.min(tl.where(ok, v, 1 << 62), 0))
-    tl.atomic_max(stats_ptr + 2, tl.max(tl.where(ok, v, -(1 << 62)), 0))
-
-
-def _sort_keys(module, side: str, keys: tuple, *, shape: tuple, dims: tuple, input_args: list, device, stats):
-    """Launch the sorts of one side that need no look at the data; returns ('perm', perm or None), or, for
-    a single bucket key, ('values', values) after queuing the order / range check into ``stats``."""
+def _sort_keys(module, side: str, keys: tuple, *, shape: tuple, dims: tuple, input_args: list, inputs: dict,
+               device):
+    """The permutation (B', H', n) int64 that orders one side's rows by ``keys`` (stable sorts, least
+    significant key first), or None when nothing sorts this side. Nothing here reads the data on the host,
+    so the whole setup up to the tile lists is queued without a synchronization."""
     Bp, Hp, n = shape + dims[:1]
     if len(keys) == 1 and keys[0].kind == "residue" and n % keys[0].modulus == 0:
         # Residue classes of equal size: class c holds c, c + d, c + 2d, ... (a transpose, no sort).
         d = keys[0].modulus
         perm = torch.arange(n, device=device).view(n // d, d).t().reshape(1, 1, n)
-        return "perm", perm.expand(Bp, Hp, n).contiguous()
+        return perm.expand(Bp, Hp, n).contiguous()
     grid = (Bp * Hp, triton.cdiv(n, ROWS))
     perm = None
     for i in reversed(range(len(keys))):
-        values = torch.empty(Bp, Hp, n, dtype=torch.int64 if keys[i].kind == "bucket" else
-                             (torch.uint8 if keys[i].kind == "keep" or keys[i].modulus <= 256 else torch.int32),
-                             device=device)
+        values = torch.empty(Bp, Hp, n, dtype=_key_dtype(keys[i], inputs), device=device)
         getattr(module, f"attnc_sort_key_{side}{i}")[grid](
             values, perm if perm is not None else values, *dims, *input_args, BLOCK=ROWS,
             PERMUTED=perm is not None)
-        if len(keys) == 1 and keys[0].kind == "bucket":
-            _key_stats_kernel[grid](values, n, stats, BLOCK=ROWS)
-            return "values", values
         order = torch.sort(values, dim=-1, stable=True).indices
         perm = order if perm is None else torch.gather(perm, -1, order)
-    return "perm", perm
-
-
-def _sort_checked(values: torch.Tensor, in_order: int, lo: int, hi: int):
-    """The permutation of a single bucket key from its checked statistics: None when the keys are in
-    order already (documents laid out one after another), else a stable sort in the narrowest dtype."""
-    if in_order:
-        return None
-    if hi - lo < 256:
-        values = (values - lo).to(torch.uint8)
-    elif hi - lo < 1 << 15:
-        values = (values - lo).to(torch.int16)
-    elif lo >= -(1 << 31) and hi < 1 << 31:
-        values = values.to(torch.int32)
-    return torch.sort(values, dim=-1, stable=True).indices
+    return perm
 
 
 def summarize_side(module, code, side: str, perm, *, shape: tuple, dims: tuple, block: int, input_args: list,
@@ -215,16 +191,10 @@ def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, 
     keys = {"q": transform.query_keys if transform else (), "k": transform.key_keys if transform else ()}
     n = {"q": n_q, "k": n_k}
     dims = {side: (n[side], shape[1], n_q, n_k, batch, heads) for side in "qk"}
-    # Sorts that need no look at the data are queued at once; single bucket keys (documents, hash buckets)
-    # are checked first, both sides in one host synchronization: keys already in order are not sorted.
-    checked = any(len(k) == 1 and k[0].kind == "bucket" for k in keys.values())
-    stats = torch.tensor([1, _BIG, -_BIG] * 2, dtype=torch.int64, device=device) if checked else None
-    first = {side: _sort_keys(module, side, keys[side], shape=shape, dims=dims[side], input_args=input_args,
-                              device=device, stats=stats[3 * i:3 * i + 3] if checked else None)
-             for i, side in enumerate("qk")}
-    seen = stats.tolist() if checked else None
-    perm = {side: (_sort_checked(value, *seen[3 * i:3 * i + 3]) if kind == "values" else value)
-            for i, (side, (kind, value)) in enumerate(first.items())}
+    # Keys already in order (documents one after another) are sorted like any others: the stable sort
+    # gives the identity, which the summaries detect, so the plain list kernels still run.
+    perm = {side: _sort_keys(module, side, keys[side], shape=shape, dims=dims[side], input_args=input_args,
+                             inputs=inputs, device=device) for side in "qk"}
     q_pos, q_summary = summarize_side(module, code, "q", perm["q"], shape=shape, dims=dims["q"], block=block_m,
                                       input_args=input_args, flag=flags[0:1])
     k_pos, k_summary = summarize_side(module, code, "k", perm["k"], shape=shape, dims=dims["k"], block=block_n,
