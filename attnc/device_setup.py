@@ -4,13 +4,16 @@ Patterns with runtime inputs or a layout transform need, per call, the class of 
 key block) tile and the lists the kernels walk. The torch classifiers of :mod:`attnc.plan` compute
 them with dozens of small launches and several host synchronizations; here the work is:
 
-1. per-block summaries (min / max of original positions, residues and each read), a few torch ops;
+1. per side, the generated sort-key kernel and a stable ``torch.sort`` (layout transforms), then the
+   generated block summaries (min / max of original positions, residues and each read);
 2. the pattern's generated classifier (``templates/attn_setup.py.j2``): one launch writes the status
    of every tile;
 3. :func:`tile_lists`: one launch counts each row's full and partial tiles, one host synchronization
    reads the list widths (together with any flags the caller adds), one launch fills the lists.
 
-The torch classifiers stay the CPU path (``kern.plan`` on CPU tensors) and the tests' oracle.
+Nothing before that synchronization reads data on the host, so the whole setup is queued behind the
+previous call's kernels. The torch classifiers stay the CPU path (``kern.plan`` on CPU tensors) and
+the tests' oracle.
 """
 
 from __future__ import annotations
