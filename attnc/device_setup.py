@@ -78,7 +78,8 @@ def tile_lists(status: torch.Tensor, transposed: bool = False, also: tuple = ())
     device = status.device
     full_cnt = torch.empty(Bp, Hp, n_rows, dtype=torch.int32, device=device)
     part_cnt = torch.empty_like(full_cnt)
-    stats = torch.tensor([0, 0, 1], dtype=torch.int32, device=device)
+    stats = torch.zeros(3, dtype=torch.int32, device=device)    # widths, and the runs flag: set on the
+    stats[2] = 1                                                 # device (a host tensor copy would sync)
     group, block_j = 16, _block_j(n_cols, 256)
     grid = (Bp * Hp, triton.cdiv(n_rows, group))
     _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_cnt, part_cnt, stats,
