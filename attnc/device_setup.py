@@ -82,6 +82,13 @@ def tile_lists(status: torch.Tensor, transposed: bool = False, also: tuple = ())
     stats[2] = 1                                                 # device (a host tensor copy would sync)
     group, block_j = 16, _block_j(n_cols, 256)
     grid = (Bp * Hp, triton.cdiv(n_rows, group))
+    if status.numel() == 0:                     # no tiles: empty lists, no launch (a grid of 0 programs)
+        full_cnt.zero_()
+        part_cnt.zero_()
+        empty = torch.zeros(Bp, Hp, n_rows, 1, dtype=torch.int32, device=device)
+        flags = [int(v) for v in torch.cat([torch.as_tensor(a, device=device).to(torch.int64).view(-1)
+                                             for a in also]).tolist()] if also else []
+        return TileLists(empty, full_cnt, empty.clone(), part_cnt, status, True), flags
     _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_cnt, part_cnt, stats,
                              full_cnt, part_cnt, 1, 1, GROUP=group, BLOCK_J=block_j, FILL=False)
     values = torch.cat([stats.to(torch.int64)] + [torch.as_tensor(a, device=device).to(torch.int64).view(-1)
@@ -118,6 +125,8 @@ def _sort_keys(module, side: str, keys: tuple, *, shape: tuple, dims: tuple, inp
     significant key first), or None when nothing sorts this side. Nothing here reads the data on the host,
     so the whole setup up to the tile lists is queued without a synchronization."""
     Bp, Hp, n = shape + dims[:1]
+    if keys and n == 0:
+        return torch.empty(Bp, Hp, 0, dtype=torch.int64, device=device)
     if len(keys) == 1 and keys[0].kind == "residue" and n % keys[0].modulus == 0:
         # Residue classes of equal size: class c holds c, c + d, c + 2d, ... (a transpose, no sort).
         d = keys[0].modulus
@@ -143,9 +152,11 @@ def summarize_side(module, code, side: str, perm, *, shape: tuple, dims: tuple, 
     Bp, Hp, n = shape + dims[:1]
     n_blocks = triton.cdiv(n, block)
     slots = 1 + (1 if code.modulus else 0) + sum(1 for r in code.reads if r.side == side)
-    if perm is None and slots == 1:
-        # Rows in order and nothing read: the classifier computes the positions from block indices.
-        return None, torch.empty(2, 1, 1, 1, dtype=torch.int64, device=flag.device)
+    if (perm is None and slots == 1) or n_blocks == 0 or Bp * Hp == 0:
+        # Rows in order and nothing read (the classifier computes the positions from block indices), or
+        # no rows: nothing to summarize.
+        pos32 = torch.empty(Bp, Hp, n, dtype=torch.int32, device=flag.device) if perm is not None else None
+        return pos32, torch.empty(2 * slots, 1, 1, 1, dtype=torch.int64, device=flag.device)
     summary = torch.empty(2 * slots, Bp, Hp, n_blocks, dtype=torch.int64, device=flag.device)
     pos32 = torch.empty(Bp, Hp, n, dtype=torch.int32, device=flag.device) if perm is not None else None
     block_p = triton.next_power_of_2(block)

@@ -133,3 +133,24 @@ def test_residue_classes_of_equal_size_are_a_transpose(n):
         got = build_layout(*args, classifier=kern._module("setup"))
     assert torch.equal(want.q_perm, got.q_perm) and torch.equal(want.k_perm, got.k_perm)
     assert torch.equal(want.status, got.status)
+
+
+@pytest.mark.parametrize("n_q,n_k", [(40, 0), (0, 40)])
+def test_empty_sides_launch_nothing(n_q, n_k):
+    """No queries or no keys: the device setup returns empty plans without launching a grid of zero
+    programs (which CUDA rejects), and the call returns zeros."""
+    kern = attnc.compile(str(EXAMPLES / "hash_buckets.attn"))
+    n = max(n_q, n_k)
+    g = torch.Generator().manual_seed(1)
+    inputs = {"qb": torch.randint(0, 3, (1, 2, n), generator=g), "kb": torch.randint(0, 3, (1, 2, n), generator=g)}
+    sizes = check_inputs(kern.ir, inputs, batch=1, heads=2, n_q=n_q, n_k=n_k)
+    layout = build_layout(kern.ir, layout_transform(kern.ir.mask), 1, 2, 2, n_q, n_k, 16, 16, sizes, inputs,
+                          torch.device("cpu"), classifier=kern._module("setup"))
+    lists = layout.lists(False)
+    assert layout.status.numel() == 0 and not lists.full_cnt.any() and not lists.part_cnt.any()
+    assert not layout.lists(True).full_cnt.any()
+    empty, extra = device_setup.tile_lists(torch.zeros(1, 2, 0, 3, dtype=torch.int8), also=(torch.tensor(5),))
+    assert empty.full_cnt.shape == (1, 2, 0) and extra == [5]
+    q, k, v = torch.randn(1, 2, n_q, 16), torch.randn(1, 2, n_k, 16), torch.randn(1, 2, n_k, 16)
+    out = kern(q, k, v, **inputs)
+    assert out.shape == (1, 2, n_q, 16) and not out.abs().sum()
