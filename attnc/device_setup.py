@@ -82,15 +82,12 @@ def tile_lists(status: torch.Tensor, transposed: bool = False, also: tuple = ())
     stats[2] = 1                                                 # device (a host tensor copy would sync)
     group, block_j = 16, _block_j(n_cols, 256)
     grid = (Bp * Hp, triton.cdiv(n_rows, group))
-    if status.numel() == 0:                     # no tiles: empty lists, no launch (a grid of 0 programs)
+    if status.numel():
+        _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_cnt, part_cnt, stats,
+                                 full_cnt, part_cnt, 1, 1, GROUP=group, BLOCK_J=block_j, FILL=False)
+    else:                                       # no tiles: nothing to count (and no grid of 0 programs)
         full_cnt.zero_()
         part_cnt.zero_()
-        empty = torch.zeros(Bp, Hp, n_rows, 1, dtype=torch.int32, device=device)
-        flags = [int(v) for v in torch.cat([torch.as_tensor(a, device=device).to(torch.int64).view(-1)
-                                             for a in also]).tolist()] if also else []
-        return TileLists(empty, full_cnt, empty.clone(), part_cnt, status, True), flags
-    _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_cnt, part_cnt, stats,
-                             full_cnt, part_cnt, 1, 1, GROUP=group, BLOCK_J=block_j, FILL=False)
     values = torch.cat([stats.to(torch.int64)] + [torch.as_tensor(a, device=device).to(torch.int64).view(-1)
                                                   for a in also]).tolist()     # the one synchronization
     max_full, max_part, runs = values[:3]

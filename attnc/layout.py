@@ -69,16 +69,14 @@ class Layout:
 
     def sorted_keys(self, x: torch.Tensor) -> torch.Tensor:
         """K or V (B, H, Nk, D), H its heads as the kernels read them, copied into the keys' sorted order."""
-        B, H, N, D = x.shape
         perm = self.k_perm
-        if perm.shape[1] not in (1, H):
-            perm = perm[:, ::perm.shape[1] // H]          # heads of a GQA group share one order
-        return torch.gather(x, 2, perm.expand(B, H, N)[..., None].expand(B, H, N, D))
+        if perm.shape[1] not in (1, x.shape[1]):
+            perm = perm[:, ::perm.shape[1] // x.shape[1]]          # heads of a GQA group share one order
+        return _rows_in_order(x, perm)
 
     def sorted_queries(self, x: torch.Tensor) -> torch.Tensor:
         """Q or dO (B, Hq, Nq, D) copied into the queries' sorted order."""
-        B, H, N, D = x.shape
-        return torch.gather(x, 2, self.q_perm.expand(B, H, N)[..., None].expand(B, H, N, D))
+        return _rows_in_order(x, self.q_perm)
 
     # ---- the kernels address rows through qpos / kpos, so data stays in the caller's order --------
     def kv_heads(self, heads_q: int, heads_kv: int) -> int:
@@ -109,15 +107,16 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     if classifier is not None:
         from .device_setup import plan_tiles, tile_lists
         status, q_perm, k_perm, q_pos, k_pos, moved = plan_tiles(
-            classifier, pir, transform, shape=(Bp, Hp), batch=B, heads=Hq, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n,
-            sizes=sizes, inputs=inputs, device=device)
+            classifier, pir, transform, shape=(Bp, Hp), batch=B, heads=Hq, n_q=n_q, n_k=n_k, block_m=block_m,
+            block_n=block_n, sizes=sizes, inputs=inputs, device=device)
         q_perm = q_perm if q_perm is not None else _arange(n_q, Bp, Hp, device)
         k_perm = k_perm if k_perm is not None else _arange(n_k, Bp, Hp, device)
         checks = [moved] + _expand_check(k_perm, Bp, Hp, Hq, Hkv)
         lists, flags = tile_lists(status, also=tuple(checks))    # one host synchronization for all
         tiles = PlannedTiles(status, on_device=True, lists={False: lists})
         expand = bool(flags[2]) if len(flags) > 2 else False
-        return Layout(transform, q_perm, k_perm, B, Hq, expand, bool(flags[0]), bool(flags[1]), tiles, q_pos, k_pos)
+        return Layout(transform, q_perm, k_perm, B, Hq, expand, bool(flags[0]), bool(flags[1]), tiles, q_pos,
+                      k_pos)
     env = {name: value for name, value in sizes.items()}
     env.update(inputs)
     env["b"] = torch.arange(Bp, device=device).view(Bp, 1, 1)
@@ -130,6 +129,12 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     identity = [bool(torch.equal(p, _arange(p.shape[-1], Bp, Hp, device))) for p in (q_perm, k_perm)]
     expand = any(bool(c) for c in _expand_check(k_perm, Bp, Hp, Hq, Hkv))
     return Layout(transform, q_perm, k_perm, B, Hq, expand, identity[0], identity[1], PlannedTiles(status))
+
+
+def _rows_in_order(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """x (B, H, N, D) with each (b, h)'s rows in the order ``perm`` (B' or 1, H' or 1, N)."""
+    B, H, N, D = x.shape
+    return torch.gather(x, 2, perm.expand(B, H, N)[..., None].expand(B, H, N, D))
 
 
 def _arange(n: int, Bp: int, Hp: int, device) -> torch.Tensor:

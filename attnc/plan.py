@@ -297,21 +297,6 @@ def _block_summary(x: torch.Tensor, axis: int, block: int, n: int):
     return lo.movedim(-1, axis), hi.movedim(-1, axis)
 
 
-def read_summary(node: ir.Node, side: str, perm: torch.Tensor | None, shape: tuple, block: int, n: int,
-                 sizes: dict, inputs: dict, device):
-    """Per-block (min, max), shape ``shape + (blocks,)``, of a read indexed by one position ``side``
-    (:func:`summarized_side`), evaluated at the positions ``perm`` (``shape + (n,)``; None: in order)."""
-    from .evaluate import evaluate
-    Bp, Hp = shape
-    env = dict(sizes)
-    env.update(inputs)
-    env["b"] = torch.arange(Bp, device=device).view(-1, 1, 1)
-    env["h"] = torch.arange(Hp, device=device).view(1, -1, 1)
-    env[side] = perm if perm is not None else torch.arange(n, device=device).view(1, 1, n)
-    values = torch.as_tensor(evaluate([node], env)[0], device=device).expand(Bp, Hp, n)
-    return _block_summary(values, -1, block, n)
-
-
 class TileClassifier:
     """Classifies every (query block, key block) tile of a call, vectorized on the inputs' device."""
 
@@ -692,10 +677,17 @@ class PermutedTileClassifier:
             if self._fine is not None:
                 self._summaries[node] = self._fine._merged(self._fine._summary(node, side), side, self.COARSE)
             else:
+                from .evaluate import evaluate
                 perm, block, n = ((self.q_perm, self.block_m, self.n_q) if side == "q"
                                   else (self.k_perm, self.block_n, self.n_k))
-                self._summaries[node] = read_summary(node, side, perm, (self.batch, self.heads), block, n,
-                                                     self.sizes, self.inputs, self.device)
+                env = dict(self.sizes)
+                env.update(self.inputs)
+                env["b"] = torch.arange(self.batch, device=self.device).view(-1, 1, 1)
+                env["h"] = torch.arange(self.heads, device=self.device).view(1, -1, 1)
+                env[side] = perm
+                values = torch.as_tensor(evaluate([node], env)[0], device=self.device)
+                values = values.expand(self.batch, self.heads, perm.shape[-1])
+                self._summaries[node] = _block_summary(values, -1, block, n)
         return self._summaries[node]
 
     def _evaluate(self):

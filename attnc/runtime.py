@@ -149,7 +149,7 @@ class Kernel:
         from .launch import cached_source
         if kernel_mode(self.ir) == "ranges":
             return None
-        return cached_source(self.ir, "setup", lambda pir: render_setup(pir))[0]
+        return cached_source(self.ir, "setup", render_setup)[0]
 
     # ---- planning ----------------------------------------------------------------------------------
     def block_sizes(self, head_dim: int = 128, device: str = "cuda", n_q: int = 8192,
@@ -199,8 +199,8 @@ class Kernel:
         from .device_setup import plan_tiles
         from .plan import setup_shape
         shape = setup_shape(self.ir, batch, heads)
-        status = plan_tiles(module, self.ir, None, shape=shape, batch=batch, heads=heads, n_q=n_q, n_k=n_k, block_m=block_m,
-                            block_n=block_n, sizes=sizes, inputs=inputs, device=device)[0]
+        status = plan_tiles(module, self.ir, None, shape=shape, batch=batch, heads=heads, n_q=n_q, n_k=n_k,
+                            block_m=block_m, block_n=block_n, sizes=sizes, inputs=inputs, device=device)[0]
         return PlannedTiles(status, on_device=True)
 
     def _tile_lists(self, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, device, transposed=False):

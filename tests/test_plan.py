@@ -34,8 +34,10 @@ from attnc.validate import check_inputs
 
 try:  # tests/ may or may not be a package
     from tests import strategies as S
+    from tests.tiles import same_lists
 except ImportError:  # pragma: no cover
     import strategies as S
+    from tiles import same_lists
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -164,16 +166,6 @@ def check_all_planners(kern, n_q, n_k, batch, heads, block_m, block_n, inputs, w
     return status
 
 
-def _same_lists(a, b, what: str):
-    """Two TileLists agree: counts, the valid entries of each list, the runs flag."""
-    assert torch.equal(a.full_cnt, b.full_cnt) and torch.equal(a.part_cnt, b.part_cnt), what
-    assert a.full_runs == b.full_runs, what
-    for x, y, cnt in ((a.full_idx, b.full_idx, a.full_cnt), (a.part_idx, b.part_idx, a.part_cnt)):
-        assert x.shape == y.shape, what
-        valid = torch.arange(x.shape[-1]) < cnt.unsqueeze(-1)
-        assert torch.equal(x[valid], y[valid]), what
-
-
 def check_device_setup(kern, n_q, n_k, batch, heads, block_m, block_n, inputs, what=""):
     """The device setup (generated Triton classifier, here in the interpreter) plans exactly what the
     torch classifier plans: sorts, identity flags, tile classes and both orientations of tile lists."""
@@ -197,7 +189,7 @@ def check_device_setup(kern, n_q, n_k, batch, heads, block_m, block_n, inputs, w
         got = kern._classify(n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, cpu, module)
     assert torch.equal(want.status, got.status), f"device classifier on {what}"
     for transposed in (False, True):
-        _same_lists(want.lists(transposed), got.lists(transposed), f"device lists ({transposed}) on {what}")
+        same_lists(want.lists(transposed), got.lists(transposed), f"device lists ({transposed}) on {what}")
 
 
 def assert_sound(full, computed, any_t, all_t, ragged, what: str):
