@@ -18,7 +18,7 @@ from .analyze import PatternIR
 from .evaluate import OPS
 from .interval import Emitter, IntervalEvaluator, Sym, TritonOps
 from .parse import _resource_text
-from .plan import RangeProgram, block_ranges, layout_transform, range_program, summarized_side
+from .plan import BUCKET_KEY_MAX, RangeProgram, block_ranges, layout_transform, range_program, summarized_side
 
 # How the element-wise code names the index variables and sizes inside a tile.
 LEAF_NAMES = {"q": "q_pos", "k": "k_pos", "b": "off_b", "h": "off_h",
@@ -215,13 +215,19 @@ def _side_context(pir: PatternIR, code: ClassifierCode, side: str) -> dict:
     transform = layout_transform(pir.mask)
     keys = []
     for key in (transform.query_keys if side == "q" else transform.key_keys) if transform else ():
+        # The radix sort takes keys of at most 16 bits (attnc.device_setup.key_bits); bucket ids are
+        # clamped as in attnc.plan.sort_positions (ids past the range share a key: slower, still exact).
         if key.kind == "residue":
-            keys.append(dict(text=f"position % {key.modulus}", lines=[], value=f"_mod({pos}, {key.modulus})"))
+            keys.append(dict(text=f"position % {key.modulus}", lines=[],
+                             value=f"tl.minimum(_mod({pos}, {key.modulus}), {BUCKET_KEY_MAX})"))
             continue
         kp = ElementwisePrinter(f"{side}k")
         var = kp(key.node)
-        value = f"({var} == 0)" if key.kind == "keep" else var      # kept rows first
-        keys.append(dict(text=ir.to_text(key.node) + (" (0: kept)" if key.kind == "keep" else ""),
+        if key.kind == "keep":
+            value = f"({var} == 0)"                                      # kept rows first
+        else:
+            value = f"tl.minimum(tl.maximum(({var}).to(tl.int64), -1), {BUCKET_KEY_MAX - 1}) + 1"
+        keys.append(dict(text=ir.to_text(key.node) + (" (0: kept)" if key.kind == "keep" else " (clamped to 16 bits)"),
                          lines=kp.em.lines, value=value))
     return dict(name=side, slots=summary_slots(code, side), lines=printer.em.lines, summary_values=values,
                 sort_keys=keys)

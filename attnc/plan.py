@@ -558,22 +558,30 @@ def layout_transform(mask: ir.Node) -> LayoutTransform | None:
     return LayoutTransform(tuple(qk), tuple(kk), tuple(names))
 
 
+BUCKET_KEY_MAX = 65535     # sort keys have 16 bits: bucket ids are clamped to [-1, 65534], then + 1
+
+
 def sort_positions(keys: tuple, env: dict, n: int, shape: tuple, device) -> torch.Tensor:
     """The permutation (shape + (n,)) that orders positions by ``keys`` (most significant first),
-    stably, so equal keys keep position order. ``env`` evaluates the key reads."""
+    stably, so equal keys keep position order. ``env`` evaluates the key reads.
+
+    Keys are 16-bit, as the device's radix sort takes them: bucket ids are clamped to [-1, 65534]
+    (ids past the range share the last key: their rows stay in position order, which costs tiles but
+    never correctness, since the mask is still evaluated on the original values)."""
     from .evaluate import evaluate
     perm = torch.arange(n, device=device).expand(*shape, n).clone()
     for key in reversed(keys):                      # least significant first; each sort is stable
         if key.kind == "residue":
-            values = perm % key.modulus
+            values = (perm % key.modulus).clamp(max=BUCKET_KEY_MAX)
         else:
             local = dict(env)
             local[_position_var(key.node)] = perm.view(*shape, n)
             values = torch.as_tensor(evaluate([key.node], local)[0], device=device)
             values = values.expand(*shape, n)
             if key.kind == "keep":
-                values = (~values.bool()).to(torch.int8)      # kept first
-            values = values.to(torch.int64)
+                values = (~values.bool()).to(torch.int64)     # kept first
+            else:
+                values = values.to(torch.int64).clamp(-1, BUCKET_KEY_MAX - 1) + 1
         order = torch.sort(values, dim=-1, stable=True).indices
         perm = torch.gather(perm, -1, order)
     return perm

@@ -39,11 +39,15 @@ def _count(fn) -> tuple[int, int, float, str]:
         torch.cuda.synchronize()
     events = prof.events()
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    gpu_us = sum(getattr(a, "self_device_time_total", None) or getattr(a, "self_cuda_time_total", 0)
-                 for a in prof.key_averages())
+    # Device time: the kernels and copies themselves (an op's own "self device time" would count a
+    # torch.sort's kernels a second time).
+    gpu_us = sum(e.time_range.elapsed_us() for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     syncs = sum(1 for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
                                                  "cudaMemcpyAsync") and e.device_type != torch.autograd.DeviceType.CUDA)
-    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
+    try:
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40)
+    except (AttributeError, KeyError, ValueError):
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
     return kernels, syncs, gpu_us, table
 
 

@@ -2,8 +2,8 @@
 
 The tile classes it computes are compared with the torch classifiers in test_plan.py (every runtime-input
 example and hypothesis-drawn inputs, through ``check_all_planners``). Here: the list kernel against
-``build_tile_lists``, the bucket sorts (in the input's dtype; keys in order give the identity layout), and the
-generated source.
+``build_tile_lists``, the radix sort's kernels, the bucket sorts (16-bit keys; keys in order give the identity
+layout), and the generated source.
 """
 
 from __future__ import annotations
@@ -65,28 +65,39 @@ def _hash_layout(qb, kb, device: bool, block=16):
 
 @pytest.mark.parametrize("span,dtype", [(8, torch.uint8), (100, torch.int8), (1000, torch.int16),
                                         (10 ** 6, torch.int32), (2 ** 40, torch.int64)])
-def test_bucket_sorts_keep_the_input_dtype_and_agree(span, dtype):
-    """Bucket ids are sorted in their input's dtype (a radix sort costs in proportion to key bytes); ties
-    keep position order; the permutations and tiles equal the torch setup's."""
+def test_bucket_sorts_take_16_bit_keys_and_agree(span, dtype):
+    """Bucket ids become 16-bit sort keys, clamped to [-1, 65534]: ids in that range sort exactly, ids past
+    it share the end keys and stay in position order. Ties keep position order; the permutations and
+    tiles equal the torch setup's, whatever the ids' dtype."""
     g = torch.Generator().manual_seed(span % 1000)
     lo = 0 if dtype == torch.uint8 else -span // 2
     qb = torch.randint(lo, lo + span, (2, 2, 150), generator=g).to(dtype)
     kb = torch.randint(lo, lo + span, (2, 2, 150), generator=g).to(dtype)
     qb[..., :10] = kb[..., :10] = 3          # ties: a stable sort keeps them in position order
-    sorted_dtypes = []
-    real_sort = torch.sort
-
-    def spy(values, *a, **k):
-        sorted_dtypes.append(values.dtype)
-        return real_sort(values, *a, **k)
-
     want = _hash_layout(qb, kb, device=False)
-    with mock.patch.object(torch, "sort", spy):
-        got = _hash_layout(qb, kb, device=True)
-    assert sorted_dtypes == [dtype, dtype]
+    got = _hash_layout(qb, kb, device=True)
+    expected = torch.sort(qb.to(torch.int64).clamp(-1, 65534), dim=-1, stable=True).indices
+    assert torch.equal(got.q_perm, expected)
     assert torch.equal(want.q_perm, got.q_perm) and torch.equal(want.k_perm, got.k_perm)
     assert torch.equal(want.status, got.status)
     assert not got.q_identity and not got.k_identity
+
+
+@pytest.mark.parametrize("n", [1, 64, 150])
+@pytest.mark.parametrize("bits", [1, 8, 16])
+def test_radix_sort_kernels_equal_a_stable_sort(n, bits):
+    """The radix passes (histogram, offsets, chunk sort and scatter; chunks of 64 rows here, so 150 rows
+    take three) give torch's stable permutation, alone and after a prior permutation, with many ties."""
+    g = torch.Generator().manual_seed(n * bits)
+    keys = torch.randint(0, 2 ** bits, (2, 3, n), generator=g, dtype=torch.int32)
+    keys[0, 0] = 2 ** bits - 1                    # one row of a single key: every row ties
+    got = device_setup.radix_sort_perm(keys, bits, kernels=True)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, torch.sort(keys, dim=-1, stable=True).indices)
+    prior = torch.argsort(torch.rand(2, 3, n, generator=g), dim=-1)
+    got = device_setup.radix_sort_perm(keys, bits, prior, kernels=True)
+    assert torch.equal(got, device_setup.radix_sort_perm(keys, bits, prior, kernels=False))
+    assert torch.equal(torch.gather(keys, -1, got), torch.gather(keys, -1, got).sort(dim=-1).values)
 
 
 def test_keys_in_order_give_the_identity_layout():
