@@ -8,12 +8,14 @@ them with dozens of small launches and several host synchronizations; here the w
    transforms), then the generated block summaries (min / max of original positions, residues and each read);
 2. the pattern's generated classifier (``templates/attn_setup.py.j2``): one launch writes the status
    of every tile;
-3. :func:`tile_lists`: one launch counts each row's full and partial tiles, one host synchronization
-   reads the list widths (together with any flags the caller adds), one launch fills the lists.
+3. :func:`tile_lists`: one launch writes each row's leading run of full tiles, its other full tiles and
+   its partial tiles, into lists as wide as a row.
 
-Nothing before that synchronization reads data on the host, so the whole setup is queued behind the
-previous call's kernels. The torch classifiers stay the CPU path (``kern.plan`` on CPU tensors) and
-the tests' oracle.
+Nothing reads data on the host (no synchronization), so the whole setup is queued behind the previous
+call's kernels and the host runs ahead. What the host cannot know is passed on as device data: list
+lengths, and whether a sort moved any row (:attr:`attnc.layout.Layout.in_place`). Lists too large to
+allocate as wide as a row take one synchronization for their widths. The torch classifiers stay the
+CPU path (``kern.plan`` on CPU tensors) and the tests' oracle.
 """
 
 from __future__ import annotations
@@ -26,79 +28,94 @@ from .plan import TileLists
 
 
 @triton.jit
-def _tile_lists_kernel(status_ptr, s_bh, s_row, s_col, n_rows, n_cols,
+def _tile_lists_kernel(status_ptr, s_bh, s_row, s_col, n_rows, n_cols, run_ptr,
                        full_cnt_ptr, part_cnt_ptr, stats_ptr, full_idx_ptr, part_idx_ptr, full_width, part_width,
                        GROUP: tl.constexpr, BLOCK_J: tl.constexpr, FILL: tl.constexpr):
     # One program per (batch, head, GROUP rows): a row is a query block (a key block for the transposed
-    # lists of the dK/dV kernel). FILL=False counts each row's full and partial tiles and folds the widths
-    # and the "every full list is one run" flag into stats; FILL=True writes the lists (columns in order).
+    # lists of the dK/dV kernel). A row's full tiles are a leading run (its first full column and how many
+    # consecutive full columns follow) and the rest. FILL=False only folds the longest rest and partial
+    # counts into stats (the widths); FILL=True writes the run, the counts and the lists (columns in order).
     bh = tl.program_id(0)
     r = tl.program_id(1) * GROUP + tl.arange(0, GROUP)
     r_ok = r < n_rows
     base = status_ptr + bh.to(tl.int64) * s_bh + r[:, None].to(tl.int64) * s_row
     out = bh.to(tl.int64) * n_rows + r
-    n_full = tl.zeros([GROUP], dtype=tl.int32)
+    n_full = tl.zeros([GROUP], dtype=tl.int32)       # full tiles so far
+    n_run = tl.zeros([GROUP], dtype=tl.int32)        # of them in the leading run
     n_part = tl.zeros([GROUP], dtype=tl.int32)
     first = tl.zeros([GROUP], dtype=tl.int32) + n_cols
-    last = tl.zeros([GROUP], dtype=tl.int32) - 1
     for j0 in range(0, n_cols, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)[None, :]
         st = tl.load(base + j.to(tl.int64) * s_col, mask=r_ok[:, None] & (j < n_cols), other=0)
         is_full = (st == 2).to(tl.int32)
         is_part = (st == 1).to(tl.int32)
+        first = tl.minimum(first, tl.min(tl.where(is_full != 0, j, n_cols), 1))
+        # In the run: full, and every column from the first full one up to here is full.
+        in_run = (is_full != 0) & (n_full[:, None] + tl.cumsum(is_full, 1) == j - first[:, None] + 1)
+        is_rest = is_full - in_run.to(tl.int32)
         if FILL:
-            at = n_full[:, None] + tl.cumsum(is_full, 1) - 1
-            tl.store(full_idx_ptr + out[:, None] * full_width + at, j + 0 * at, mask=is_full != 0)
+            at = n_full[:, None] - n_run[:, None] + tl.cumsum(is_rest, 1) - 1
+            tl.store(full_idx_ptr + out[:, None] * full_width + at, j + 0 * at, mask=is_rest != 0)
             at = n_part[:, None] + tl.cumsum(is_part, 1) - 1
             tl.store(part_idx_ptr + out[:, None] * part_width + at, j + 0 * at, mask=is_part != 0)
         n_full += tl.sum(is_full, 1)
+        n_run += tl.sum(in_run.to(tl.int32), 1)
         n_part += tl.sum(is_part, 1)
-        first = tl.minimum(first, tl.min(tl.where(is_full != 0, j, n_cols), 1))
-        last = tl.maximum(last, tl.max(tl.where(is_full != 0, j, -1), 1))
-    if not FILL:
-        tl.store(full_cnt_ptr + out, n_full, mask=r_ok)
+    if FILL:
+        tl.store(run_ptr + out * 2, tl.where(n_run > 0, first, 0), mask=r_ok)
+        tl.store(run_ptr + out * 2 + 1, n_run, mask=r_ok)
+        tl.store(full_cnt_ptr + out, n_full - n_run, mask=r_ok)
         tl.store(part_cnt_ptr + out, n_part, mask=r_ok)
-        tl.atomic_max(stats_ptr + 0, tl.max(n_full, 0))
+    else:
+        tl.atomic_max(stats_ptr + 0, tl.max(n_full - n_run, 0))
         tl.atomic_max(stats_ptr + 1, tl.max(n_part, 0))
-        runs = (n_full == 0) | (last - first + 1 == n_full)
-        tl.atomic_min(stats_ptr + 2, tl.min(tl.where(r_ok & ~runs, 0, 1), 0))
 
 
 def _block_j(n: int, cap: int = 1024) -> int:
     return min(cap, max(16, triton.next_power_of_2(max(n, 1))))
 
 
-def tile_lists(status: torch.Tensor, transposed: bool = False, also: tuple = ()) -> tuple[TileLists, list[int]]:
+UNSYNCED_LIST_BYTES = 64 << 20     # lists as wide as a row up to this size: no host synchronization
+
+
+def tile_lists(status: torch.Tensor, transposed: bool = False, sync: bool | None = None) -> TileLists:
     """The tile lists of ``status`` (B', H', nqb, nkb), per query block, or per key block when
-    ``transposed``; equal to :func:`attnc.plan.build_tile_lists`. ``also``: device scalars to read in the
-    same host synchronization as the list widths; their values are returned as ints."""
+    ``transposed``; equal to :func:`attnc.plan.build_tile_lists` up to list widths.
+
+    Without a host synchronization (``sync`` False, the default while a list as wide as a row of tiles
+    takes at most UNSYNCED_LIST_BYTES) the lists are that wide, and the call's setup is queued behind the
+    previous call's kernels. With one (``sync`` True, or larger lists) they are as wide as the longest
+    count."""
     status = status.contiguous()
     Bp, Hp, nqb, nkb = status.shape
     n_rows, n_cols, s_row, s_col = (nkb, nqb, 1, nkb) if transposed else (nqb, nkb, nkb, 1)
     device = status.device
+    if sync is None:
+        sync = Bp * Hp * n_rows * max(n_cols, 1) * 4 > UNSYNCED_LIST_BYTES
+    full_run = torch.empty(Bp, Hp, n_rows, 2, dtype=torch.int32, device=device)
     full_cnt = torch.empty(Bp, Hp, n_rows, dtype=torch.int32, device=device)
     part_cnt = torch.empty_like(full_cnt)
-    stats = torch.zeros(3, dtype=torch.int32, device=device)    # widths, and the runs flag: set on the
-    stats[2] = 1                                                 # device (a host tensor copy would sync)
     group, block_j = 16, _block_j(n_cols, 256)
     grid = (Bp * Hp, triton.cdiv(n_rows, group))
+    width_full = width_part = max(n_cols, 1)
+    if sync:
+        stats = torch.zeros(2, dtype=torch.int32, device=device)
+        if status.numel():
+            _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_run, full_cnt, part_cnt,
+                                     stats, full_cnt, part_cnt, 1, 1, GROUP=group, BLOCK_J=block_j, FILL=False)
+        width_full, width_part = (max(w, 1) for w in stats.tolist())       # the host synchronization
+    full_idx = torch.empty(Bp, Hp, n_rows, width_full, dtype=torch.int32, device=device)
+    part_idx = torch.empty(Bp, Hp, n_rows, width_part, dtype=torch.int32, device=device)
     if status.numel():
-        _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_cnt, part_cnt, stats,
-                                 full_cnt, part_cnt, 1, 1, GROUP=group, BLOCK_J=block_j, FILL=False)
-    else:                                       # no tiles: nothing to count (and no grid of 0 programs)
+        _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_run, full_cnt, part_cnt,
+                                 full_cnt, full_idx, part_idx, width_full, width_part,
+                                 GROUP=group, BLOCK_J=block_j, FILL=True)
+    else:                   # no tiles (no rows, or no columns: every count is 0)
+        full_run.zero_()
         full_cnt.zero_()
         part_cnt.zero_()
-    values = torch.cat([stats.to(torch.int64)] + [torch.as_tensor(a, device=device).to(torch.int64).view(-1)
-                                                  for a in also]).tolist()     # the one synchronization
-    max_full, max_part, runs = values[:3]
-    full_idx = torch.empty(Bp, Hp, n_rows, max(max_full, 1), dtype=torch.int32, device=device)
-    part_idx = torch.empty(Bp, Hp, n_rows, max(max_part, 1), dtype=torch.int32, device=device)
-    if max_full or max_part:
-        _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_cnt, part_cnt, stats,
-                                 full_idx, part_idx, full_idx.shape[-1], part_idx.shape[-1],
-                                 GROUP=group, BLOCK_J=block_j, FILL=True)
     lists_status = status.transpose(-1, -2) if transposed else status
-    return TileLists(full_idx, full_cnt, part_idx, part_cnt, lists_status, bool(runs)), values[3:]
+    return TileLists(full_run, full_idx, full_cnt, part_idx, part_cnt, lists_status)
 
 
 ROWS = 1024          # rows per program of the sort-key kernels

@@ -186,19 +186,22 @@ def _copies_enabled(device: torch.device) -> bool:
 SORTED_COPY_MIN_ROWS = 8192    # rows of full tiles per program before a sorted copy pays (RESULTS run 11)
 
 
-def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor, lists, block: int) -> bool:
+def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor, layout, forward: bool) -> bool:
     """Whether to copy the rows of ``k``, ``v`` (K and V, or Q and dO) that a layout transform moved into
     sorted order, for tensor-descriptor tiles that need not wait for the positions. The copy costs a
-    pass over the rows; in the forward it pays when a program streams many full tiles: the longest full
-    list (``lists``, tiles of ``block`` rows) covers at least SORTED_COPY_MIN_ROWS rows (kept keys at 32k
-    and beyond; not hash buckets at 32k nor anything at 8k, runs 11d-11f). ``lists`` None (the backward
-    kernels, where run 11e measured no gain): never. ATTNC_SORTED_KV=1 copies whenever descriptors can
-    be used, 0 never."""
+    pass over the rows; in the forward it pays when a program streams many full tiles, at least
+    SORTED_COPY_MIN_ROWS rows (runs 11d-11f: kept keys at 32k; not hash buckets at 32k nor anything at
+    8k). The host does not read the lists, so the rule is on what it knows: compacted keys (kept keys
+    come first, about half of them under a causal mask) when there are 2 x SORTED_COPY_MIN_ROWS keys.
+    The backward kernels (run 11e: no gain): never. ATTNC_SORTED_KV=1 copies whenever descriptors can be
+    used, 0 never."""
     if not cfg.tma or not _copies_enabled(k.device) or k.shape[-1] % 8 or v.shape[-1] % 8:
         return False
     if os.environ.get("ATTNC_SORTED_KV") == "1":
         return True
-    return lists is not None and lists.full_idx.shape[-1] * block >= SORTED_COPY_MIN_ROWS
+    keys = layout.transform.key_keys
+    return (forward and bool(keys) and all(key.kind == "keep" for key in keys)
+            and k.shape[2] >= 2 * SORTED_COPY_MIN_ROWS)
 
 
 def wide_rows(*tensors: torch.Tensor) -> bool:
@@ -342,36 +345,60 @@ def input_launch_args(pir: PatternIR, inputs: dict) -> list:
     return args
 
 
-def list_args(lists) -> list:
-    """Kernel arguments of a TileLists: index and count tensors, their batch/head extents, widths."""
-    return [lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt, lists.full_idx.shape[0],
-            lists.full_idx.shape[1], lists.full_idx.shape[-1], lists.part_idx.shape[-1]]
+def list_args(lists, guard: torch.Tensor | None = None) -> list:
+    """Kernel arguments of a TileLists: run, index and count tensors, their batch/head extents, widths,
+    and the guard flag of a variant launched beside another (see :func:`variants`)."""
+    return [lists.full_run, lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt, lists.full_idx.shape[0],
+            lists.full_idx.shape[1], lists.full_idx.shape[-1], lists.part_idx.shape[-1],
+            guard if guard is not None else lists.full_cnt]
 
 
-def forward_setup(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdConfig):
+def variants(layout) -> list[tuple[bool, int]]:
+    """The kernels a permuted-mode call launches, as (permuted, guard): the permuted kernel alone (guard
+    -1); or, when the device setup could not tell the host whether any row moved (``layout.in_place``),
+    both the plain list kernel and the permuted one, each returning at once unless the flag holds its
+    guard value (1: nothing moved; 0: rows moved). The skipped variant costs a launch of empty programs."""
+    if layout.identity:
+        return [(False, -1)]
+    if layout.in_place is not None:
+        return [(False, 1), (True, 0)]
+    return [(True, -1)]
+
+
+def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdConfig):
     """The forward's per-call setup: tile lists (runtime-input patterns) or the layout transform, cached
-    per shape and input tensors by the kernel. Returns (module, list and position arguments, layout,
-    K/V heads, lists, k, v); k and v are expanded per query head when keys are sorted per head."""
+    per shape and input tensors by the kernel. Returns (layout, launches): one launch per kernel variant
+    to run, each (module, list and position arguments, K, V as the kernel reads them, K/V heads, guard,
+    residue classes, whether keys are gathered through positions)."""
     from .codegen import kernel_mode
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    module, extra, layout, heads_kv, lists = kern._forward_module(), [], None, Hkv, None
     mode = kernel_mode(kern.ir)
+    if mode == "ranges":
+        return None, [(kern._forward_module(), [], k, v, Hkv, -1, 0, False)]
     if mode == "lists":
         lists = kern._tile_lists(Nq, Nk, B, Hq, config.block_m, config.block_n, sizes, inputs, q.device)
-        extra = list_args(lists)
-    elif mode == "permuted":
-        layout = kern._layout(B, Hq, Hkv, Nq, Nk, config.block_m, config.block_n, sizes, inputs, q.device)
-        lists = layout.lists(False)
-        if layout.identity:
+        return None, [(kern._forward_module(), list_args(lists), k, v, Hkv, -1, 0, False)]
+    layout = kern._layout(B, Hq, Hkv, Nq, Nk, config.block_m, config.block_n, sizes, inputs, q.device)
+    lists = layout.lists(False)
+    launches = []
+    for permuted, guard in variants(layout):
+        if not permuted:
             # Nothing moved (e.g. documents already contiguous): the plain list kernel, same tile lists.
-            module = kern._forward_module("lists")
-            extra = list_args(lists)
-        else:
-            k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
-            heads_kv = layout.kv_heads(Hq, Hkv)
-            extra = list_args(lists) + [layout.qpos, layout.kpos]
-    return module, extra, layout, heads_kv, lists, k, v
+            launches.append((kern._forward_module("lists"), list_args(lists, layout.in_place), k, v, Hkv, guard, 0,
+                             False))
+            continue
+        kx, vx = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
+        residue = _residue(layout, Nq, Nk, config)
+        gathered = _gathered(layout, residue, "k")
+        if gathered and _sorted_copies(config, kx, vx, layout, forward=True):
+            # Keys moved by a sort or compaction: copy K and V in sorted order once, so every tile is a
+            # tensor-descriptor load that does not wait for the positions (they only feed the mask).
+            kx, vx = layout.sorted_keys(kx), layout.sorted_keys(vx)
+            gathered = False
+        launches.append((kern._forward_module(), list_args(lists, layout.in_place) + [layout.qpos, layout.kpos],
+                         kx, vx, layout.kv_heads(Hq, Hkv), guard, residue, gathered))
+    return layout, launches
 
 
 def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, config: FwdConfig | None = None,
@@ -384,7 +411,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
         return out32.to(torch.bfloat16), lse, state
     pir = kern.ir
     B, Hq, Nq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Nk, Dv = k.shape[2], v.shape[3]
     cfg = config or forward_config(D, Dv, q.device, q.dtype, sparse=prefers_small_tiles(kern, Nq, Nk), key=kern,
                                    seq=max(Nq, Nk))
     if out is None:
@@ -395,28 +422,20 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     grid = (B * Hq, math.ceil(Nq / cfg.block_m))
     check_grid(grid[1], cfg.block_m, Nq, "queries", q.device)
     qk_scale = scale * 1.4426950408889634
-    module, extra, layout, heads_kv, lists, k, v = forward_setup(kern, q, k, v, sizes=sizes, inputs=inputs,
-                                                                 config=cfg)
+    layout, launches = forward_launches(kern, q, k, v, sizes=sizes, inputs=inputs, config=cfg)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    residue = _residue(layout, Nq, Nk, cfg)
-    gathered = _gathered(layout, residue, "k")
-    if gathered and _sorted_copies(cfg, k, v, lists, cfg.block_n):
-        # Keys moved by a sort or compaction: copy K and V in sorted order once, so every tile is a
-        # tensor-descriptor load that does not wait for the positions (they only feed the mask).
-        k, v = layout.sorted_keys(k), layout.sorted_keys(v)
-        gathered = False
-    use_tma = _tma_usable(cfg, gathered, k, v)
-    module.attnc_fwd[grid](
-        q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        B, Hq, heads_kv, Nq, Nk, scale, qk_scale,
-        *extra,
-        *input_launch_args(pir, inputs),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv,
-        REVERSE=True, USE_TMA=use_tma, WIDE_ROWS=wide_rows(k, v), RESIDUE=residue,
-        FULL_RUNS=lists is not None and lists.full_runs, DOT_PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    for module, extra, kx, vx, heads_kv, guard, residue, gathered in launches:
+        module.attnc_fwd[grid](
+            q, kx, vx, out, lse,
+            *q.stride(), *kx.stride(), *vx.stride(), *out.stride(),
+            B, Hq, heads_kv, Nq, Nk, scale, qk_scale,
+            *extra,
+            *input_launch_args(pir, inputs),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv,
+            REVERSE=True, USE_TMA=_tma_usable(cfg, gathered, kx, vx), WIDE_ROWS=wide_rows(kx, vx), RESIDUE=residue,
+            GUARD=guard, DOT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out, lse, layout
 
 
@@ -475,61 +494,69 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     check_grid(nqb, cfg.block_m, Nq, "queries", q.device)
     check_grid(nkb, cfg2.block_n, Nk, "keys", q.device)
     mode = kernel_mode(pir)
-    fwd_extra, bwd_extra, layout, heads_kv, fwd_lists, bwd_lists = [], [], None, Hkv, None, None
-    gathered_k = gathered_q = False         # rows the dQ / dK-dV kernels read through loaded positions
-    residue = residue2 = 0                  # residue classes the dQ / dK-dV kernels compute rows from
-    if mode == "lists":
-        fwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
-        bwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device,
-                                     transposed=True)
-        fwd_extra, bwd_extra = list_args(fwd_lists), list_args(bwd_lists)
-    elif mode == "permuted":
+    input_args = input_launch_args(pir, inputs)
+    common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision)
+    layout = None
+    if mode != "permuted":
+        fwd_extra = bwd_extra = []
+        if mode == "lists":
+            fwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
+            bwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device,
+                                         transposed=True)
+            fwd_extra, bwd_extra = list_args(fwd_lists), list_args(bwd_lists)
+        launches = [(module, fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv, -1, 0, 0, False, False, dk, dv)]
+    else:
         layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
         layout2 = (layout if cfg2.block_m == cfg.block_m and cfg2.block_n == cfg.block_n else
                    kern._layout(B, Hq, Hkv, Nq, Nk, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device))
         fwd_lists, bwd_lists = layout.lists(False), layout2.lists(True)
-        fwd_extra, bwd_extra = list_args(fwd_lists), list_args(bwd_lists)
-        residue, residue2 = _residue(layout, Nq, Nk, cfg), _residue(layout, Nq, Nk, cfg2)
-        if layout.identity:
-            module = kern._backward_module("lists")
-        else:
-            k, v = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
+        launches = []
+        for permuted, guard in variants(layout):
+            fwd_extra = list_args(fwd_lists, layout.in_place)
+            bwd_extra = list_args(bwd_lists, layout.in_place)
+            if not permuted:
+                launches.append((kern._backward_module("lists"), fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv,
+                                 guard, 0, 0, False, False, dk, dv))
+                continue
+            residue, residue2 = _residue(layout, Nq, Nk, cfg), _residue(layout, Nq, Nk, cfg2)
+            kx, vx = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
             # Moved rows are read from sorted copies (see _sorted_copies) or gathered through positions.
-            gathered_k = _gathered(layout, residue, "k") and not _sorted_copies(cfg, k, v, None, cfg.block_n)
-            gathered_q = _gathered(layout, residue2, "q") and not _sorted_copies(cfg2, q, dout, None, cfg2.block_m)
+            copy_k = _gathered(layout, residue, "k") and _sorted_copies(cfg, kx, vx, layout, forward=False)
+            copy_q = _gathered(layout, residue2, "q") and _sorted_copies(cfg2, q, dout, layout, forward=False)
+            gathered_k = _gathered(layout, residue, "k") and not copy_k
+            gathered_q = _gathered(layout, residue2, "q") and not copy_q
+            pcfg = cfg
             if config is None:      # the same tiles; deeper pipelines where rows are gathered
-                cfg = backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk),
-                                      gathered=(gathered_k, gathered_q))
-                cfg2 = cfg.dkdv_config
-            heads_kv = layout.kv_heads(Hq, Hkv)
-            fwd_extra += [layout.qpos, layout.kpos]
-            bwd_extra += [layout2.qpos, layout2.kpos]
-            dk, dv = torch.empty_like(k), torch.empty_like(v)
-    input_args = input_launch_args(pir, inputs)
-    # The dQ kernel streams K, V tiles; the dK/dV kernel Q, dO tiles. Rows a transform moved are read
-    # through positions, or from copies in sorted order with tensor descriptors (as in the forward).
-    k_tiles, v_tiles, q_tiles, do_tiles = k, v, q, dout
-    if layout is not None and _gathered(layout, residue, "k") and not gathered_k:
-        k_tiles, v_tiles = layout.sorted_keys(k), layout.sorted_keys(v)
-    if layout is not None and _gathered(layout, residue2, "q") and not gathered_q:
-        q_tiles, do_tiles = layout.sorted_queries(q), layout.sorted_queries(dout)
-    dq_tma = _tma_usable(cfg, gathered_k, k_tiles, v_tiles)
-    dkdv_tma = _tma_usable(cfg2, gathered_q, q_tiles, do_tiles)
-    common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision)
-    module.attnc_bwd_dq[(B * Hq, nqb)](
-        q, k_tiles, v_tiles, dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
-        *q.stride(), *k_tiles.stride(), *v_tiles.stride(), *dout.stride(), *dq.stride(), *out.stride(),
-        B, Hq, heads_kv, Nq, Nk, scale, *fwd_extra, *input_args,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        HAS_DLSE=dlse is not None, USE_TMA=dq_tma, WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=residue,
-        FULL_RUNS=fwd_lists is not None and fwd_lists.full_runs, **common)
-    module.attnc_bwd_dkdv[(B * heads_kv, nkb)](
-        q_tiles, k, v, do_tiles, dk, dv, lse2, delta,
-        *q_tiles.stride(), *k.stride(), *v.stride(), *do_tiles.stride(), *dk.stride(), *dv.stride(),
-        B, Hq, heads_kv, Nq, Nk, scale, math.ceil(Nq / cfg2.block_m), *bwd_extra, *input_args,
-        BLOCK_M=cfg2.block_m, BLOCK_N=cfg2.block_n, num_warps=cfg2.num_warps, num_stages=cfg2.num_stages,
-        USE_TMA=dkdv_tma, WIDE_ROWS=wide_rows(q_tiles, do_tiles), RESIDUE=residue2,
-        FULL_RUNS=bwd_lists is not None and bwd_lists.full_runs, **common)
+                pcfg = backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk),
+                                       gathered=(gathered_k, gathered_q))
+            dkx, dvx = (dk, dv) if kx is k else (torch.empty_like(kx), torch.empty_like(vx))
+            launches.append((module, fwd_extra + [layout.qpos, layout.kpos], bwd_extra + [layout2.qpos, layout2.kpos],
+                             pcfg, kx, vx, q, dout, layout.kv_heads(Hq, Hkv), guard, residue, residue2, copy_k,
+                             copy_q, dkx, dvx))
+    for (mod, fwd_extra, bwd_extra, c1, kx, vx, qx, dox, heads_kv, guard, residue, residue2, copy_k, copy_q,
+         dkx, dvx) in launches:
+        c2 = c1.dkdv_config
+        # The dQ kernel streams K, V tiles; the dK/dV kernel Q, dO tiles. Rows a transform moved are read
+        # through positions, or from copies in sorted order with tensor descriptors (as in the forward).
+        k_tiles, v_tiles = (layout.sorted_keys(kx), layout.sorted_keys(vx)) if copy_k else (kx, vx)
+        q_tiles, do_tiles = (layout.sorted_queries(qx), layout.sorted_queries(dox)) if copy_q else (qx, dox)
+        gathered_k = layout is not None and _gathered(layout, residue, "k") and not copy_k and mod is module
+        gathered_q = layout is not None and _gathered(layout, residue2, "q") and not copy_q and mod is module
+        mod.attnc_bwd_dq[(B * Hq, nqb)](
+            qx, k_tiles, v_tiles, dox, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
+            *qx.stride(), *k_tiles.stride(), *v_tiles.stride(), *dox.stride(), *dq.stride(), *out.stride(),
+            B, Hq, heads_kv, Nq, Nk, scale, *fwd_extra, *input_args,
+            BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, num_warps=c1.num_warps, num_stages=c1.num_stages,
+            HAS_DLSE=dlse is not None, USE_TMA=_tma_usable(c1, gathered_k, k_tiles, v_tiles),
+            WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=residue, GUARD=guard, **common)
+        mod.attnc_bwd_dkdv[(B * heads_kv, nkb)](
+            q_tiles, kx, vx, do_tiles, dkx, dvx, lse2, delta,
+            *q_tiles.stride(), *kx.stride(), *vx.stride(), *do_tiles.stride(), *dkx.stride(), *dvx.stride(),
+            B, Hq, heads_kv, Nq, Nk, scale, math.ceil(Nq / c2.block_m), *bwd_extra, *input_args,
+            BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, num_warps=c2.num_warps, num_stages=c2.num_stages,
+            USE_TMA=_tma_usable(c2, gathered_q, q_tiles, do_tiles), WIDE_ROWS=wide_rows(q_tiles, do_tiles),
+            RESIDUE=residue2, GUARD=guard, **common)
+        dk, dv = dkx, dvx
     if layout is not None:
         dk, dv = layout.reduce_kv_heads(dk, Hkv), layout.reduce_kv_heads(dv, Hkv)
     return dq, dk, dv

@@ -31,6 +31,10 @@ class Layout:
     tiles: PlannedTiles           # tile classes (B', H', nqb, nkb) of the sorted problem and their lists
     q_pos32: torch.Tensor | None = None     # int32 copies of the perms, when the setup made them
     k_pos32: torch.Tensor | None = None
+    # Device setup of a transform whose rows may already be in order (bucket keys: documents one after
+    # another): int32 [1], 1 when no row of either side moved. The host never reads it; the kernels'
+    # two variants are launched, each guarded by it (attnc.launch). None: identity is known on the host.
+    in_place: torch.Tensor | None = None
 
     # The kernels index positions per (batch, query head), as int32: made on first use (a layout whose
     # positions stayed in place runs the plain list kernels and never needs them).
@@ -105,18 +109,22 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     torch classifier (CPU, and the tests' oracle)."""
     Bp, Hp = setup_shape(pir, B, Hq)
     if classifier is not None:
-        from .device_setup import plan_tiles, tile_lists
+        from .device_setup import plan_tiles
         status, q_perm, k_perm, q_pos, k_pos, moved = plan_tiles(
             classifier, pir, transform, shape=(Bp, Hp), batch=B, heads=Hq, n_q=n_q, n_k=n_k, block_m=block_m,
             block_n=block_n, sizes=sizes, inputs=inputs, device=device)
-        q_perm = q_perm if q_perm is not None else _arange(n_q, Bp, Hp, device)
-        k_perm = k_perm if k_perm is not None else _arange(n_k, Bp, Hp, device)
-        checks = [moved] + _expand_check(k_perm, Bp, Hp, Hq, Hkv)
-        lists, flags = tile_lists(status, also=tuple(checks))    # one host synchronization for all
-        tiles = PlannedTiles(status, on_device=True, lists={False: lists})
-        expand = bool(flags[2]) if len(flags) > 2 else False
-        return Layout(transform, q_perm, k_perm, B, Hq, expand, bool(flags[0]), bool(flags[1]), tiles, q_pos,
-                      k_pos)
+        # Nothing is read on the host: a sorted side counts as moved, keys sorted per head under GQA are
+        # expanded per query head, and the lists are as wide as a row (attnc.device_setup.tile_lists).
+        q_sorted, k_sorted = q_perm is not None, k_perm is not None
+        q_perm = q_perm if q_sorted else _arange(n_q, Bp, Hp, device)
+        k_perm = k_perm if k_sorted else _arange(n_k, Bp, Hp, device)
+        expand = Hp > 1 and Hq != Hkv and transform.per_head_keys
+        may_be_in_order = (q_sorted or k_sorted) and all(key.kind == "bucket" for key in
+                                                         transform.query_keys + transform.key_keys)
+        in_place = moved.amin().view(1) if may_be_in_order and not expand else None
+        tiles = PlannedTiles(status, on_device=True)
+        return Layout(transform, q_perm, k_perm, B, Hq, expand, not q_sorted, not k_sorted, tiles, q_pos, k_pos,
+                      in_place)
     env = {name: value for name, value in sizes.items()}
     env.update(inputs)
     env["b"] = torch.arange(Bp, device=device).view(Bp, 1, 1)

@@ -381,25 +381,31 @@ def tile_status(must, may, shape, device, n_k: int, block_n: int) -> torch.Tenso
 
 @dataclass
 class TileLists:
-    """Per (batch, head, query block): the key blocks to compute, full ones and partial ones."""
-    full_idx: torch.Tensor     # int32 (B', H', nqb, max_full)
+    """Per (batch, head, query block): the key blocks to compute, full ones and partial ones.
+
+    The full tiles of a row are read as a run and a rest: ``full_run`` holds the first full block and how
+    many consecutive full blocks follow from it (the kernels count them without loading an index), and
+    ``full_idx`` / ``full_cnt`` list the full blocks after that run (none for contiguous documents, sorted
+    buckets, kept keys or residue classes). List widths are at least the longest row's count; lists built
+    on the device without a host synchronization are as wide as a row has blocks."""
+    full_run: torch.Tensor     # int32 (B', H', nqb, 2): first block of the leading run of full tiles, length
+    full_idx: torch.Tensor     # int32 (B', H', nqb, width): the other full blocks, in order
     full_cnt: torch.Tensor     # int32 (B', H', nqb)
     part_idx: torch.Tensor
     part_cnt: torch.Tensor
     status: torch.Tensor
-    full_runs: bool = False    # every full list is one run of consecutive blocks (the kernels then need
-                               # only its first entry)
 
 
-def _single_runs(sel: torch.Tensor, cnt: torch.Tensor) -> bool:
-    """Whether the True entries along the last axis form one run of consecutive indices in every row."""
-    if sel.numel() == 0:
-        return True
-    n = sel.shape[-1]
-    ar = torch.arange(n, device=sel.device)
-    first = torch.where(sel, ar, n).amin(-1)
-    last = torch.where(sel, ar, -1).amax(-1)
-    return bool(((cnt == 0) | (last - first + 1 == cnt)).all())
+def leading_runs(full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a boolean (..., n): per row, int32 (..., 2) holding the first True index (0 when none) and the
+    length of the run of consecutive Trues from it; and the mask of the Trues in that run."""
+    n = full.shape[-1]
+    ar = torch.arange(n, device=full.device)
+    first = torch.where(full, ar, n).amin(-1, keepdim=True) if n else ar.new_zeros(full.shape[:-1] + (1,))
+    in_run = full & (full.cumsum(-1) == ar - first + 1)
+    length = in_run.sum(-1, keepdim=True)
+    run = torch.cat([torch.where(length > 0, first, 0), length], -1).to(torch.int32).contiguous()
+    return run, in_run
 
 
 def _compact(sel: torch.Tensor):
@@ -414,9 +420,10 @@ def _compact(sel: torch.Tensor):
 
 def build_tile_lists(status: torch.Tensor) -> TileLists:
     full = status == 2
-    full_idx, full_cnt = _compact(full)
+    full_run, in_run = leading_runs(full)
+    full_idx, full_cnt = _compact(full & ~in_run)
     part_idx, part_cnt = _compact(status == 1)
-    return TileLists(full_idx, full_cnt, part_idx, part_cnt, status, _single_runs(full, full_cnt))
+    return TileLists(full_run, full_idx, full_cnt, part_idx, part_cnt, status)
 
 
 class PlannedTiles:
@@ -432,7 +439,7 @@ class PlannedTiles:
         if transposed not in self._lists:
             if self.on_device:
                 from .device_setup import tile_lists
-                self._lists[transposed] = tile_lists(self.status, transposed)[0]
+                self._lists[transposed] = tile_lists(self.status, transposed)
             else:
                 status = self.status.transpose(-1, -2).contiguous() if transposed else self.status
                 self._lists[transposed] = build_tile_lists(status)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 FLOAT_ROWS = ("LSE", "LSE2", "DELTA", "DLSE")
-INT_LISTS = ("QPOS", "KPOS", "FULL_IDX", "FULL_CNT", "PART_IDX", "PART_CNT")
+INT_LISTS = ("QPOS", "KPOS", "FULL_RUN", "FULL_IDX", "FULL_CNT", "PART_IDX", "PART_CNT", "GUARD_PTR")
 
 
 def signature(fn, constexprs: dict, dtype: str) -> dict:
@@ -91,7 +91,7 @@ def main():
             fn = getattr(module, name)
             consts = dict(BLOCK_M=int(bm), BLOCK_N=int(bn), HEAD_DIM=args.dim, HEAD_DIM_V=args.dim,
                           DOT_PRECISION="tf32", USE_TMA=tma == "tma", WIDE_ROWS=args.wide_rows,
-                          RESIDUE=args.residue, FULL_RUNS=False, **extra)
+                          RESIDUE=args.residue, GUARD=-1, **extra)
             try:
                 compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, consts, args.dtype),
                                                     constexprs=consts),

@@ -30,27 +30,38 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 9), (1, 1, 40, 3), (1, 2, 3, 300), (1, 1, 1, 1)])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_tile_lists_kernel_matches_build_tile_lists(shape, transposed):
+@pytest.mark.parametrize("sync", [False, True])
+def test_tile_lists_kernel_matches_build_tile_lists(shape, transposed, sync):
+    """Runs, counts and lists equal the torch builder's; without a synchronization the lists are as wide
+    as a row, with one as wide as the longest count."""
     g = torch.Generator().manual_seed(sum(shape))
     status = torch.randint(0, 3, shape, generator=g).to(torch.int8)
     want = build_tile_lists(status.transpose(-1, -2).contiguous() if transposed else status)
-    got, extra = device_setup.tile_lists(status, transposed, also=(torch.tensor(7), torch.tensor([1, 0])))
+    got = device_setup.tile_lists(status, transposed, sync=sync)
     same_lists(want, got)
-    assert extra == [7, 1, 0]
+    n_cols = shape[2] if transposed else shape[3]
+    widths = (got.full_idx.shape[-1], got.part_idx.shape[-1])
+    assert widths == ((want.full_idx.shape[-1], want.part_idx.shape[-1]) if sync else (n_cols, n_cols))
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_tile_lists_kernel_runs_flag_and_empty_lists(transposed):
-    # Full tiles forming one run per row (a band), then a row with a gap: the flag follows.
+def test_tile_lists_leading_runs_and_empty_lists(transposed):
+    """A band of full tiles is each row's leading run, with nothing left to list; a full tile past a gap
+    goes to the list; rows without tiles have empty runs and lists."""
     status = torch.zeros(1, 1, 6, 6, dtype=torch.int8)
     for m in range(6):
         status[0, 0, m, max(0, m - 1):m + 1] = 2
-    assert device_setup.tile_lists(status, transposed)[0].full_runs
+    lists = device_setup.tile_lists(status.transpose(-1, -2).contiguous() if transposed else status, transposed)
+    assert lists.full_run[0, 0].tolist() == [[0, 1]] + [[m - 1, 2] for m in range(1, 6)]
+    assert not lists.full_cnt.any()
     status[0, 0, 5, 0] = 2
-    assert not device_setup.tile_lists(status, transposed)[0].full_runs
-    empty, _ = device_setup.tile_lists(torch.zeros(1, 2, 3, 4, dtype=torch.int8), transposed)
-    assert empty.full_idx.shape[-1] == 1 and not empty.full_cnt.any() and not empty.part_cnt.any()
-    assert empty.full_runs
+    status[0, 0, 5, 2] = 1
+    lists = device_setup.tile_lists(status.transpose(-1, -2).contiguous() if transposed else status, transposed)
+    assert lists.full_run[0, 0, 5].tolist() == [0, 1] and lists.full_cnt[0, 0, 5] == 2
+    assert lists.full_idx[0, 0, 5, :2].tolist() == [4, 5]
+    assert lists.part_cnt[0, 0, 5] == 1 and lists.part_idx[0, 0, 5, 0] == 2
+    empty = device_setup.tile_lists(torch.zeros(1, 2, 3, 4, dtype=torch.int8), transposed)
+    assert not empty.full_run.any() and not empty.full_cnt.any() and not empty.part_cnt.any()
 
 
 def _hash_layout(qb, kb, device: bool, block=16):
@@ -101,15 +112,17 @@ def test_radix_sort_kernels_equal_a_stable_sort(n, bits):
 
 
 def test_keys_in_order_give_the_identity_layout():
-    """Documents one after another: the stable sort leaves every position in place, the summaries see it,
-    and the call runs the plain list kernels; one side out of order is sorted alone."""
+    """Documents one after another: the stable sort leaves every position in place and the summaries see
+    it. The host does not read that (no synchronization): the layout carries it as a device flag, which
+    picks the plain list kernels among the two variants launched. One side out of order clears it."""
     ids = (torch.arange(130) // 17).expand(1, 2, 130).contiguous()
     got = _hash_layout(ids, ids, device=True)
-    assert got.q_identity and got.k_identity and got.identity
+    assert not got.identity and got.in_place.tolist() == [1]
     assert torch.equal(got.q_perm, torch.arange(130).expand(1, 2, 130))
     shuffled = ids.flip(-1).contiguous()
     want, got = _hash_layout(ids, shuffled, device=False), _hash_layout(ids, shuffled, device=True)
-    assert got.q_identity and not got.k_identity
+    assert want.q_identity and not want.k_identity and want.in_place is None
+    assert got.in_place.tolist() == [0]
     assert torch.equal(want.k_perm, got.k_perm) and torch.equal(want.status, got.status)
 
 
@@ -156,8 +169,8 @@ def test_empty_sides_launch_nothing(n_q, n_k):
     lists = layout.lists(False)
     assert layout.status.numel() == 0 and not lists.full_cnt.any() and not lists.part_cnt.any()
     assert not layout.lists(True).full_cnt.any()
-    empty, extra = device_setup.tile_lists(torch.zeros(1, 2, 0, 3, dtype=torch.int8), also=(torch.tensor(5),))
-    assert empty.full_cnt.shape == (1, 2, 0) and extra == [5]
+    empty = device_setup.tile_lists(torch.zeros(1, 2, 0, 3, dtype=torch.int8))
+    assert empty.full_cnt.shape == (1, 2, 0) and empty.full_run.shape == (1, 2, 0, 2)
     q, k, v = torch.randn(1, 2, n_q, 16), torch.randn(1, 2, n_k, 16), torch.randn(1, 2, n_k, 16)
     out = kern(q, k, v, **inputs)
     assert out.shape == (1, 2, n_q, 16) and not out.abs().sum()

@@ -661,7 +661,7 @@ def test_empty_query_length():
 @pytest.mark.parametrize("case_id,size,how", [
     ("causal", (67, 67), None),                          # a partial last key tile: descriptors zero-fill it
     ("sliding_window-w45", (130, 67), None),
-    ("documents-sorted", (67, 67), None),                # tile lists
+    ("documents-sorted", (67, 67), None),                # tile lists (two variants: plain and permuted)
     ("causal", (67, 67), "transposed"),                  # unit last stride, other strides aligned: still TMA
     ("causal", (67, 67), "strided-last"),                # last stride 2: falls back to pointer loads
 ])
@@ -675,7 +675,9 @@ def test_tma_variant_matches_pointer_loads(case_id, size, how):
     with mock.patch.object(launch, "_chosen_config", lambda kind, *a: tma_cfg if kind == "fwd" else None), \
             returns_of(launch, "_tma_usable") as used:
         out, lse = run_kernel(kern, q, k, v, **inputs)
-    assert used == [how != "strided-last"]
+    # Documents run the plain list kernel (descriptors) beside the permuted one (gathered rows), each
+    # guarded by the device's "nothing moved" flag.
+    assert used == ([True, False] if case_id == "documents-sorted" else [how != "strided-last"])
     check_against_reference(kern, q, k, v, out, lse, **inputs)
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse, plain_lse, rtol=1e-5, atol=1e-6)
@@ -700,7 +702,10 @@ def test_sorted_key_copies_with_descriptors(case_id, heads_kv):
             mock.patch.dict("os.environ", {"ATTNC_SORTED_KV": "1"}), \
             returns_of(Layout, "sorted_keys") as copies, returns_of(launch, "_tma_usable") as used:
         out, lse = run_kernel(kern, q, k, v, **inputs)
-    assert len(copies) == 2 and used == [True]
+    # Hash buckets may come sorted: the plain list kernel runs beside the permuted one (each guarded by
+    # the device's "nothing moved" flag), unless keys sorted per head are expanded under GQA.
+    dual = case_id.startswith("hash") and heads_kv is None
+    assert len(copies) == 2 and used == [True] * (2 if dual else 1)
     check_against_reference(kern, q, k, v, out, lse, **inputs)
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse, plain_lse, rtol=1e-5, atol=1e-6)
@@ -708,31 +713,34 @@ def test_sorted_key_copies_with_descriptors(case_id, heads_kv):
             mock.patch.object(launch, "_chosen_config", lambda kind, *a: tma_cfg if kind == "fwd" else None), \
             returns_of(launch, "_tma_usable") as used:
         run_kernel(kern, q, k, v, **inputs)
-    assert used == [False]
+    assert used == ([True, False] if dual else [False])
 
 
-def test_sorted_copies_pay_only_for_long_tile_lists():
-    """By default a sorted copy is made in the forward when the longest full tile list streams
-    >= SORTED_COPY_MIN_ROWS rows (one pass over the rows against many tiles per program), in the backward
-    only when ATTNC_SORTED_KV=1."""
+def test_sorted_copies_pay_only_for_long_compacted_keys():
+    """By default a sorted copy is made in the forward for compacted keys, from 2 x SORTED_COPY_MIN_ROWS
+    keys (kept keys come first: a program then streams many full tiles; the host reads no tile list to
+    count them); never for bucket sorts, and in the backward only when ATTNC_SORTED_KV=1."""
+    from types import SimpleNamespace
+
     from attnc import launch
-    from attnc.plan import build_tile_lists
+    from attnc.plan import SortKey
     cfg = launch.FwdConfig(128, 64, 8, 3, tma=True)
-    k = torch.zeros(1, 1, 8, 64)
-    wide = build_tile_lists(torch.full((1, 1, 2, 128), 2, dtype=torch.int8))       # 128 full blocks of 64 keys
-    narrow = torch.full((1, 1, 2, 160), 1, dtype=torch.int8)
-    narrow[..., :127] = 2
-    narrow = build_tile_lists(narrow)                                                # 127 full, 33 partial
+    kept, buckets = (SimpleNamespace(transform=SimpleNamespace(key_keys=(SortKey(kind, None),)))
+                     for kind in ("keep", "bucket"))
+    long_k = torch.empty(1, 1, 2 * launch.SORTED_COPY_MIN_ROWS, 64, device="meta")
+    short_k = torch.empty(1, 1, 2 * launch.SORTED_COPY_MIN_ROWS - 1, 64, device="meta")
     with mock.patch.dict("os.environ", {}, clear=False) as env:
         env.pop("ATTNC_SORTED_KV", None)
-        assert launch._sorted_copies(cfg, k, k, wide, 64)
-        assert not launch._sorted_copies(cfg, k, k, narrow, 64)
-        assert not launch._sorted_copies(launch.FwdConfig(128, 64, 8, 3), k, k, wide, 64)    # no descriptors
-        assert not launch._sorted_copies(cfg, k, k, None, 64)        # the backward kernels: no gain measured
+        assert launch._sorted_copies(cfg, long_k, long_k, kept, forward=True)
+        assert not launch._sorted_copies(cfg, short_k, short_k, kept, forward=True)
+        assert not launch._sorted_copies(cfg, long_k, long_k, buckets, forward=True)
+        assert not launch._sorted_copies(launch.FwdConfig(128, 64, 8, 3), long_k, long_k, kept, forward=True)
+        assert not launch._sorted_copies(cfg, long_k, long_k, kept, forward=False)   # backward: no gain measured
         env["ATTNC_SORTED_KV"] = "1"
-        assert launch._sorted_copies(cfg, k, k, narrow, 64) and launch._sorted_copies(cfg, k, k, None, 64)
+        assert launch._sorted_copies(cfg, short_k, short_k, buckets, forward=True)
+        assert launch._sorted_copies(cfg, long_k, long_k, kept, forward=False)
         env["ATTNC_SORTED_KV"] = "0"
-        assert not launch._sorted_copies(cfg, k, k, wide, 64)
+        assert not launch._sorted_copies(cfg, long_k, long_k, kept, forward=True)
 
 
 def test_tma_variant_in_fresh_threads():
