@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import TileLists
+from .plan import TileLists, mirrored_keys
 
 
 @triton.jit
@@ -122,6 +122,7 @@ ROWS = 1024          # rows per program of the sort-key kernels
 CHUNK = 1024         # rows per program of a radix pass (the GPU's; Triton's interpreter sorts 64 at a time,
 CHUNK_INTERPRETED = 64   # its tl.sort of 1024 rows takes seconds)
 RADIX = 256          # one byte of the key per pass
+MIN_PROGRAMS = 256   # programs per radix pass below which the chunks shrink
 
 
 @triton.jit
@@ -143,21 +144,27 @@ def _radix_histogram_kernel(keys_ptr, perm_ptr, hist_ptr, n, n_chunks, shift,
 
 
 @triton.jit
-def _radix_offsets_kernel(hist_ptr, base_ptr, n_chunks, RADIX: tl.constexpr):
+def _radix_offsets_kernel(hist_ptr, base_ptr, n_chunks, RADIX: tl.constexpr, CHUNKS: tl.constexpr):
     # One program per (batch, head): where each chunk's first row of each digit goes, minus the number
     # of that chunk's rows with a smaller digit (the scatter adds a row's place in its sorted chunk).
+    # CHUNKS chunks' histograms at a time, as a (CHUNKS, RADIX) tile.
     bh = tl.program_id(0)
-    bins = tl.arange(0, RADIX)
+    bins = tl.arange(0, RADIX)[None, :]
+    chunks = tl.arange(0, CHUNKS)[:, None]
     row = hist_ptr + bh.to(tl.int64) * n_chunks * RADIX
     total = tl.zeros([RADIX], dtype=tl.int32)
-    for c in range(n_chunks):
-        total += tl.load(row + c * RADIX + bins)
+    for c0 in range(0, n_chunks, CHUNKS):
+        ok = c0 + chunks < n_chunks
+        total += tl.sum(tl.load(row + (c0 + chunks) * RADIX + bins, mask=ok, other=0), 0)
     before = tl.cumsum(total, 0) - total          # rows of smaller digits, all chunks
-    for c in range(n_chunks):
-        h = tl.load(row + c * RADIX + bins)
-        smaller_here = tl.cumsum(h, 0) - h        # this chunk's rows of smaller digits
-        tl.store(base_ptr + bh.to(tl.int64) * n_chunks * RADIX + c * RADIX + bins, before - smaller_here)
-        before += h                               # rows of the same digit in earlier chunks
+    for c0 in range(0, n_chunks, CHUNKS):
+        ok = c0 + chunks < n_chunks
+        h = tl.load(row + (c0 + chunks) * RADIX + bins, mask=ok, other=0)
+        earlier = tl.cumsum(h, 0) - h             # rows of the same digit in earlier chunks of this tile
+        smaller_here = tl.cumsum(h, 1) - h        # each chunk's rows of smaller digits
+        tl.store(base_ptr + bh.to(tl.int64) * n_chunks * RADIX + (c0 + chunks) * RADIX + bins,
+                 before[None, :] + earlier - smaller_here, mask=ok)
+        before += tl.sum(h, 0)
 
 
 @triton.jit
@@ -204,7 +211,11 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
     if n == 0 or rows_bh == 0:
         return torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
     keys = keys.contiguous()
-    chunk = chunk or (CHUNK if keys.is_cuda else CHUNK_INTERPRETED)
+    if chunk is None and keys.is_cuda:
+        # Chunks of 1024 rows, or smaller when that leaves the GPU with few programs (one row of keys,
+        # e.g. documents shared by every head): smaller sorts, more of them.
+        chunk = next((c for c in (CHUNK, CHUNK // 2) if rows_bh * triton.cdiv(n, c) >= MIN_PROGRAMS), CHUNK // 4)
+    chunk = chunk or CHUNK_INTERPRETED
     n_chunks = triton.cdiv(n, chunk)
     hist = torch.empty(rows_bh, n_chunks, RADIX, dtype=torch.int32, device=keys.device)
     base = torch.empty_like(hist)
@@ -214,7 +225,8 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
         src = perm if perm is not None else out
         _radix_histogram_kernel[grid](keys, src, hist, n, n_chunks, shift, CHUNK=chunk, RADIX=RADIX,
                                       PERMUTED=perm is not None)
-        _radix_offsets_kernel[(rows_bh,)](hist, base, n_chunks, RADIX=RADIX)
+        _radix_offsets_kernel[(rows_bh,)](hist, base, n_chunks, RADIX=RADIX,
+                                          CHUNKS=min(32, triton.next_power_of_2(n_chunks)))
         _radix_scatter_kernel[grid](keys, src, base, out, n, n_chunks, shift, CHUNK=chunk, RADIX=RADIX,
                                     PERMUTED=perm is not None)
         perm = out
@@ -316,8 +328,12 @@ def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, 
     dims = {side: (n[side], shape[1], n_q, n_k, batch, heads) for side in "qk"}
     # Keys already in order (documents one after another) are sorted like any others: the stable sort
     # gives the identity, which the summaries detect, so the plain list kernels still run.
-    perm = {side: _sort_keys(module, side, keys[side], shape=shape, dims=dims[side], input_args=input_args,
-                             device=device) for side in "qk"}
+    perm = {"q": _sort_keys(module, "q", keys["q"], shape=shape, dims=dims["q"], input_args=input_args, device=device)}
+    if n_q == n_k and transform is not None and mirrored_keys(transform):
+        perm["k"] = perm["q"]        # the same keys on both sides (documents): one sort orders both
+    else:
+        perm["k"] = _sort_keys(module, "k", keys["k"], shape=shape, dims=dims["k"], input_args=input_args,
+                               device=device)
     q_pos, q_summary = summarize_side(module, code, "q", perm["q"], shape=shape, dims=dims["q"], block=block_m,
                                       input_args=input_args, flag=flags[0:1])
     k_pos, k_summary = summarize_side(module, code, "k", perm["k"], shape=shape, dims=dims["k"], block=block_n,

@@ -485,6 +485,20 @@ class LayoutTransform:
         return any(k.node is not None and "h" in ir.free_vars(k.node) for k in self.key_keys)
 
 
+def mirrored_keys(transform: LayoutTransform) -> bool:
+    """Whether queries and keys are sorted by the same keys, each read at its own position (documents:
+    ``doc[b, q]`` and ``doc[b, k]``): with as many queries as keys, one sort then orders both sides."""
+    if len(transform.query_keys) != len(transform.key_keys):
+        return False
+    q, k = {ir.var("q"): "@"}, {ir.var("k"): "@"}
+    for a, b in zip(transform.query_keys, transform.key_keys):
+        if a.kind != b.kind or a.modulus != b.modulus or (a.node is None) != (b.node is None):
+            return False
+        if a.node is not None and ir.to_text(a.node, q) != ir.to_text(b.node, k):
+            return False
+    return True
+
+
 def _position_var(node: ir.Node) -> str | None:
     """'q' or 'k' when a read's indices use exactly one of them (and otherwise only b, h, sizes)."""
     used = ir.free_vars(node) & {"q", "k"}

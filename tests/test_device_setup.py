@@ -74,6 +74,15 @@ def _hash_layout(qb, kb, device: bool, block=16):
                         torch.device("cpu"), classifier=kern._module("setup") if device else None)
 
 
+def test_radix_sort_offsets_over_many_chunks():
+    """Chunks of 8 rows: 300 rows take 38 chunks, more than the offsets kernel's tile of 32 histograms,
+    so its running sums carry across tiles."""
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randint(0, 5, (1, 2, 300), generator=g, dtype=torch.int32)
+    got = device_setup.radix_sort_perm(keys, 8, chunk=8, kernels=True)
+    assert torch.equal(got, torch.sort(keys, dim=-1, stable=True).indices)
+
+
 @pytest.mark.parametrize("span,dtype", [(8, torch.uint8), (100, torch.int8), (1000, torch.int16),
                                         (10 ** 6, torch.int32), (2 ** 40, torch.int64)])
 def test_bucket_sorts_take_16_bit_keys_and_agree(span, dtype):
@@ -109,6 +118,32 @@ def test_radix_sort_kernels_equal_a_stable_sort(n, bits):
     got = device_setup.radix_sort_perm(keys, bits, prior, kernels=True)
     assert torch.equal(got, device_setup.radix_sort_perm(keys, bits, prior, kernels=False))
     assert torch.equal(torch.gather(keys, -1, got), torch.gather(keys, -1, got).sort(dim=-1).values)
+
+
+def test_mirrored_keys_sort_once():
+    """Documents: queries and keys are sorted by the same read at their own position, so with as many
+    queries as keys one sort orders both sides; hash buckets read two tensors and sort twice."""
+    calls = []
+    real = device_setup.radix_sort_perm
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    ids = (torch.arange(130) // 17).flip(-1).expand(1, 2, 130).contiguous()
+    with mock.patch.object(device_setup, "radix_sort_perm", spy):
+        docs = attnc.compile(str(EXAMPLES / "documents.attn"))
+        doc = ids[:, 0]
+        sizes = check_inputs(docs.ir, {"doc": doc}, batch=1, heads=2, n_q=130, n_k=130)
+        args = (docs.ir, layout_transform(docs.ir.mask), 1, 2, 2, 130, 130, 16, 16, sizes, {"doc": doc},
+                torch.device("cpu"))
+        got = build_layout(*args, classifier=docs._module("setup"))
+        assert len(calls) == 1
+        want = build_layout(*args)
+        assert torch.equal(want.q_perm, got.q_perm) and torch.equal(want.k_perm, got.k_perm)
+        assert torch.equal(want.status, got.status)
+        _hash_layout(ids, ids, device=True)
+        assert len(calls) == 3
 
 
 def test_keys_in_order_give_the_identity_layout():
