@@ -34,7 +34,8 @@ def _tile_lists_kernel(status_ptr, s_bh, s_row, s_col, n_rows, n_cols, run_ptr,
     # One program per (batch, head, GROUP rows): a row is a query block (a key block for the transposed
     # lists of the dK/dV kernel). A row's full tiles are a leading run (its first full column and how many
     # consecutive full columns follow) and the rest. FILL=False only folds the longest rest and partial
-    # counts into stats (the widths); FILL=True writes the run, the counts and the lists (columns in order).
+    # counts into stats[0:2] (the widths); FILL=True writes the run, the counts and the lists (columns in
+    # order), and folds the longest rest into stats[2].
     bh = tl.program_id(0)
     r = tl.program_id(1) * GROUP + tl.arange(0, GROUP)
     r_ok = r < n_rows
@@ -66,6 +67,7 @@ def _tile_lists_kernel(status_ptr, s_bh, s_row, s_col, n_rows, n_cols, run_ptr,
         tl.store(run_ptr + out * 2 + 1, n_run, mask=r_ok)
         tl.store(full_cnt_ptr + out, n_full - n_run, mask=r_ok)
         tl.store(part_cnt_ptr + out, n_part, mask=r_ok)
+        tl.atomic_max(stats_ptr + 2, tl.max(tl.where(r_ok, n_full - n_run, 0), 0))   # for the kernels' variant
     else:
         tl.atomic_max(stats_ptr + 0, tl.max(n_full - n_run, 0))
         tl.atomic_max(stats_ptr + 1, tl.max(n_part, 0))
@@ -98,24 +100,24 @@ def tile_lists(status: torch.Tensor, transposed: bool = False, sync: bool | None
     group, block_j = 16, _block_j(n_cols, 256)
     grid = (Bp * Hp, triton.cdiv(n_rows, group))
     width_full = width_part = max(n_cols, 1)
+    stats = torch.zeros(3, dtype=torch.int32, device=device)     # widths; the longest rest (set by FILL)
     if sync:
-        stats = torch.zeros(2, dtype=torch.int32, device=device)
         if status.numel():
             _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_run, full_cnt, part_cnt,
                                      stats, full_cnt, part_cnt, 1, 1, GROUP=group, BLOCK_J=block_j, FILL=False)
-        width_full, width_part = (max(w, 1) for w in stats.tolist())       # the host synchronization
+        width_full, width_part = (max(w, 1) for w in stats[:2].tolist())       # the host synchronization
     full_idx = torch.empty(Bp, Hp, n_rows, width_full, dtype=torch.int32, device=device)
     part_idx = torch.empty(Bp, Hp, n_rows, width_part, dtype=torch.int32, device=device)
     if status.numel():
         _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_run, full_cnt, part_cnt,
-                                 full_cnt, full_idx, part_idx, width_full, width_part,
+                                 stats, full_idx, part_idx, width_full, width_part,
                                  GROUP=group, BLOCK_J=block_j, FILL=True)
     else:                   # no tiles (no rows, or no columns: every count is 0)
         full_run.zero_()
         full_cnt.zero_()
         part_cnt.zero_()
     lists_status = status.transpose(-1, -2) if transposed else status
-    return TileLists(full_run, full_idx, full_cnt, part_idx, part_cnt, lists_status)
+    return TileLists(full_run, full_idx, full_cnt, part_idx, part_cnt, lists_status, stats[2:])
 
 
 ROWS = 1024          # rows per program of the sort-key kernels

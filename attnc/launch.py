@@ -439,6 +439,25 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     return out, lse, layout
 
 
+def _rest_flag(*lists) -> torch.Tensor:
+    """int32 [1] on the device: 2 when a row of these lists has full tiles past its leading run, else 0
+    (bit 1 of the backward kernels' guard flag; bit 0 is the layout's "nothing moved")."""
+    return (torch.cat([t.rest_max for t in lists]).amax() > 0).to(torch.int32).view(1) * 2
+
+
+def _backward_variants(launches):
+    """Each backward launch of ``launches`` (guard -1: the only one; >= 0: its "nothing moved" bit) as the
+    variants to run: list kernels go twice, FULL_RUNS (every row's full tiles are its run: counted, not
+    loaded) and not, each guarded by bit 1 of the flag (no host synchronization decides it)."""
+    for launch in launches:
+        guard = launch[9]
+        if guard < 0:
+            yield launch + (False,)
+            continue
+        for runs in (True, False):
+            yield launch[:9] + (guard + (0 if runs else 2),) + launch[10:] + (runs,)
+
+
 def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
                     key=None, seq: int | None = None, gathered: tuple[bool, bool] = (False, False)) -> FwdConfig:
     """Default tiles of the backward kernels (an `attnc autotune` result first, as in forward_config).
@@ -503,17 +522,23 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             fwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
             bwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device,
                                          transposed=True)
-            fwd_extra, bwd_extra = list_args(fwd_lists), list_args(bwd_lists)
-        launches = [(module, fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv, -1, 0, 0, False, False, dk, dv)]
+            guard = _rest_flag(fwd_lists, bwd_lists)
+            fwd_extra, bwd_extra = list_args(fwd_lists, guard), list_args(bwd_lists, guard)
+        launches = [(module, fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv, 0 if mode == "lists" else -1, 0, 0,
+                     False, False, dk, dv)]
     else:
         layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
         layout2 = (layout if cfg2.block_m == cfg.block_m and cfg2.block_n == cfg.block_n else
                    kern._layout(B, Hq, Hkv, Nq, Nk, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device))
         fwd_lists, bwd_lists = layout.lists(False), layout2.lists(True)
+        guard_flag = _rest_flag(fwd_lists, bwd_lists)
+        if layout.in_place is not None:
+            guard_flag = guard_flag + layout.in_place
         launches = []
         for permuted, guard in variants(layout):
-            fwd_extra = list_args(fwd_lists, layout.in_place)
-            bwd_extra = list_args(bwd_lists, layout.in_place)
+            fwd_extra = list_args(fwd_lists, guard_flag)
+            bwd_extra = list_args(bwd_lists, guard_flag)
+            guard = max(guard, 0)           # the "nothing moved" bit; _backward_variants adds the runs bit
             if not permuted:
                 launches.append((kern._backward_module("lists"), fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv,
                                  guard, 0, 0, False, False, dk, dv))
@@ -533,13 +558,19 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             launches.append((module, fwd_extra + [layout.qpos, layout.kpos], bwd_extra + [layout2.qpos, layout2.kpos],
                              pcfg, kx, vx, q, dout, layout.kv_heads(Hq, Hkv), guard, residue, residue2, copy_k,
                              copy_q, dkx, dvx))
+    copies = {}
     for (mod, fwd_extra, bwd_extra, c1, kx, vx, qx, dox, heads_kv, guard, residue, residue2, copy_k, copy_q,
-         dkx, dvx) in launches:
+         dkx, dvx, runs) in _backward_variants(launches):
         c2 = c1.dkdv_config
         # The dQ kernel streams K, V tiles; the dK/dV kernel Q, dO tiles. Rows a transform moved are read
         # through positions, or from copies in sorted order with tensor descriptors (as in the forward).
-        k_tiles, v_tiles = (layout.sorted_keys(kx), layout.sorted_keys(vx)) if copy_k else (kx, vx)
-        q_tiles, do_tiles = (layout.sorted_queries(qx), layout.sorted_queries(dox)) if copy_q else (qx, dox)
+        # (once per launch: its FULL_RUNS variants share them)
+        if copy_k and ("k", id(kx)) not in copies:
+            copies["k", id(kx)] = layout.sorted_keys(kx), layout.sorted_keys(vx)
+        if copy_q and ("q", id(qx)) not in copies:
+            copies["q", id(qx)] = layout.sorted_queries(qx), layout.sorted_queries(dox)
+        k_tiles, v_tiles = copies["k", id(kx)] if copy_k else (kx, vx)
+        q_tiles, do_tiles = copies["q", id(qx)] if copy_q else (qx, dox)
         gathered_k = layout is not None and _gathered(layout, residue, "k") and not copy_k and mod is module
         gathered_q = layout is not None and _gathered(layout, residue2, "q") and not copy_q and mod is module
         mod.attnc_bwd_dq[(B * Hq, nqb)](
@@ -548,14 +579,14 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             B, Hq, heads_kv, Nq, Nk, scale, *fwd_extra, *input_args,
             BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, num_warps=c1.num_warps, num_stages=c1.num_stages,
             HAS_DLSE=dlse is not None, USE_TMA=_tma_usable(c1, gathered_k, k_tiles, v_tiles),
-            WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=residue, GUARD=guard, **common)
+            WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=residue, GUARD=guard, FULL_RUNS=runs, **common)
         mod.attnc_bwd_dkdv[(B * heads_kv, nkb)](
             q_tiles, kx, vx, do_tiles, dkx, dvx, lse2, delta,
             *q_tiles.stride(), *kx.stride(), *vx.stride(), *do_tiles.stride(), *dkx.stride(), *dvx.stride(),
             B, Hq, heads_kv, Nq, Nk, scale, math.ceil(Nq / c2.block_m), *bwd_extra, *input_args,
             BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, num_warps=c2.num_warps, num_stages=c2.num_stages,
             USE_TMA=_tma_usable(c2, gathered_q, q_tiles, do_tiles), WIDE_ROWS=wide_rows(q_tiles, do_tiles),
-            RESIDUE=residue2, GUARD=guard, **common)
+            RESIDUE=residue2, GUARD=guard, FULL_RUNS=runs, **common)
         dk, dv = dkx, dvx
     if layout is not None:
         dk, dv = layout.reduce_kv_heads(dk, Hkv), layout.reduce_kv_heads(dv, Hkv)

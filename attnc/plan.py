@@ -394,6 +394,7 @@ class TileLists:
     part_idx: torch.Tensor
     part_cnt: torch.Tensor
     status: torch.Tensor
+    rest_max: torch.Tensor     # int32 [1]: the longest full list past a run (0: every row is its run)
 
 
 def leading_runs(full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -423,7 +424,8 @@ def build_tile_lists(status: torch.Tensor) -> TileLists:
     full_run, in_run = leading_runs(full)
     full_idx, full_cnt = _compact(full & ~in_run)
     part_idx, part_cnt = _compact(status == 1)
-    return TileLists(full_run, full_idx, full_cnt, part_idx, part_cnt, status)
+    rest_max = full_cnt.amax().view(1) if full_cnt.numel() else full_cnt.new_zeros(1)
+    return TileLists(full_run, full_idx, full_cnt, part_idx, part_cnt, status, rest_max)
 
 
 class PlannedTiles:

@@ -90,14 +90,19 @@ def test_tma_backward_variant(name, copies):
             mock.patch.dict("os.environ", {"ATTNC_SORTED_KV": "1" if copies else "0"}):
         check_gradients(name, SHAPES[0])
     moved = {"kept_keys": [False, False, True], "dropped_queries": [True, True, False]}.get(name)
+    # List kernels run twice in the backward, with and without FULL_RUNS, each guarded by a device flag.
     if name == "documents":
-        # Documents are sorted by id, so both variants run (each guarded by the device's "nothing moved"
+        # Documents are sorted by id, so both layouts run too (guarded by the device's "nothing moved"
         # flag): the plain list kernels read in order, the permuted ones gather or read copies.
-        # Order: forward plain, forward permuted, then dQ and dK/dV plain, dQ and dK/dV permuted.
-        assert used == [True, copies, True, True, copies, copies]
+        # Order: forward plain, forward permuted, then dQ and dK/dV plain (twice), permuted (twice).
+        assert used == [True, copies] + [True, True] * 2 + [copies, copies] * 2
         assert len(key_copies) == len(query_copies) * 2 == (4 if copies else 0)
         return
-    assert used == ([True, True, True] if copies or moved is None else moved)       # fwd, dQ, dK/dV
+    if moved is not None:           # kept keys, dropped queries: permuted list kernels
+        want = [True, True, True] if copies else moved
+        assert used == want[:1] + want[1:] * 2
+    else:
+        assert used == [True, True, True]                                           # fwd, dQ, dK/dV
     assert len(key_copies) == (4 if copies and name == "kept_keys" else 0)          # K, V in fwd and dQ
     assert len(query_copies) == (2 if copies and name == "dropped_queries" else 0)  # Q, dO in dK/dV
 
@@ -117,7 +122,7 @@ def test_residue_classes_computed_not_gathered(name, shape, tma):
             returns_of(launch, "_residue") as residues, returns_of(launch, "_tma_usable") as usable:
         check_gradients(name, shape)
     assert len(residues) >= 3 and all(r > 1 for r in residues)          # forward, dQ, dK/dV (at least)
-    assert usable == [tma] * 3
+    assert usable == [tma] * 5          # forward; dQ and dK/dV with FULL_RUNS and without (guarded)
 
 
 def test_row_offsets_are_32_bit_unless_a_head_passes_2_31_elements():
