@@ -189,3 +189,34 @@ def check_gradients(name, shape):
         assert not torch.isnan(got).any(), f"NaN in d{label}"
         err = (got.double() - leaf.grad).norm() / leaf.grad.norm().clamp_min(1e-12)
         assert err < 1e-4, f"d{label} relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("flag,writes", [(None, True), (0, True), (5, False)])
+def test_backward_variants_run_only_on_their_flag_value(flag, writes):
+    """The backward of documents launches four variants of each kernel (plain or permuted rows, FULL_RUNS or
+    not), each returning at once unless the device flag (bit 0: nothing moved; bit 1: some row lists full tiles
+    past its run) holds its value. The setup's own flag (None) and a forced "rows moved" (0) give the reference
+    gradients; a value no variant holds leaves the poisoned dQ, dK, dV unwritten."""
+    from attnc import launch
+    from attnc.validate import check_inputs
+    kern = attnc.compile(CASES["documents"][0])
+    B, H, N, D = 2, 2, 96, 16
+    g = torch.Generator().manual_seed(8)
+    q, k, v, dout = (torch.randn(B, H, N, D, generator=g) for _ in range(4))
+    inputs = _inputs("doc", B, H, N, g)
+    sizes = check_inputs(kern.ir, inputs, batch=B, heads=H, n_q=N, n_k=N)
+    cfg = launch.FwdConfig(32, 32, 4, 1)
+    out, lse, layout = launch.launch_forward(kern, q, k, v, scale=D ** -0.5, sizes=sizes, inputs=inputs, config=cfg)
+    assert layout.in_place.tolist() == [1]
+    if flag is not None:
+        layout.in_place.fill_(flag)
+    with poisoned_allocations():
+        grads = launch.launch_backward(kern, q, k, v, out, lse, dout, None, scale=D ** -0.5, sizes=sizes,
+                                       inputs=inputs, config=cfg)
+    if not writes:
+        assert all(torch.isnan(x).all() for x in grads)
+        return
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    (kern.reference(*leaves, **inputs) * dout.double()).sum().backward()
+    for got, leaf in zip(grads, leaves):
+        assert (got.double() - leaf.grad).norm() / leaf.grad.norm() < 1e-4

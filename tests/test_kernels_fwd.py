@@ -617,6 +617,32 @@ def test_runtime_inputs_change_the_result():
     check_against_reference(kern, q, k, v, out_b, lse_b, **b)
 
 
+def test_guarded_variants_run_only_on_their_flag_value():
+    """Documents may come in order, which the host is not told (no synchronization): the forward launches the
+    plain list kernel and the permuted kernel, each returning at once unless the device's "nothing moved" flag
+    holds its value. Flag 1: the plain kernel writes; 0: the permuted one (both exact for documents in order);
+    any other value: neither, and the output keeps its poison."""
+    from attnc import launch
+    kern = case_by_id("documents-sorted").compile()
+    B, H, N, D = 2, 2, 67, 32
+    q, k, v = make_qkv(B, H, H, N, N, D)
+    inputs = sorted_docs(B, H, N, N, torch.Generator().manual_seed(4))
+    sizes = _sizes(kern, B, H, N, N, inputs)
+    cfg = launch.FwdConfig(32, 32, 4, 1)
+    layout = kern._layout(B, H, H, N, N, 32, 32, sizes, inputs, q.device)
+    assert layout.in_place.tolist() == [1] and launch.variants(layout) == [(False, 1), (True, 0)]
+    for value, writes in ((1, True), (0, True), (5, False)):
+        layout.in_place.fill_(value)
+        out = torch.full((B, H, N, D), float("nan"))
+        got, lse, _ = launch.launch_forward(kern, q, k, v, scale=D ** -0.5, sizes=sizes, inputs=inputs, config=cfg,
+                                            out=out)
+        assert kern._layout(B, H, H, N, N, 32, 32, sizes, inputs, q.device) is layout      # the cached setup
+        if writes:
+            check_against_reference(kern, q, k, v, got, lse, **inputs)
+        else:
+            assert torch.isnan(got).all(), value
+
+
 def test_runtime_input_modified_in_place():
     """Tile lists must follow an input changed in place between calls (same tensor object)."""
     kern = case_by_id("dropped_keys").compile()
