@@ -12,6 +12,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -445,17 +446,37 @@ def _rest_flag(*lists) -> torch.Tensor:
     return (torch.cat([t.rest_max for t in lists]).amax() > 0).to(torch.int32).view(1) * 2
 
 
+class _BackwardLaunch(NamedTuple):
+    """One variant of the two backward kernels: what they read and write, and how they are specialized."""
+    module: object              # the generated backward module (plain list or permuted kernels)
+    fwd_extra: list             # the dQ kernel's list and position arguments
+    bwd_extra: list             # the dK/dV kernel's (transposed lists)
+    config: FwdConfig
+    k: torch.Tensor             # K, V as the kernels read them (expanded per query head when needed)
+    v: torch.Tensor
+    q: torch.Tensor
+    dout: torch.Tensor
+    heads_kv: int
+    guard: int                  # -1: unguarded; else the flag value this variant runs on
+    residue: int                # residue classes of the dQ / dK-dV kernel's streamed rows (0: none)
+    residue2: int
+    copy_k: bool                # K, V (Q, dO) read from copies in sorted order
+    copy_q: bool
+    dk: torch.Tensor            # where dK, dV go (expanded per query head when K, V are)
+    dv: torch.Tensor
+    full_runs: bool = False
+
+
 def _backward_variants(launches):
     """Each backward launch of ``launches`` (guard -1: the only one; >= 0: its "nothing moved" bit) as the
     variants to run: list kernels go twice, FULL_RUNS (every row's full tiles are its run: counted, not
     loaded) and not, each guarded by bit 1 of the flag (no host synchronization decides it)."""
     for launch in launches:
-        guard = launch[9]
-        if guard < 0:
-            yield launch + (False,)
+        if launch.guard < 0:
+            yield launch
             continue
         for runs in (True, False):
-            yield launch[:9] + (guard + (0 if runs else 2),) + launch[10:] + (runs,)
+            yield launch._replace(guard=launch.guard + (0 if runs else 2), full_runs=runs)
 
 
 def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
@@ -524,8 +545,8 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                                          transposed=True)
             guard = _rest_flag(fwd_lists, bwd_lists)
             fwd_extra, bwd_extra = list_args(fwd_lists, guard), list_args(bwd_lists, guard)
-        launches = [(module, fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv, 0 if mode == "lists" else -1, 0, 0,
-                     False, False, dk, dv)]
+        launches = [_BackwardLaunch(module, fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv,
+                                    0 if mode == "lists" else -1, 0, 0, False, False, dk, dv)]
     else:
         layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
         layout2 = (layout if cfg2.block_m == cfg.block_m and cfg2.block_n == cfg.block_n else
@@ -540,8 +561,8 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             bwd_extra = list_args(bwd_lists, guard_flag)
             guard = max(guard, 0)           # the "nothing moved" bit; _backward_variants adds the runs bit
             if not permuted:
-                launches.append((kern._backward_module("lists"), fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv,
-                                 guard, 0, 0, False, False, dk, dv))
+                launches.append(_BackwardLaunch(kern._backward_module("lists"), fwd_extra, bwd_extra, cfg, k, v, q,
+                                                dout, Hkv, guard, 0, 0, False, False, dk, dv))
                 continue
             residue, residue2 = _residue(layout, Nq, Nk, cfg), _residue(layout, Nq, Nk, cfg2)
             kx, vx = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
@@ -555,12 +576,12 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                 pcfg = backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk),
                                        gathered=(gathered_k, gathered_q))
             dkx, dvx = (dk, dv) if kx is k else (torch.empty_like(kx), torch.empty_like(vx))
-            launches.append((module, fwd_extra + [layout.qpos, layout.kpos], bwd_extra + [layout2.qpos, layout2.kpos],
-                             pcfg, kx, vx, q, dout, layout.kv_heads(Hq, Hkv), guard, residue, residue2, copy_k,
-                             copy_q, dkx, dvx))
+            launches.append(_BackwardLaunch(
+                module, fwd_extra + [layout.qpos, layout.kpos], bwd_extra + [layout2.qpos, layout2.kpos], pcfg,
+                kx, vx, q, dout, layout.kv_heads(Hq, Hkv), guard, residue, residue2, copy_k, copy_q, dkx, dvx))
     copies = {}
     for (mod, fwd_extra, bwd_extra, c1, kx, vx, qx, dox, heads_kv, guard, residue, residue2, copy_k, copy_q,
-         dkx, dvx, runs) in _backward_variants(launches):
+         dkx, dvx, runs) in _backward_variants(launches):      # (the fields of _BackwardLaunch, in order)
         c2 = c1.dkdv_config
         # The dQ kernel streams K, V tiles; the dK/dV kernel Q, dO tiles. Rows a transform moved are read
         # through positions, or from copies in sorted order with tensor descriptors (as in the forward).
