@@ -220,3 +220,18 @@ def test_backward_variants_run_only_on_their_flag_value(flag, writes):
     (kern.reference(*leaves, **inputs) * dout.double()).sum().backward()
     for got, leaf in zip(grads, leaves):
         assert (got.double() - leaf.grad).norm() / leaf.grad.norm() < 1e-4
+
+
+def test_lists_past_the_memory_bound_take_one_synchronization():
+    """Lists as wide as a row would pass UNSYNCED_LIST_BYTES (here 0): the setup then reads the widths on
+    the host and the lists are as wide as their longest count; the gradients are the same."""
+    from unittest import mock
+
+    from attnc import device_setup
+    with mock.patch.object(device_setup, "UNSYNCED_LIST_BYTES", 0), \
+            returns_of(device_setup, "tile_lists") as built:
+        check_gradients("alternating_docs", (1, 2, 2, 128, 128, 16))
+    assert built
+    for lists in built:
+        assert lists.full_idx.shape[-1] == max(int(lists.full_cnt.max()), 1)
+        assert lists.part_idx.shape[-1] == max(int(lists.part_cnt.max()), 1)
