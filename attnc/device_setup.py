@@ -208,7 +208,7 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
         if perm is None:
             return torch.sort(keys, dim=-1, stable=True).indices
         return torch.gather(perm, -1, torch.sort(torch.gather(keys, -1, perm), dim=-1, stable=True).indices)
-    *lead, n = keys.shape
+    n = keys.shape[-1]
     rows_bh = keys.numel() // max(n, 1)
     if n == 0 or rows_bh == 0:
         return torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
@@ -329,8 +329,9 @@ def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, 
     n = {"q": n_q, "k": n_k}
     dims = {side: (n[side], shape[1], n_q, n_k, batch, heads) for side in "qk"}
     # Keys already in order (documents one after another) are sorted like any others: the stable sort
-    # gives the identity, which the summaries detect, so the plain list kernels still run.
-    perm = {"q": _sort_keys(module, "q", keys["q"], shape=shape, dims=dims["q"], input_args=input_args, device=device)}
+    # gives the identity, which the summaries flag on the device (Layout.in_place picks the plain kernels).
+    perm = {"q": _sort_keys(module, "q", keys["q"], shape=shape, dims=dims["q"], input_args=input_args,
+                            device=device)}
     if n_q == n_k and transform is not None and mirrored_keys(transform):
         perm["k"] = perm["q"]        # the same keys on both sides (documents): one sort orders both
     else:

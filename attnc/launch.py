@@ -462,6 +462,8 @@ class _BackwardLaunch(NamedTuple):
     residue2: int
     copy_k: bool                # K, V (Q, dO) read from copies in sorted order
     copy_q: bool
+    gathered_k: bool            # K, V (Q, dO) read through loaded positions (no tensor descriptors)
+    gathered_q: bool
     dk: torch.Tensor            # where dK, dV go (expanded per query head when K, V are)
     dv: torch.Tensor
     full_runs: bool = False
@@ -543,10 +545,10 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             fwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
             bwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device,
                                          transposed=True)
-            guard = _rest_flag(fwd_lists, bwd_lists)
-            fwd_extra, bwd_extra = list_args(fwd_lists, guard), list_args(bwd_lists, guard)
+            flag = _rest_flag(fwd_lists, bwd_lists)
+            fwd_extra, bwd_extra = list_args(fwd_lists, flag), list_args(bwd_lists, flag)
         launches = [_BackwardLaunch(module, fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv,
-                                    0 if mode == "lists" else -1, 0, 0, False, False, dk, dv)]
+                                    0 if mode == "lists" else -1, 0, 0, False, False, False, False, dk, dv)]
     else:
         layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
         layout2 = (layout if cfg2.block_m == cfg.block_m and cfg2.block_n == cfg.block_n else
@@ -555,14 +557,13 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
         guard_flag = _rest_flag(fwd_lists, bwd_lists)
         if layout.in_place is not None:
             guard_flag = guard_flag + layout.in_place
+        fwd_extra, bwd_extra = list_args(fwd_lists, guard_flag), list_args(bwd_lists, guard_flag)
         launches = []
         for permuted, guard in variants(layout):
-            fwd_extra = list_args(fwd_lists, guard_flag)
-            bwd_extra = list_args(bwd_lists, guard_flag)
             guard = max(guard, 0)           # the "nothing moved" bit; _backward_variants adds the runs bit
             if not permuted:
                 launches.append(_BackwardLaunch(kern._backward_module("lists"), fwd_extra, bwd_extra, cfg, k, v, q,
-                                                dout, Hkv, guard, 0, 0, False, False, dk, dv))
+                                                dout, Hkv, guard, 0, 0, False, False, False, False, dk, dv))
                 continue
             residue, residue2 = _residue(layout, Nq, Nk, cfg), _residue(layout, Nq, Nk, cfg2)
             kx, vx = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
@@ -578,37 +579,39 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             dkx, dvx = (dk, dv) if kx is k else (torch.empty_like(kx), torch.empty_like(vx))
             launches.append(_BackwardLaunch(
                 module, fwd_extra + [layout.qpos, layout.kpos], bwd_extra + [layout2.qpos, layout2.kpos], pcfg,
-                kx, vx, q, dout, layout.kv_heads(Hq, Hkv), guard, residue, residue2, copy_k, copy_q, dkx, dvx))
+                kx, vx, q, dout, layout.kv_heads(Hq, Hkv), guard, residue, residue2, copy_k, copy_q, gathered_k,
+                gathered_q, dkx, dvx))
     copies = {}
-    for (mod, fwd_extra, bwd_extra, c1, kx, vx, qx, dox, heads_kv, guard, residue, residue2, copy_k, copy_q,
-         dkx, dvx, runs) in _backward_variants(launches):      # (the fields of _BackwardLaunch, in order)
-        c2 = c1.dkdv_config
+    for variant in _backward_variants(launches):
+        c1, c2 = variant.config, variant.config.dkdv_config
         # The dQ kernel streams K, V tiles; the dK/dV kernel Q, dO tiles. Rows a transform moved are read
-        # through positions, or from copies in sorted order with tensor descriptors (as in the forward).
-        # (once per launch: its FULL_RUNS variants share them)
-        if copy_k and ("k", id(kx)) not in copies:
-            copies["k", id(kx)] = layout.sorted_keys(kx), layout.sorted_keys(vx)
-        if copy_q and ("q", id(qx)) not in copies:
-            copies["q", id(qx)] = layout.sorted_queries(qx), layout.sorted_queries(dox)
-        k_tiles, v_tiles = copies["k", id(kx)] if copy_k else (kx, vx)
-        q_tiles, do_tiles = copies["q", id(qx)] if copy_q else (qx, dox)
-        gathered_k = layout is not None and _gathered(layout, residue, "k") and not copy_k and mod is module
-        gathered_q = layout is not None and _gathered(layout, residue2, "q") and not copy_q and mod is module
-        mod.attnc_bwd_dq[(B * Hq, nqb)](
-            qx, k_tiles, v_tiles, dox, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
-            *qx.stride(), *k_tiles.stride(), *v_tiles.stride(), *dox.stride(), *dq.stride(), *out.stride(),
-            B, Hq, heads_kv, Nq, Nk, scale, *fwd_extra, *input_args,
+        # through positions, or from copies in sorted order with tensor descriptors (as in the forward);
+        # the copies are made once per launch (its FULL_RUNS variants share them).
+        if variant.copy_k and "k" not in copies:
+            copies["k"] = layout.sorted_keys(variant.k), layout.sorted_keys(variant.v)
+        if variant.copy_q and "q" not in copies:
+            copies["q"] = layout.sorted_queries(variant.q), layout.sorted_queries(variant.dout)
+        k_tiles, v_tiles = copies["k"] if variant.copy_k else (variant.k, variant.v)
+        q_tiles, do_tiles = copies["q"] if variant.copy_q else (variant.q, variant.dout)
+        variant.module.attnc_bwd_dq[(B * Hq, nqb)](
+            variant.q, k_tiles, v_tiles, variant.dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
+            *variant.q.stride(), *k_tiles.stride(), *v_tiles.stride(), *variant.dout.stride(), *dq.stride(),
+            *out.stride(),
+            B, Hq, variant.heads_kv, Nq, Nk, scale, *variant.fwd_extra, *input_args,
             BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, num_warps=c1.num_warps, num_stages=c1.num_stages,
-            HAS_DLSE=dlse is not None, USE_TMA=_tma_usable(c1, gathered_k, k_tiles, v_tiles),
-            WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=residue, GUARD=guard, FULL_RUNS=runs, **common)
-        mod.attnc_bwd_dkdv[(B * heads_kv, nkb)](
-            q_tiles, kx, vx, do_tiles, dkx, dvx, lse2, delta,
-            *q_tiles.stride(), *kx.stride(), *vx.stride(), *do_tiles.stride(), *dkx.stride(), *dvx.stride(),
-            B, Hq, heads_kv, Nq, Nk, scale, math.ceil(Nq / c2.block_m), *bwd_extra, *input_args,
+            HAS_DLSE=dlse is not None, USE_TMA=_tma_usable(c1, variant.gathered_k, k_tiles, v_tiles),
+            WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=variant.residue, GUARD=variant.guard,
+            FULL_RUNS=variant.full_runs,
+            **common)
+        variant.module.attnc_bwd_dkdv[(B * variant.heads_kv, nkb)](
+            q_tiles, variant.k, variant.v, do_tiles, variant.dk, variant.dv, lse2, delta,
+            *q_tiles.stride(), *variant.k.stride(), *variant.v.stride(), *do_tiles.stride(), *variant.dk.stride(),
+            *variant.dv.stride(),
+            B, Hq, variant.heads_kv, Nq, Nk, scale, math.ceil(Nq / c2.block_m), *variant.bwd_extra, *input_args,
             BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, num_warps=c2.num_warps, num_stages=c2.num_stages,
-            USE_TMA=_tma_usable(c2, gathered_q, q_tiles, do_tiles), WIDE_ROWS=wide_rows(q_tiles, do_tiles),
-            RESIDUE=residue2, GUARD=guard, FULL_RUNS=runs, **common)
-        dk, dv = dkx, dvx
+            USE_TMA=_tma_usable(c2, variant.gathered_q, q_tiles, do_tiles), WIDE_ROWS=wide_rows(q_tiles, do_tiles),
+            RESIDUE=variant.residue2, GUARD=variant.guard, FULL_RUNS=variant.full_runs, **common)
+        dk, dv = variant.dk, variant.dv
     if layout is not None:
         dk, dv = layout.reduce_kv_heads(dk, Hkv), layout.reduce_kv_heads(dv, Hkv)
     return dq, dk, dv

@@ -432,10 +432,10 @@ class PlannedTiles:
     """The tile classes of one call and their lists, each built on first use: per query block for the
     forward and dQ kernels, per key block (transposed) for the dK/dV kernel."""
 
-    def __init__(self, status: torch.Tensor, on_device: bool = False, lists: dict | None = None):
+    def __init__(self, status: torch.Tensor, on_device: bool = False):
         self.status = status
         self.on_device = on_device          # build lists with the Triton kernels of attnc.device_setup
-        self._lists: dict[bool, TileLists] = dict(lists or {})
+        self._lists: dict[bool, TileLists] = {}
 
     def lists(self, transposed: bool = False) -> TileLists:
         if transposed not in self._lists:
