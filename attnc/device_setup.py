@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import TileLists, mirrored_keys
+from .plan import TileLists, mirrored_keys, padded_rows, padded_sides
 
 
 @triton.jit
@@ -235,6 +235,110 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
     return perm
 
 
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _pad_runs_kernel(keys_ptr, perm_ptr, runs_ptr, n, n_chunks, block, CHUNK: tl.constexpr):
+    # Padding, first pass. One program per (batch, head, CHUNK sorted rows): where the runs of equal keys
+    # (buckets) start and end in this chunk. runs[0]: the last row starting a run (-1: none); runs[1]: the
+    # first row ending a run whose start lies in an earlier chunk (-1: none); runs[2]: the blocks taken by
+    # the runs that start and end here (ceil(length / block) each).
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    i = c * CHUNK + tl.arange(0, CHUNK)
+    ok = i < n
+    base = bh.to(tl.int64) * n
+    key = tl.load(keys_ptr + base + tl.load(perm_ptr + base + i, mask=ok, other=0), mask=ok, other=0)
+    prev_ok = ok & (i > 0)
+    prev = tl.load(keys_ptr + base + tl.load(perm_ptr + base + i - 1, mask=prev_ok, other=0), mask=prev_ok, other=0)
+    next_ok = i + 1 < n
+    nxt = tl.load(keys_ptr + base + tl.load(perm_ptr + base + i + 1, mask=next_ok, other=0), mask=next_ok, other=0)
+    start = ok & ((i == 0) | (key != prev))
+    end = ok & ((i == n - 1) | (key != nxt))
+    first = tl.associative_scan(tl.where(start, i, -1), 0, _max_combine)    # start of the run, if in the chunk
+    closed = end & (first >= 0)
+    out = runs_ptr + (bh.to(tl.int64) * n_chunks + c) * 3
+    tl.store(out, tl.max(tl.where(start, i, -1), 0))
+    tl.store(out + 1, tl.max(tl.where(end & (first < 0), i, -1), 0))
+    tl.store(out + 2, tl.sum(tl.where(closed, (i - first + block) // block, 0), 0))
+
+
+@triton.jit
+def _pad_scatter_kernel(keys_ptr, perm_ptr, runs_ptr, out_ptr, n, n_chunks, block, rows,
+                        CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
+    # Padding, second pass. One program per (batch, head, CHUNK sorted rows): each row's place in the padded
+    # order, (blocks of the runs before its own) x block + its rank in its run; the rows are written there.
+    # If the runs take more than `rows`, the order stays as sorted (out is prefilled with padding).
+    # The earlier chunks come from the first pass, CHUNKS at a time: a run still open at a chunk's first
+    # end started at the latest start of the chunks before it.
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    runs = runs_ptr + bh.to(tl.int64) * n_chunks * 3
+    cc = tl.arange(0, CHUNKS)
+    zero = tl.zeros([], dtype=tl.int64)
+    start_before = zero - 1            # latest run start in chunks before the current tile
+    blocks_before = zero               # blocks of runs ending before chunk c
+    blocks_total = zero
+    open_start = zero - 1              # start of the run open at chunk c's beginning
+    for c0 in range(0, n_chunks, CHUNKS):
+        ch = c0 + cc
+        in_range = ch < n_chunks
+        last_start = tl.load(runs + ch * 3, mask=in_range, other=-1)
+        open_end = tl.load(runs + ch * 3 + 1, mask=in_range, other=-1)
+        inner = tl.load(runs + ch * 3 + 2, mask=in_range, other=0)
+        # Latest start strictly before each chunk of the tile.
+        earlier = tl.max(tl.where(cc[None, :] < cc[:, None], last_start[None, :], -1), 1)
+        earlier = tl.maximum(earlier, start_before)
+        blocks = inner + tl.where(open_end >= 0, (open_end - earlier + block) // block, 0)
+        blocks_total += tl.sum(blocks, 0)
+        blocks_before += tl.sum(tl.where(ch < c, blocks, 0), 0)
+        open_start = tl.maximum(open_start, tl.max(tl.where(ch == c, earlier, -1), 0))
+        start_before = tl.maximum(start_before, tl.max(last_start, 0))
+    i = c * CHUNK + tl.arange(0, CHUNK)
+    ok = i < n
+    base = bh.to(tl.int64) * n
+    pos = tl.load(perm_ptr + base + i, mask=ok, other=0)
+    key = tl.load(keys_ptr + base + pos, mask=ok, other=0)
+    prev_ok = ok & (i > 0)
+    prev = tl.load(keys_ptr + base + tl.load(perm_ptr + base + i - 1, mask=prev_ok, other=0), mask=prev_ok, other=0)
+    next_ok = i + 1 < n
+    nxt = tl.load(keys_ptr + base + tl.load(perm_ptr + base + i + 1, mask=next_ok, other=0), mask=next_ok, other=0)
+    start = ok & ((i == 0) | (key != prev))
+    end = ok & ((i == n - 1) | (key != nxt))
+    first = tl.maximum(tl.associative_scan(tl.where(start, i, -1), 0, _max_combine), open_start)
+    at_end = tl.where(end, (i - first + block) // block, 0)
+    dest = (blocks_before + tl.cumsum(at_end, 0) - at_end) * block + i - first
+    dest = tl.where(blocks_total * block <= rows, dest, i)
+    tl.store(out_ptr + bh.to(tl.int64) * rows + dest, pos, mask=ok)
+
+
+PAD_CHUNK = 1024
+PAD_CHUNK_INTERPRETED = 64
+
+
+def pad_sorted_perm(keys: torch.Tensor, perm: torch.Tensor, block: int, rows: int,
+                    chunk: int | None = None) -> torch.Tensor:
+    """:func:`attnc.plan.pad_sorted` on the device: ``perm`` (B', H', n) sorted by ``keys`` (int32, position
+    order) with each run of equal keys started on a multiple of ``block``, (B', H', rows), padding rows
+    holding n. Two launches and a fill, no host synchronization."""
+    Bp, Hp, n = perm.shape
+    out = torch.full((Bp, Hp, rows), n, dtype=perm.dtype, device=perm.device)
+    if n == 0 or Bp * Hp == 0:
+        return out
+    chunk = chunk or (PAD_CHUNK if perm.is_cuda else PAD_CHUNK_INTERPRETED)
+    keys, perm = keys.contiguous(), perm.contiguous()
+    n_chunks = triton.cdiv(n, chunk)
+    runs = torch.empty(Bp * Hp, n_chunks, 3, dtype=torch.int64, device=perm.device)
+    grid = (Bp * Hp, n_chunks)
+    _pad_runs_kernel[grid](keys, perm, runs, n, n_chunks, block, CHUNK=chunk)
+    _pad_scatter_kernel[grid](keys, perm, runs, out, n, n_chunks, block, rows, CHUNK=chunk,
+                              CHUNKS=min(64, triton.next_power_of_2(n_chunks)))
+    return out
+
+
 def key_bits(key) -> int:
     """Bits of a sort key as the sort-key kernels write it: a keep flag one, a residue mod d
     ceil(log2 d), a bucket 16 (ids clamped to [-1, 65534], then + 1; see :func:`attnc.plan.sort_positions`)."""
@@ -245,13 +349,16 @@ def key_bits(key) -> int:
     return 16
 
 
-def _sort_keys(module, side: str, keys: tuple, *, shape: tuple, dims: tuple, input_args: list, device):
+def _sort_keys(module, side: str, keys: tuple, *, shape: tuple, dims: tuple, input_args: list, device,
+               pad_block: int = 0):
     """The permutation (B', H', n) int64 that orders one side's rows by ``keys`` (stable, least
-    significant key first), or None when nothing sorts this side. Nothing here reads the data on the
-    host, so the whole setup up to the tile lists is queued without a synchronization."""
+    significant key first), or None when nothing sorts this side. ``pad_block``: the side has one bucket
+    key, whose runs start on multiples of it (:func:`pad_sorted_perm`; the permutation is then
+    (B', H', padded_rows(n, pad_block))). Nothing here reads the data on the host, so the whole setup up to
+    the tile lists is queued without a synchronization."""
     Bp, Hp, n = shape + dims[:1]
     if keys and n == 0:
-        return torch.empty(Bp, Hp, 0, dtype=torch.int64, device=device)
+        return torch.empty(Bp, Hp, padded_rows(n, pad_block) if pad_block else 0, dtype=torch.int64, device=device)
     if len(keys) == 1 and keys[0].kind == "residue" and n % keys[0].modulus == 0:
         # Residue classes of equal size: class c holds c, c + d, c + 2d, ... (a transpose, no sort).
         d = keys[0].modulus
@@ -263,39 +370,49 @@ def _sort_keys(module, side: str, keys: tuple, *, shape: tuple, dims: tuple, inp
         values = torch.empty(Bp, Hp, n, dtype=torch.int32, device=device)
         getattr(module, f"attnc_sort_key_{side}{i}")[grid](values, *dims, *input_args, BLOCK=ROWS)
         perm = radix_sort_perm(values, key_bits(keys[i]), perm)
+    if pad_block and perm is not None:
+        perm = pad_sorted_perm(values, perm, pad_block, padded_rows(n, pad_block))
     return perm
 
 
 def summarize_side(module, code, side: str, perm, *, shape: tuple, dims: tuple, block: int, input_args: list,
-                   flag: torch.Tensor):
-    """Summarize one side's blocks for the classifier: (pos32, summary). summary (2 * slots, B', H', blocks)
-    int64 holds the min / max per block of :func:`attnc.codegen.summary_slots`; pos32 is perm's int32
-    copy (None when the rows are in order). ``flag`` (int32, one element) is cleared when a position moved."""
+                   flag: torch.Tensor, padded: bool = False):
+    """Summarize one side's blocks for the classifier: (pos32, summary, count). summary (2 * slots, B', H',
+    blocks) int64 holds the min / max per block of :func:`attnc.codegen.summary_slots`; pos32 is perm's int32
+    copy (None when the rows are in order). ``flag`` (int32, one element) is cleared when a position moved.
+    ``padded``: perm holds padding rows (position n), left out of the summaries; count (B', H', blocks)
+    int32 is then each block's number of real rows (else None)."""
     Bp, Hp, n = shape + dims[:1]
-    n_blocks = triton.cdiv(n, block)
+    rows = perm.shape[-1] if perm is not None else n
+    n_blocks = triton.cdiv(rows, block)
     slots = 1 + (1 if code.modulus else 0) + sum(1 for r in code.reads if r.side == side)
+    count = torch.zeros(Bp, Hp, n_blocks, dtype=torch.int32, device=flag.device) if padded else None
     if (perm is None and slots == 1) or n_blocks == 0 or Bp * Hp == 0:
         # Rows in order and nothing read (the classifier computes the positions from block indices), or
         # no rows: nothing to summarize.
-        pos32 = torch.empty(Bp, Hp, n, dtype=torch.int32, device=flag.device) if perm is not None else None
-        return pos32, torch.empty(2 * slots, 1, 1, 1, dtype=torch.int64, device=flag.device)
+        pos32 = torch.empty(Bp, Hp, rows, dtype=torch.int32, device=flag.device) if perm is not None else None
+        return pos32, torch.empty(2 * slots, 1, 1, 1, dtype=torch.int64, device=flag.device), count
     summary = torch.empty(2 * slots, Bp, Hp, n_blocks, dtype=torch.int64, device=flag.device)
-    pos32 = torch.empty(Bp, Hp, n, dtype=torch.int32, device=flag.device) if perm is not None else None
+    pos32 = torch.empty(Bp, Hp, rows, dtype=torch.int32, device=flag.device) if perm is not None else None
     block_p = triton.next_power_of_2(block)
     group = max(1, 1024 // block_p)
     getattr(module, f"attnc_summarize_{side}")[(Bp * Hp, triton.cdiv(n_blocks, group))](
         summary, perm if perm is not None else summary, pos32 if pos32 is not None else summary, flag,
-        n, Hp, n_blocks, *dims[2:], *input_args, BLOCK=block, BLOCK_P=block_p, GROUP=group,
-        PERMUTED=perm is not None)
-    return pos32, summary
+        count if padded else flag, rows, n, Hp, n_blocks, *dims[2:], *input_args, BLOCK=block, BLOCK_P=block_p,
+        GROUP=group, PERMUTED=perm is not None, PADDED=padded)
+    return pos32, summary, count
 
 
 def classify(module, code, *, shape: tuple, n_q: int, n_k: int, block_m: int, block_n: int, sizes: dict,
-             q_summary: torch.Tensor, k_summary: torch.Tensor, q_sorted: bool, k_sorted: bool) -> torch.Tensor:
+             q_summary: torch.Tensor, k_summary: torch.Tensor, q_sorted: bool, k_sorted: bool,
+             rows: tuple | None = None, counts: tuple = (None, None)) -> torch.Tensor:
     """int8 tile classes (B', H', nqb, nkb) from the pattern's generated classifier ``module`` (its
-    :class:`attnc.codegen.ClassifierCode` is ``code``) over the block summaries of :func:`summarize_side`."""
+    :class:`attnc.codegen.ClassifierCode` is ``code``) over the block summaries of :func:`summarize_side`.
+    ``rows``: (query, key) rows in sorted order when a side is padded (default n_q, n_k); ``counts``: the
+    padded sides' real rows per block."""
     Bp, Hp = shape
-    nqb, nkb = triton.cdiv(n_q, block_m), triton.cdiv(n_k, block_n)
+    rows_q, rows_k = rows or (n_q, n_k)
+    nqb, nkb = triton.cdiv(rows_q, block_m), triton.cdiv(rows_k, block_n)
     status = torch.empty(Bp, Hp, nqb, nkb, dtype=torch.int8, device=q_summary.device)
     if status.numel() == 0:
         return status
@@ -307,18 +424,22 @@ def classify(module, code, *, shape: tuple, n_q: int, n_k: int, block_m: int, bl
         summary = q_summary if r.side == "q" else k_summary
         args += [summary[2 * slot[r.side]], summary[2 * slot[r.side] + 1]]
         slot[r.side] += 1
+    q_count, k_count = counts
     group = 16
     module.attnc_classify[(Bp * Hp, triton.cdiv(nqb, group))](
-        status, *args, n_q, n_k, sizes["batch"], sizes["heads"], Hp, nqb, nkb, BLOCK_M=block_m,
-        BLOCK_N=block_n, GROUP_M=group, BLOCK_J=_block_j(nkb, 128), Q_SORTED=q_sorted, K_SORTED=k_sorted)
+        status, *args, q_count if q_count is not None else status, k_count if k_count is not None else status,
+        n_q, n_k, sizes["batch"], sizes["heads"], Hp, nqb, nkb, BLOCK_M=block_m,
+        BLOCK_N=block_n, GROUP_M=group, BLOCK_J=_block_j(nkb, 128), Q_SORTED=q_sorted, K_SORTED=k_sorted,
+        Q_PADDED=q_count is not None, K_PADDED=k_count is not None)
     return status
 
 
 def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, n_q: int, n_k: int, block_m: int,
                block_n: int, sizes: dict, inputs: dict, device):
     """The whole device setup of a call up to the tile classes: sorts (``transform``, None for list-mode
-    patterns), block summaries, classification. Returns (status, q_perm, k_perm, q_pos32, k_pos32, flags):
-    perms None where a side is not sorted; flags (int32 [2]) 1 where a side's positions stayed in place."""
+    patterns), bucket padding (attnc.plan.padded_sides), block summaries, classification. Returns (status,
+    q_perm, k_perm, q_pos32, k_pos32, flags): perms None where a side is not sorted; flags (int32 [2]) 1 where
+    a side's positions stayed in place (not set for padded sides)."""
     from .codegen import classifier_code
     from .launch import input_launch_args
     code = classifier_code(pir)
@@ -327,22 +448,27 @@ def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, 
     flags = torch.ones(2, dtype=torch.int32, device=device)
     keys = {"q": transform.query_keys if transform else (), "k": transform.key_keys if transform else ()}
     n = {"q": n_q, "k": n_k}
+    pad = dict(zip("qk", padded_sides(transform)))
+    block = {"q": block_m, "k": block_n}
     dims = {side: (n[side], shape[1], n_q, n_k, batch, heads) for side in "qk"}
     # Keys already in order (documents one after another) are sorted like any others: the stable sort
     # gives the identity, which the summaries flag on the device (Layout.in_place picks the plain kernels).
-    perm = {"q": _sort_keys(module, "q", keys["q"], shape=shape, dims=dims["q"], input_args=input_args,
-                            device=device)}
-    if n_q == n_k and transform is not None and mirrored_keys(transform):
-        perm["k"] = perm["q"]        # the same keys on both sides (documents): one sort orders both
-    else:
-        perm["k"] = _sort_keys(module, "k", keys["k"], shape=shape, dims=dims["k"], input_args=input_args,
-                               device=device)
-    q_pos, q_summary = summarize_side(module, code, "q", perm["q"], shape=shape, dims=dims["q"], block=block_m,
-                                      input_args=input_args, flag=flags[0:1])
-    k_pos, k_summary = summarize_side(module, code, "k", perm["k"], shape=shape, dims=dims["k"], block=block_n,
-                                      input_args=input_args, flag=flags[1:2])
+    perm = {side: None for side in "qk"}
+    for side in "qk":
+        if side == "k" and n_q == n_k and transform is not None and mirrored_keys(transform):
+            perm["k"] = perm["q"]        # the same keys on both sides (documents): one sort orders both
+            continue
+        perm[side] = _sort_keys(module, side, keys[side], shape=shape, dims=dims[side], input_args=input_args,
+                                device=device, pad_block=block[side] if pad[side] else 0)
+    q_pos, q_summary, q_count = summarize_side(module, code, "q", perm["q"], shape=shape, dims=dims["q"],
+                                               block=block_m, input_args=input_args, flag=flags[0:1],
+                                               padded=pad["q"])
+    k_pos, k_summary, k_count = summarize_side(module, code, "k", perm["k"], shape=shape, dims=dims["k"],
+                                               block=block_n, input_args=input_args, flag=flags[1:2],
+                                               padded=pad["k"])
     q_perm, k_perm = perm["q"], perm["k"]
+    rows = tuple(p.shape[-1] if p is not None else n[side] for side, p in zip("qk", (q_perm, k_perm)))
     status = classify(module, code, shape=shape, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, sizes=sizes,
                       q_summary=q_summary, k_summary=k_summary, q_sorted=q_perm is not None,
-                      k_sorted=k_perm is not None)
+                      k_sorted=k_perm is not None, rows=rows, counts=(q_count, k_count))
     return status, q_perm, k_perm, q_pos, k_pos, flags

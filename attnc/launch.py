@@ -354,6 +354,12 @@ def list_args(lists, guard: torch.Tensor | None = None) -> list:
             guard if guard is not None else lists.full_cnt]
 
 
+def position_args(layout) -> list:
+    """Kernel arguments of a permuted launch: the original positions of the sorted rows per (batch, query
+    head) and how many sorted rows each side has (more than Nq, Nk where buckets are padded)."""
+    return [layout.qpos, layout.kpos, layout.rows_q, layout.rows_k]
+
+
 def variants(layout) -> list[tuple[bool, int]]:
     """The kernels a permuted-mode call launches, as (permuted, guard): the permuted kernel alone (guard
     -1); or, when the device setup could not tell the host whether any row moved (``layout.in_place``),
@@ -397,7 +403,7 @@ def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdCon
             # tensor-descriptor load that does not wait for the positions (they only feed the mask).
             kx, vx = layout.sorted_keys(kx), layout.sorted_keys(vx)
             gathered = False
-        launches.append((kern._forward_module(), list_args(lists, layout.in_place) + [layout.qpos, layout.kpos],
+        launches.append((kern._forward_module(), list_args(lists, layout.in_place) + position_args(layout),
                          kx, vx, layout.kv_heads(Hq, Hkv), guard, residue, gathered))
     return layout, launches
 
@@ -420,10 +426,11 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     lse = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
     if Nq == 0 or B * Hq == 0:
         return out, lse, None
-    grid = (B * Hq, math.ceil(Nq / cfg.block_m))
-    check_grid(grid[1], cfg.block_m, Nq, "queries", q.device)
+    check_grid(math.ceil(Nq / cfg.block_m), cfg.block_m, Nq, "queries", q.device)
     qk_scale = scale * 1.4426950408889634
     layout, launches = forward_launches(kern, q, k, v, sizes=sizes, inputs=inputs, config=cfg)
+    # Query blocks of the sorted order: more than Nq / block_m where buckets are padded to whole blocks.
+    grid = (B * Hq, math.ceil((layout.rows_q if layout is not None else Nq) / cfg.block_m))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     for module, extra, kx, vx, heads_kv, guard, residue, gathered in launches:
         module.attnc_fwd[grid](
@@ -532,9 +539,9 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     delta = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     cfg2 = cfg.dkdv_config                  # the dK/dV kernel's tiles (BLOCK_M queries x BLOCK_N keys)
-    nqb, nkb = math.ceil(Nq / cfg.block_m), math.ceil(Nk / cfg2.block_n)
-    check_grid(nqb, cfg.block_m, Nq, "queries", q.device)
-    check_grid(nkb, cfg2.block_n, Nk, "keys", q.device)
+    check_grid(math.ceil(Nq / cfg.block_m), cfg.block_m, Nq, "queries", q.device)
+    check_grid(math.ceil(Nk / cfg2.block_n), cfg2.block_n, Nk, "keys", q.device)
+    rows_q, rows_k, rows_q2 = Nq, Nk, Nq      # sorted rows: dQ kernel's queries, dK/dV kernel's keys and queries
     mode = kernel_mode(pir)
     input_args = input_launch_args(pir, inputs)
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision)
@@ -554,6 +561,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
         layout2 = (layout if cfg2.block_m == cfg.block_m and cfg2.block_n == cfg.block_n else
                    kern._layout(B, Hq, Hkv, Nq, Nk, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device))
         fwd_lists, bwd_lists = layout.lists(False), layout2.lists(True)
+        rows_q, rows_k, rows_q2 = layout.rows_q, layout2.rows_k, layout2.rows_q
         guard_flag = _rest_flag(fwd_lists, bwd_lists)
         if layout.in_place is not None:
             guard_flag = guard_flag + layout.in_place
@@ -578,9 +586,10 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                                        gathered=(gathered_k, gathered_q))
             dkx, dvx = (dk, dv) if kx is k else (torch.empty_like(kx), torch.empty_like(vx))
             launches.append(_BackwardLaunch(
-                module, fwd_extra + [layout.qpos, layout.kpos], bwd_extra + [layout2.qpos, layout2.kpos], pcfg,
+                module, fwd_extra + position_args(layout), bwd_extra + position_args(layout2), pcfg,
                 kx, vx, q, dout, layout.kv_heads(Hq, Hkv), guard, residue, residue2, copy_k, copy_q, gathered_k,
                 gathered_q, dkx, dvx))
+    nqb, nkb = math.ceil(rows_q / cfg.block_m), math.ceil(rows_k / cfg2.block_n)
     copies = {}
     for variant in _backward_variants(launches):
         c1, c2 = variant.config, variant.config.dkdv_config
@@ -607,7 +616,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             q_tiles, variant.k, variant.v, do_tiles, variant.dk, variant.dv, lse2, delta,
             *q_tiles.stride(), *variant.k.stride(), *variant.v.stride(), *do_tiles.stride(), *variant.dk.stride(),
             *variant.dv.stride(),
-            B, Hq, variant.heads_kv, Nq, Nk, scale, math.ceil(Nq / c2.block_m), *variant.bwd_extra, *input_args,
+            B, Hq, variant.heads_kv, Nq, Nk, scale, math.ceil(rows_q2 / c2.block_m), *variant.bwd_extra, *input_args,
             BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, num_warps=c2.num_warps, num_stages=c2.num_stages,
             USE_TMA=_tma_usable(c2, variant.gathered_q, q_tiles, do_tiles), WIDE_ROWS=wide_rows(q_tiles, do_tiles),
             RESIDUE=variant.residue2, GUARD=variant.guard, FULL_RUNS=variant.full_runs, **common)

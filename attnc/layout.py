@@ -15,14 +15,18 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import LayoutTransform, PermutedTileClassifier, PlannedTiles, TileLists, setup_shape, sort_positions
+from .plan import (LayoutTransform, PermutedTileClassifier, PlannedTiles, TileLists, fill_padding, pad_sorted,
+                   padded_rows, padded_sides, padded_status, real_rows_per_block, setup_shape, sort_key_values,
+                   sort_positions)
 
 
 @dataclass
 class Layout:
     transform: LayoutTransform
-    q_perm: torch.Tensor          # int64 (B', H', Nq): sorted index -> original query position
-    k_perm: torch.Tensor          # int64 (B', H', Nk); B', H' are 1 where the mask ignores b, h
+    q_perm: torch.Tensor          # int64 (B', H', Nq'): sorted index -> original query position
+    k_perm: torch.Tensor          # int64 (B', H', Nk'); B', H' are 1 where the mask ignores b, h
+    # Nq' = Nq and Nk' = Nk unless a side's buckets are padded to whole blocks (attnc.plan.padded_rows):
+    # then its padding rows hold position Nq (Nk), and the kernels run over Nq' (Nk') sorted rows.
     batch: int
     heads: int                    # query heads
     expand_kv: bool               # keys sorted per head under GQA: K, V are expanded to the query heads
@@ -49,6 +53,15 @@ class Layout:
         return pos.expand(self.batch, self.heads, pos.shape[-1]).contiguous()
 
     @property
+    def rows_q(self) -> int:
+        """Query rows in sorted order (more than Nq when padded): the kernels' query blocks."""
+        return self.q_perm.shape[-1]
+
+    @property
+    def rows_k(self) -> int:
+        return self.k_perm.shape[-1]
+
+    @property
     def identity(self) -> bool:
         """Both permutations are the identity: the plain list kernels apply."""
         return self.q_identity and self.k_identity
@@ -72,15 +85,16 @@ class Layout:
         return 0 if n_q % (d * block_m) or n_k % (d * block_n) else d
 
     def sorted_keys(self, x: torch.Tensor) -> torch.Tensor:
-        """K or V (B, H, Nk, D), H its heads as the kernels read them, copied into the keys' sorted order."""
-        perm = self.k_perm
+        """K or V (B, H, Nk, D), H its heads as the kernels read them, copied into the keys' sorted order
+        (padding rows get a copy of the last row: the kernels mask them by position)."""
+        perm = self.k_perm.clamp(max=x.shape[2] - 1)
         if perm.shape[1] not in (1, x.shape[1]):
             perm = perm[:, ::perm.shape[1] // x.shape[1]]          # heads of a GQA group share one order
         return _rows_in_order(x, perm)
 
     def sorted_queries(self, x: torch.Tensor) -> torch.Tensor:
-        """Q or dO (B, Hq, Nq, D) copied into the queries' sorted order."""
-        return _rows_in_order(x, self.q_perm)
+        """Q or dO (B, Hq, Nq, D) copied into the queries' sorted order (padding rows as in sorted_keys)."""
+        return _rows_in_order(x, self.q_perm.clamp(max=x.shape[2] - 1))
 
     # ---- the kernels address rows through qpos / kpos, so data stays in the caller's order --------
     def kv_heads(self, heads_q: int, heads_kv: int) -> int:
@@ -119,8 +133,8 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
         q_perm = q_perm if q_sorted else _arange(n_q, Bp, Hp, device)
         k_perm = k_perm if k_sorted else _arange(n_k, Bp, Hp, device)
         expand = Hp > 1 and Hq != Hkv and transform.per_head_keys
-        may_be_in_order = (q_sorted or k_sorted) and all(key.kind == "bucket" for key in
-                                                         transform.query_keys + transform.key_keys)
+        may_be_in_order = ((q_sorted or k_sorted) and not any(padded_sides(transform))
+                           and all(key.kind == "bucket" for key in transform.query_keys + transform.key_keys))
         in_place = moved.amin().view(1) if may_be_in_order and not expand else None
         tiles = PlannedTiles(status, on_device=True)
         return Layout(transform, q_perm, k_perm, B, Hq, expand, not q_sorted, not k_sorted, tiles, q_pos, k_pos,
@@ -131,9 +145,21 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     env["h"] = torch.arange(Hp, device=device).view(1, Hp, 1)
     q_perm = sort_positions(transform.query_keys, env, n_q, (Bp, Hp), device)
     k_perm = sort_positions(transform.key_keys, env, n_k, (Bp, Hp), device)
+    counts = []
+    for side, (perm, keys, n, block), pad in zip("qk", ((q_perm, transform.query_keys, n_q, block_m),
+                                                        (k_perm, transform.key_keys, n_k, block_n)),
+                                                  padded_sides(transform)):
+        if pad:      # buckets started on block boundaries (attnc.plan.padded_rows)
+            values = sort_key_values(keys[0], env, _arange(n, Bp, Hp, device), (Bp, Hp))
+            perm = pad_sorted(perm, values, block, padded_rows(n, block))
+            q_perm, k_perm = (perm, k_perm) if side == "q" else (q_perm, perm)
+        counts.append(real_rows_per_block(perm, n, block) if pad else None)
     modulus = next((k.modulus for k in transform.query_keys if k.kind == "residue"), 0)
-    status = PermutedTileClassifier(pir, q_perm, k_perm, n_q, n_k, B, Hq, block_m, block_n, sizes, inputs,
+    status = PermutedTileClassifier(pir, fill_padding(q_perm, n_q), fill_padding(k_perm, n_k), q_perm.shape[-1],
+                                    k_perm.shape[-1], B, Hq, block_m, block_n, sizes, inputs,
                                     modulus=modulus).classify()
+    if any(c is not None for c in counts):
+        status = padded_status(status, *counts, block_n)
     identity = [bool(torch.equal(p, _arange(p.shape[-1], Bp, Hp, device))) for p in (q_perm, k_perm)]
     expand = any(bool(c) for c in _expand_check(k_perm, Bp, Hp, Hq, Hkv))
     return Layout(transform, q_perm, k_perm, B, Hq, expand, identity[0], identity[1], PlannedTiles(status))
@@ -141,7 +167,8 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
 
 def _rows_in_order(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """x (B, H, N, D) with each (b, h)'s rows in the order ``perm`` (B' or 1, H' or 1, N)."""
-    B, H, N, D = x.shape
+    B, H, _, D = x.shape
+    N = perm.shape[-1]
     return torch.gather(x, 2, perm.expand(B, H, N)[..., None].expand(B, H, N, D))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -456,7 +457,10 @@ def list_plan(pir: PatternIR, status: torch.Tensor, n_q, n_k, batch, heads, bloc
         part = flat[start:start + 1024]
         computed += int(torch.count_nonzero(part))
         full += int(torch.count_nonzero(part == 2))
-    tiles = {"full": full * reps, "partial": (computed - full) * reps, "empty": (status.numel() - computed) * reps}
+    # Tiles of the problem as posed (a padded sorted order has more blocks, the extra ones never computed
+    # in full: at most the padded blocks themselves).
+    total = status.shape[0] * status.shape[1] * math.ceil(n_q / block_m) * math.ceil(n_k / block_n)
+    tiles = {"full": full * reps, "partial": (computed - full) * reps, "empty": max(total - computed, 0) * reps}
     setup = (f"tile classification on {tuple(status.shape)} blocks"
              f"{' shared across heads' if status.shape[1] == 1 else ''}"
              f"{' and batch' if status.shape[0] == 1 else ''}")
@@ -591,23 +595,104 @@ def sort_positions(keys: tuple, env: dict, n: int, shape: tuple, device) -> torc
     Keys are 16-bit, as the device's radix sort takes them: bucket ids are clamped to [-1, 65534]
     (ids past the range share the last key: their rows stay in position order, which costs tiles but
     never correctness, since the mask is still evaluated on the original values)."""
-    from .evaluate import evaluate
     perm = torch.arange(n, device=device).expand(*shape, n).clone()
     for key in reversed(keys):                      # least significant first; each sort is stable
-        if key.kind == "residue":
-            values = (perm % key.modulus).clamp(max=BUCKET_KEY_MAX)
-        else:
-            local = dict(env)
-            local[_position_var(key.node)] = perm.view(*shape, n)
-            values = torch.as_tensor(evaluate([key.node], local)[0], device=device)
-            values = values.expand(*shape, n)
-            if key.kind == "keep":
-                values = (~values.bool()).to(torch.int64)     # kept first
-            else:
-                values = values.to(torch.int64).clamp(-1, BUCKET_KEY_MAX - 1) + 1
+        values = sort_key_values(key, env, perm, shape)
         order = torch.sort(values, dim=-1, stable=True).indices
         perm = torch.gather(perm, -1, order)
     return perm
+
+
+def sort_key_values(key: SortKey, env: dict, pos: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """int64 (shape + (n,)): the 16-bit sort key of each row of ``pos`` (positions), as the device's
+    sort-key kernels compute it."""
+    if key.kind == "residue":
+        return (pos % key.modulus).clamp(max=BUCKET_KEY_MAX)
+    from .evaluate import evaluate
+    local = dict(env)
+    local[_position_var(key.node)] = pos.view(*shape, pos.shape[-1])
+    values = torch.as_tensor(evaluate([key.node], local)[0], device=pos.device).expand(*shape, pos.shape[-1])
+    if key.kind == "keep":
+        return (~values.bool()).to(torch.int64)     # kept first
+    return values.to(torch.int64).clamp(-1, BUCKET_KEY_MAX - 1) + 1
+
+
+# Buckets padded to whole blocks. Sorting by bucket makes a bucket's rows contiguous, but its edges
+# fall anywhere inside a block: a key block straddling an edge is partial for every query block of both
+# buckets, and a query block straddling one is partial against all their key blocks (at 8k tokens and 8
+# buckets, ~3/4 of the partial tiles; benchmarks/NOTES.md item 26). Each bucket is therefore started on a
+# block boundary, the rows in between holding no position (their position reads as n, one past the last
+# row): queries there are computed without effect and never stored, keys there are masked.
+# The host does not know the bucket sizes (no synchronization), so the sorted order gets a fixed
+# allowance of PAD_SLACK x n extra rows; when the buckets need more, the side stays unpadded (its rows
+# then sit first, the allowance past them holding padding).
+PAD_SLACK = 0.25
+
+
+def padded_rows(n: int, block: int) -> int:
+    """Rows of a padded side in sorted order: n plus the allowance, in whole blocks."""
+    return math.ceil((n + max(block, math.ceil(n * PAD_SLACK))) / block) * block if n else 0
+
+
+def padded_sides(transform: LayoutTransform | None) -> tuple[bool, bool]:
+    """(queries, keys): which sides of a layout transform are padded. A side sorted by one bucket key and
+    nothing else (hash buckets); not a transform whose two sides share their keys (documents), whose rows
+    may well be in order already (then the plain kernels run, see attnc.layout.Layout.in_place).
+    ATTNC_PAD_BUCKETS=0 turns padding off (comparisons)."""
+    if transform is None or mirrored_keys(transform) or os.environ.get("ATTNC_PAD_BUCKETS", "1") == "0":
+        return False, False
+    one_bucket = lambda keys: len(keys) == 1 and keys[0].kind == "bucket"
+    return one_bucket(transform.query_keys), one_bucket(transform.key_keys)
+
+
+def pad_sorted(perm: torch.Tensor, keys: torch.Tensor, block: int, rows: int) -> torch.Tensor:
+    """``perm`` (..., n) (sorted row -> position, sorted by ``keys`` (..., n), given in position order)
+    with each run of equal keys started on a multiple of ``block``: (..., rows), padding rows holding n.
+    A row of perm whose padded runs need more than ``rows`` keeps its order (padding after it).
+    The torch version (CPU plans, and the tests' oracle of attnc.device_setup.pad_sorted_perm)."""
+    n = perm.shape[-1]
+    out = torch.full(perm.shape[:-1] + (rows,), n, dtype=perm.dtype, device=perm.device)
+    if n == 0:
+        return out
+    sk = torch.gather(keys.expand(perm.shape).to(torch.int64), -1, perm)
+    i = torch.arange(n, device=perm.device).expand(perm.shape)
+    start = torch.ones_like(sk, dtype=torch.bool)
+    start[..., 1:] = sk[..., 1:] != sk[..., :-1]
+    end = torch.ones_like(start)
+    end[..., :-1] = start[..., 1:]
+    first = torch.cummax(torch.where(start, i, 0), -1).values          # the first row of each row's run
+    blocks_at_end = torch.where(end, (i - first + block) // block, 0)    # ceil(run length / block) at its end
+    before = torch.cumsum(blocks_at_end, -1) - blocks_at_end             # blocks of the runs before a row's
+    dest = before * block + (i - first)
+    fits = (blocks_at_end.sum(-1, keepdim=True) * block) <= rows
+    dest = torch.where(fits, dest, i)
+    return out.scatter_(-1, dest, perm)
+
+
+def fill_padding(perm: torch.Tensor, n: int) -> torch.Tensor:
+    """A padded order with each padding row given the position of the last real row before it (the
+    block's own: padding only ends blocks), so that block summaries are those of the real rows."""
+    i = torch.arange(perm.shape[-1], device=perm.device).expand(perm.shape)
+    last = torch.cummax(torch.where(perm < n, i, 0), -1).values
+    return torch.gather(perm, -1, last).clamp(max=max(n - 1, 0))
+
+
+def real_rows_per_block(perm: torch.Tensor, n: int, block: int) -> torch.Tensor:
+    """int32 (..., blocks): how many rows of each block of a padded order hold a position."""
+    return (perm < n).unflatten(-1, (-1, block)).sum(-1, dtype=torch.int32)
+
+
+def padded_status(status: torch.Tensor, q_count: torch.Tensor | None, k_count: torch.Tensor | None,
+                  block_n: int) -> torch.Tensor:
+    """Tile classes of a padded problem from those of its real rows (the classifier ran on orders whose
+    padding rows repeat a real position, see :func:`fill_padding`): a key block holding padding is at
+    most partial, a block of either side without real rows empty. Counts (B', H', blocks)."""
+    if k_count is not None:
+        status = torch.where(k_count[..., None, :] < block_n, status.clamp(max=1), status)
+        status = torch.where(k_count[..., None, :] == 0, 0, status)
+    if q_count is not None:
+        status = torch.where(q_count[..., :, None] == 0, 0, status)
+    return status.to(torch.int8).contiguous()
 
 
 class PermutedTileClassifier:

@@ -17,7 +17,7 @@ import torch
 import attnc
 from attnc import device_setup
 from attnc.layout import build_layout
-from attnc.plan import build_tile_lists, layout_transform
+from attnc.plan import build_tile_lists, layout_transform, pad_sorted, padded_rows
 from attnc.validate import check_inputs
 
 try:  # tests/ may or may not be a package
@@ -96,8 +96,10 @@ def test_bucket_sorts_take_16_bit_keys_and_agree(span, dtype):
     qb[..., :10] = kb[..., :10] = 3          # ties: a stable sort keeps them in position order
     want = _hash_layout(qb, kb, device=False)
     got = _hash_layout(qb, kb, device=True)
-    expected = torch.sort(qb.to(torch.int64).clamp(-1, 65534), dim=-1, stable=True).indices
-    assert torch.equal(got.q_perm, expected)
+    ids = qb.to(torch.int64).clamp(-1, 65534)
+    expected = torch.sort(ids, dim=-1, stable=True).indices
+    # Each bucket then starts on a block boundary (padding rows hold position 150), when they fit.
+    assert torch.equal(got.q_perm, pad_sorted(expected, ids, 16, padded_rows(150, 16)))
     assert torch.equal(want.q_perm, got.q_perm) and torch.equal(want.k_perm, got.k_perm)
     assert torch.equal(want.status, got.status)
     assert not got.q_identity and not got.k_identity
@@ -146,10 +148,12 @@ def test_mirrored_keys_sort_once():
         assert len(calls) == 3
 
 
-def test_keys_in_order_give_the_identity_layout():
+def test_keys_in_order_give_the_identity_layout(monkeypatch):
     """Documents one after another: the stable sort leaves every position in place and the summaries see
     it. The host does not read that (no synchronization): the layout carries it as a device flag, which
-    picks the plain list kernels among the two variants launched. One side out of order clears it."""
+    picks the plain list kernels among the two variants launched. One side out of order clears it.
+    (Bucket keys on two tensors, without padding: padded buckets are never in place.)"""
+    monkeypatch.setenv("ATTNC_PAD_BUCKETS", "0")
     ids = (torch.arange(130) // 17).expand(1, 2, 130).contiguous()
     got = _hash_layout(ids, ids, device=True)
     assert not got.identity and got.in_place.tolist() == [1]
@@ -209,3 +213,73 @@ def test_empty_sides_launch_nothing(n_q, n_k):
     q, k, v = torch.randn(1, 2, n_q, 16), torch.randn(1, 2, n_k, 16), torch.randn(1, 2, n_k, 16)
     out = kern(q, k, v, **inputs)
     assert out.shape == (1, 2, n_q, 16) and not out.abs().sum()
+
+
+def _padded_by_hand(perm, keys, block, rows):
+    """pad_sorted for one row of perm, written as a loop: each run of equal keys starts on a block."""
+    n = len(perm)
+    runs = []
+    for i, p in enumerate(perm):
+        if i == 0 or keys[p] != keys[perm[i - 1]]:
+            runs.append([])
+        runs[-1].append(p)
+    out = []
+    for run in runs:
+        out += run + [n] * (-len(run) % block)
+    if len(out) > rows:                  # too many blocks: sorted order, padding after it
+        out = list(perm)
+    return out + [n] * (rows - len(out))
+
+
+@pytest.mark.parametrize("n,buckets,chunk", [(1, 1, 8), (37, 1, 8), (150, 3, 16), (150, 40, 8), (300, 5, 32)])
+def test_padding_starts_every_bucket_on_a_block(n, buckets, chunk):
+    """Buckets padded to whole blocks: the torch version against a loop, and the device's two passes
+    (chunks of 8-32 rows, so buckets span chunks and a pass reads many chunks' runs) against the torch
+    version; with 40 buckets in 150 rows the padding does not fit and the sorted order stays."""
+    g = torch.Generator().manual_seed(n + buckets)
+    keys = torch.randint(0, buckets, (2, 3, n), generator=g, dtype=torch.int32)
+    keys[1, 2] = 7                                   # one bucket for the whole row
+    perm = torch.sort(keys, dim=-1, stable=True).indices
+    block = 16
+    rows = padded_rows(n, block)
+    want = pad_sorted(perm, keys, block, rows)
+    for b in range(2):
+        for h in range(3):
+            assert want[b, h].tolist() == _padded_by_hand(perm[b, h].tolist(), keys[b, h].tolist(), block, rows)
+    got = device_setup.pad_sorted_perm(keys, perm, block, rows, chunk=chunk)
+    assert torch.equal(got, want)
+
+
+def test_padded_layouts_agree_and_pad_where_they_fit(monkeypatch):
+    """Hash buckets with few, long buckets: each side's buckets start on block boundaries (block 16), the
+    device setup equals the torch one (positions, tile classes), and padding rows end blocks. With no
+    allowance for padding the sorted order stays as it was (padding only after it)."""
+    g = torch.Generator().manual_seed(11)
+    qb = torch.randint(0, 3, (2, 2, 150), generator=g)
+    kb = torch.randint(0, 3, (2, 2, 150), generator=g)
+    want, got = _hash_layout(qb, kb, device=False), _hash_layout(qb, kb, device=True)
+    assert got.rows_q == got.rows_k == padded_rows(150, 16)
+    assert torch.equal(want.q_perm, got.q_perm) and torch.equal(want.k_perm, got.k_perm)
+    assert torch.equal(want.status, got.status)
+    assert torch.equal(got.qpos[0, 0].long(), got.q_perm[0, 0])
+    for b in range(2):
+        for h in range(2):
+            perm = got.k_perm[b, h]
+            real = perm[perm < 150]
+            assert sorted(real.tolist()) == list(range(150))
+            ids = kb[b, h, real]
+            starts = torch.nonzero(perm < 150).squeeze(1)
+            first = [int(starts[0])] + [int(starts[i]) for i in range(1, len(starts)) if ids[i] != ids[i - 1]]
+            assert all(f % 16 == 0 for f in first)
+    # Key blocks holding padding are never full.
+    k_cnt = (got.k_perm < 150).view(2, 2, -1, 16).sum(-1)
+    assert not ((got.status == 2) & (k_cnt < 16)[..., None, :]).any()
+    monkeypatch.setattr(attnc.plan, "PAD_SLACK", 0.0)
+    qb[0, 0] = torch.randint(0, 20, (150,), generator=g)    # 20 buckets need 20 blocks
+    tight = _hash_layout(qb, kb, device=True)
+    assert tight.rows_q == 176                        # one block of allowance
+    order = torch.sort(qb, dim=-1, stable=True).indices
+    kept = (tight.q_perm[..., :150] == order).all(-1)
+    assert kept.tolist() == [[True, False], [False, False]]     # where padding does not fit, the order stays
+    assert torch.equal(tight.q_perm, pad_sorted(order, qb, 16, 176))
+    assert torch.equal(tight.status, _hash_layout(qb, kb, device=False).status)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import attnc
+import attnc.layout
 from attnc.plan import layout_transform
 
 HASH = "examples/hash_buckets.attn"
@@ -74,6 +75,32 @@ def test_query_compaction_zero_rows():
 @pytest.mark.parametrize("n", [67, 130])
 def test_residue_permutation(n):
     _check(attnc.compile(DILATED), 1, 2, 1, n, 16, {}, seed=7)
+
+
+@pytest.mark.parametrize("case", ["padded", "q_only_buckets", "allowance_too_small"])
+def test_padded_buckets_forward_and_backward(case, monkeypatch):
+    """Buckets started on block boundaries (attnc.plan.padded_rows): padding query rows are computed
+    without effect and never stored, padding keys are masked, every real row is written once (GQA, a
+    length that is no multiple of the tiles, buckets only one side holds: rows without keys). With no
+    allowance for the padding the sorted order stays and the same results come out."""
+    monkeypatch.setattr(attnc.plan, "PAD_SLACK", 0.0 if case == "allowance_too_small" else 1.0)
+    B, Hq, Hkv, N = 1, 4, 2, 101
+    g = torch.Generator().manual_seed(12)
+    buckets = 6 if case == "allowance_too_small" else 3      # 6 buckets need 6 blocks of 32, 5 fit
+    qb = torch.randint(0, buckets, (B, Hq, N), generator=g)
+    kb = torch.randint(0, buckets, (B, Hq, N), generator=g)
+    if case == "q_only_buckets":
+        qb[..., ::7] = 5                              # bucket 5 has queries and no keys
+    layouts = []
+    real_build = attnc.layout.build_layout
+    monkeypatch.setattr(attnc.layout, "build_layout", lambda *a, **k: layouts.append(real_build(*a, **k)) or layouts[-1])
+    _check(attnc.compile(HASH), B, Hq, Hkv, N, 16, {"qb": qb, "kb": kb}, seed=13)
+    assert layouts and all(l.rows_q > N and l.rows_k > N for l in layouts)
+    for layout in layouts:
+        real = layout.q_perm < N
+        padded = (layout.q_perm[..., :N] != torch.sort(qb, dim=-1, stable=True).indices[..., :N]).any()
+        assert bool(padded) == (case != "allowance_too_small")
+        assert int(real.sum()) == N * Hq * B
 
 
 def test_tile_fractions_meet_the_issue_bounds():
