@@ -128,9 +128,22 @@ MIN_PROGRAMS = 256   # programs per radix pass below which the chunks shrink
 
 
 @triton.jit
-def _radix_histogram_kernel(keys_ptr, perm_ptr, hist_ptr, n, n_chunks, shift,
-                            CHUNK: tl.constexpr, RADIX: tl.constexpr, PERMUTED: tl.constexpr):
+def _radix_pass_needed(max_ptr, shift, HAS_MAX: tl.constexpr):
+    # A pass past the first sorts nothing when every key is below 2**shift (all its digits are 0): with
+    # the keys' maximum on the device (the sort-key kernels fold it in), its kernels skip their work.
+    if HAS_MAX:
+        return (shift == 0) | ((tl.load(max_ptr) >> shift) != 0)
+    else:
+        return True
+
+
+@triton.jit
+def _radix_histogram_kernel(keys_ptr, perm_ptr, hist_ptr, max_ptr, n, n_chunks, shift,
+                            CHUNK: tl.constexpr, RADIX: tl.constexpr, PERMUTED: tl.constexpr,
+                            HAS_MAX: tl.constexpr):
     # One program per (batch, head, CHUNK rows in the current order): how many of them hold each digit.
+    if not _radix_pass_needed(max_ptr, shift, HAS_MAX):
+        return
     bh = tl.program_id(0)
     c = tl.program_id(1)
     rows = c * CHUNK + tl.arange(0, CHUNK)
@@ -146,10 +159,13 @@ def _radix_histogram_kernel(keys_ptr, perm_ptr, hist_ptr, n, n_chunks, shift,
 
 
 @triton.jit
-def _radix_offsets_kernel(hist_ptr, base_ptr, n_chunks, RADIX: tl.constexpr, CHUNKS: tl.constexpr):
+def _radix_offsets_kernel(hist_ptr, base_ptr, max_ptr, n_chunks, shift, RADIX: tl.constexpr, CHUNKS: tl.constexpr,
+                          HAS_MAX: tl.constexpr):
     # One program per (batch, head): where each chunk's first row of each digit goes, minus the number
     # of that chunk's rows with a smaller digit (the scatter adds a row's place in its sorted chunk).
     # CHUNKS chunks' histograms at a time, as a (CHUNKS, RADIX) tile.
+    if not _radix_pass_needed(max_ptr, shift, HAS_MAX):
+        return
     bh = tl.program_id(0)
     bins = tl.arange(0, RADIX)[None, :]
     chunks = tl.arange(0, CHUNKS)[:, None]
@@ -170,10 +186,11 @@ def _radix_offsets_kernel(hist_ptr, base_ptr, n_chunks, RADIX: tl.constexpr, CHU
 
 
 @triton.jit
-def _radix_scatter_kernel(keys_ptr, perm_ptr, base_ptr, out_ptr, n, n_chunks, shift,
-                          CHUNK: tl.constexpr, RADIX: tl.constexpr, PERMUTED: tl.constexpr):
+def _radix_scatter_kernel(keys_ptr, perm_ptr, base_ptr, out_ptr, max_ptr, n, n_chunks, shift,
+                          CHUNK: tl.constexpr, RADIX: tl.constexpr, PERMUTED: tl.constexpr, HAS_MAX: tl.constexpr):
     # One program per (batch, head, chunk): sort the chunk by (digit, row) in registers, so rows of one
     # digit keep their order (the pass is stable), and write each row's original position to its place.
+    # A pass that sorts nothing copies the order it got.
     bh = tl.program_id(0)
     c = tl.program_id(1)
     local = tl.arange(0, CHUNK)
@@ -181,6 +198,9 @@ def _radix_scatter_kernel(keys_ptr, perm_ptr, base_ptr, out_ptr, n, n_chunks, sh
     ok = rows < n
     base = bh.to(tl.int64) * n
     src = tl.load(perm_ptr + base + rows, mask=ok, other=0) if PERMUTED else rows
+    if not _radix_pass_needed(max_ptr, shift, HAS_MAX):
+        tl.store(out_ptr + base + rows, src.to(tl.int64), mask=ok)
+        return
     digit = (tl.load(keys_ptr + base + src, mask=ok, other=0) >> shift) & (RADIX - 1)
     ordered = tl.sort(tl.where(ok, digit, RADIX) * CHUNK + local)    # rows past the end sort last
     d = ordered // CHUNK
@@ -193,7 +213,8 @@ def _radix_scatter_kernel(keys_ptr, perm_ptr, base_ptr, out_ptr, n, n_chunks, sh
 
 
 def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = None,
-                    chunk: int | None = None, kernels: bool | None = None) -> torch.Tensor:
+                    chunk: int | None = None, kernels: bool | None = None,
+                    key_max: torch.Tensor | None = None) -> torch.Tensor:
     """The stable permutation (int64, keys' shape) that orders the last dimension of ``keys`` (int32,
     values in [0, 2**bits)), applied after ``perm`` (rows already in that order; keys stay in original
     order). Least significant digit first, a byte per pass, three launches per pass and no host
@@ -203,7 +224,10 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
 
     ``kernels``: run the Triton passes (default: on CUDA). Off the GPU, Triton's interpreter takes
     ~0.1 s per chunk to sort in registers, so CPU tensors take ``torch.sort`` (the same permutation);
-    the tests run the kernels there on purpose (``kernels=True``)."""
+    the tests run the kernels there on purpose (``kernels=True``).
+
+    ``key_max`` (int32 [1] on the device, at least the largest key): passes past the first whose digits
+    are all 0 skip their work (a bucket sort of ids below 256 costs one pass, not two)."""
     if not (keys.is_cuda if kernels is None else kernels):
         if perm is None:
             return torch.sort(keys, dim=-1, stable=True).indices
@@ -225,12 +249,13 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
     for shift in range(0, bits, 8):
         out = torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
         src = perm if perm is not None else out
-        _radix_histogram_kernel[grid](keys, src, hist, n, n_chunks, shift, CHUNK=chunk, RADIX=RADIX,
-                                      PERMUTED=perm is not None)
-        _radix_offsets_kernel[(rows_bh,)](hist, base, n_chunks, RADIX=RADIX,
-                                          CHUNKS=min(32, triton.next_power_of_2(n_chunks)))
-        _radix_scatter_kernel[grid](keys, src, base, out, n, n_chunks, shift, CHUNK=chunk, RADIX=RADIX,
-                                    PERMUTED=perm is not None)
+        top = key_max if key_max is not None else hist
+        _radix_histogram_kernel[grid](keys, src, hist, top, n, n_chunks, shift, CHUNK=chunk, RADIX=RADIX,
+                                      PERMUTED=perm is not None, HAS_MAX=key_max is not None)
+        _radix_offsets_kernel[(rows_bh,)](hist, base, top, n_chunks, shift, RADIX=RADIX,
+                                          CHUNKS=min(32, triton.next_power_of_2(n_chunks)), HAS_MAX=key_max is not None)
+        _radix_scatter_kernel[grid](keys, src, base, out, top, n, n_chunks, shift, CHUNK=chunk, RADIX=RADIX,
+                                    PERMUTED=perm is not None, HAS_MAX=key_max is not None)
         perm = out
     return perm
 
@@ -350,12 +375,14 @@ def key_bits(key) -> int:
 
 
 def _sort_keys(module, side: str, keys: tuple, *, shape: tuple, dims: tuple, input_args: list, device,
-               pad_block: int = 0):
+               key_max: torch.Tensor, pad_block: int = 0):
     """The permutation (B', H', n) int64 that orders one side's rows by ``keys`` (stable, least
     significant key first), or None when nothing sorts this side. ``pad_block``: the side has one bucket
     key, whose runs start on multiples of it (:func:`pad_sorted_perm`; the permutation is then
-    (B', H', padded_rows(n, pad_block))). Nothing here reads the data on the host, so the whole setup up to
-    the tile lists is queued without a synchronization."""
+    (B', H', padded_rows(n, pad_block))). ``key_max``: int32, one element per key, initially at most 1;
+    the sort-key kernels fold each key's maximum into it, so radix passes over zero digits skip their work.
+    Nothing here reads the data on the host, so the whole setup up to the tile lists is queued without a
+    synchronization."""
     Bp, Hp, n = shape + dims[:1]
     if keys and n == 0:
         return torch.empty(Bp, Hp, padded_rows(n, pad_block) if pad_block else 0, dtype=torch.int64, device=device)
@@ -368,8 +395,8 @@ def _sort_keys(module, side: str, keys: tuple, *, shape: tuple, dims: tuple, inp
     perm = None
     for i in reversed(range(len(keys))):
         values = torch.empty(Bp, Hp, n, dtype=torch.int32, device=device)
-        getattr(module, f"attnc_sort_key_{side}{i}")[grid](values, *dims, *input_args, BLOCK=ROWS)
-        perm = radix_sort_perm(values, key_bits(keys[i]), perm)
+        getattr(module, f"attnc_sort_key_{side}{i}")[grid](values, key_max[i:i + 1], *dims, *input_args, BLOCK=ROWS)
+        perm = radix_sort_perm(values, key_bits(keys[i]), perm, key_max=key_max[i:i + 1])
     if pad_block and perm is not None:
         perm = pad_sorted_perm(values, perm, pad_block, padded_rows(n, pad_block))
     return perm
@@ -386,11 +413,13 @@ def summarize_side(module, code, side: str, perm, *, shape: tuple, dims: tuple, 
     rows = perm.shape[-1] if perm is not None else n
     n_blocks = triton.cdiv(rows, block)
     slots = 1 + (1 if code.modulus else 0) + sum(1 for r in code.reads if r.side == side)
-    count = torch.zeros(Bp, Hp, n_blocks, dtype=torch.int32, device=flag.device) if padded else None
+    count = torch.empty(Bp, Hp, n_blocks, dtype=torch.int32, device=flag.device) if padded else None
     if (perm is None and slots == 1) or n_blocks == 0 or Bp * Hp == 0:
         # Rows in order and nothing read (the classifier computes the positions from block indices), or
         # no rows: nothing to summarize.
         pos32 = torch.empty(Bp, Hp, rows, dtype=torch.int32, device=flag.device) if perm is not None else None
+        if count is not None:
+            count.zero_()
         return pos32, torch.empty(2 * slots, 1, 1, 1, dtype=torch.int64, device=flag.device), count
     summary = torch.empty(2 * slots, Bp, Hp, n_blocks, dtype=torch.int64, device=flag.device)
     pos32 = torch.empty(Bp, Hp, rows, dtype=torch.int32, device=flag.device) if perm is not None else None
@@ -445,8 +474,12 @@ def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, 
     code = classifier_code(pir)
     sizes = {**sizes, "batch": batch, "heads": heads, "n_q": n_q, "n_k": n_k}
     input_args = input_launch_args(pir, inputs)
-    flags = torch.ones(2, dtype=torch.int32, device=device)
     keys = {"q": transform.query_keys if transform else (), "k": transform.key_keys if transform else ()}
+    # One allocation: the two "in place" flags (cleared when a position moves), then each sort key's
+    # maximum (folded in by the sort-key kernels; starting at 1 is harmless).
+    state = torch.ones(2 + len(keys["q"]) + len(keys["k"]), dtype=torch.int32, device=device)
+    flags = state[:2]
+    key_max = {"q": state[2:2 + len(keys["q"])], "k": state[2 + len(keys["q"]):]}
     n = {"q": n_q, "k": n_k}
     pad = dict(zip("qk", padded_sides(transform)))
     block = {"q": block_m, "k": block_n}
@@ -459,7 +492,7 @@ def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, 
             perm["k"] = perm["q"]        # the same keys on both sides (documents): one sort orders both
             continue
         perm[side] = _sort_keys(module, side, keys[side], shape=shape, dims=dims[side], input_args=input_args,
-                                device=device, pad_block=block[side] if pad[side] else 0)
+                                device=device, key_max=key_max[side], pad_block=block[side] if pad[side] else 0)
     q_pos, q_summary, q_count = summarize_side(module, code, "q", perm["q"], shape=shape, dims=dims["q"],
                                                block=block_m, input_args=input_args, flag=flags[0:1],
                                                padded=pad["q"])

@@ -122,6 +122,39 @@ def test_radix_sort_kernels_equal_a_stable_sort(n, bits):
     assert torch.equal(torch.gather(keys, -1, got), torch.gather(keys, -1, got).sort(dim=-1).values)
 
 
+@pytest.mark.parametrize("top", [1, 200, 255, 256, 40000])
+def test_radix_passes_over_zero_digits_skip(top):
+    """With the keys' maximum on the device, a pass whose digits are all 0 copies the order it got instead
+    of sorting: 16-bit keys below 256 take one pass. The permutation is a stable sort's either way, and a
+    maximum too large only costs the pass."""
+    g = torch.Generator().manual_seed(top)
+    keys = torch.randint(0, top, (2, 2, 150), generator=g, dtype=torch.int32)
+    want = torch.sort(keys, dim=-1, stable=True).indices
+    for bound in (keys.max(), torch.tensor(65535)):
+        key_max = bound.to(torch.int32).view(1)
+        got = device_setup.radix_sort_perm(keys, 16, kernels=True, key_max=key_max)
+        assert torch.equal(got, want)
+        prior = torch.argsort(torch.rand(2, 2, 150, generator=g), dim=-1)
+        got = device_setup.radix_sort_perm(keys, 16, prior, kernels=True, key_max=key_max)
+        assert torch.equal(got, device_setup.radix_sort_perm(keys, 16, prior, kernels=False))
+
+
+def test_sort_key_kernels_fold_in_the_maximum():
+    """The device setup's sort-key kernels leave each key's maximum for the radix passes (hash buckets: ids
+    + 1, so buckets 0..4 give 5; the initial 1 never exceeds a real maximum of interest)."""
+    calls = []
+    real = device_setup.radix_sort_perm
+
+    def spy(keys, bits, perm=None, **kw):
+        calls.append((int(keys.max()), int(kw["key_max"])))
+        return real(keys, bits, perm, **kw)
+
+    qb = torch.randint(0, 5, (1, 2, 90), generator=torch.Generator().manual_seed(1))
+    with mock.patch.object(device_setup, "radix_sort_perm", spy):
+        _hash_layout(qb, qb.flip(-1).contiguous(), device=True)
+    assert calls == [(5, 5), (5, 5)]
+
+
 def test_mirrored_keys_sort_once():
     """Documents: queries and keys are sorted by the same read at their own position, so with as many
     queries as keys one sort orders both sides; hash buckets read two tensors and sort twice."""
