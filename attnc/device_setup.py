@@ -186,11 +186,13 @@ def _radix_offsets_kernel(hist_ptr, base_ptr, max_ptr, n_chunks, shift, RADIX: t
 
 
 @triton.jit
-def _radix_scatter_kernel(keys_ptr, perm_ptr, base_ptr, out_ptr, max_ptr, n, n_chunks, shift,
-                          CHUNK: tl.constexpr, RADIX: tl.constexpr, PERMUTED: tl.constexpr, HAS_MAX: tl.constexpr):
+def _radix_scatter_kernel(keys_ptr, perm_ptr, base_ptr, out_ptr, max_ptr, sorted_ptr, n, n_chunks, shift,
+                          CHUNK: tl.constexpr, RADIX: tl.constexpr, PERMUTED: tl.constexpr, HAS_MAX: tl.constexpr,
+                          SORTED_KEYS: tl.constexpr):
     # One program per (batch, head, chunk): sort the chunk by (digit, row) in registers, so rows of one
     # digit keep their order (the pass is stable), and write each row's original position to its place.
-    # A pass that sorts nothing copies the order it got.
+    # A pass that sorts nothing copies the order it got. SORTED_KEYS: also write each row's key there
+    # (the keys in this pass's order, for the padding passes).
     bh = tl.program_id(0)
     c = tl.program_id(1)
     local = tl.arange(0, CHUNK)
@@ -200,6 +202,8 @@ def _radix_scatter_kernel(keys_ptr, perm_ptr, base_ptr, out_ptr, max_ptr, n, n_c
     src = tl.load(perm_ptr + base + rows, mask=ok, other=0) if PERMUTED else rows
     if not _radix_pass_needed(max_ptr, shift, HAS_MAX):
         tl.store(out_ptr + base + rows, src.to(tl.int64), mask=ok)
+        if SORTED_KEYS:
+            tl.store(sorted_ptr + base + rows, tl.load(keys_ptr + base + src, mask=ok, other=0), mask=ok)
         return
     digit = (tl.load(keys_ptr + base + src, mask=ok, other=0) >> shift) & (RADIX - 1)
     ordered = tl.sort(tl.where(ok, digit, RADIX) * CHUNK + local)    # rows past the end sort last
@@ -210,11 +214,13 @@ def _radix_scatter_kernel(keys_ptr, perm_ptr, base_ptr, out_ptr, max_ptr, n, n_c
     if PERMUTED:
         moved = tl.load(perm_ptr + base + moved, mask=live, other=0)
     tl.store(out_ptr + base + dest, moved.to(tl.int64), mask=live)
+    if SORTED_KEYS:
+        tl.store(sorted_ptr + base + dest, tl.load(keys_ptr + base + moved, mask=live, other=0), mask=live)
 
 
 def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = None,
                     chunk: int | None = None, kernels: bool | None = None,
-                    key_max: torch.Tensor | None = None) -> torch.Tensor:
+                    key_max: torch.Tensor | None = None, sorted_keys: bool = False):
     """The stable permutation (int64, keys' shape) that orders the last dimension of ``keys`` (int32,
     values in [0, 2**bits)), applied after ``perm`` (rows already in that order; keys stay in original
     order). Least significant digit first, a byte per pass, three launches per pass and no host
@@ -227,15 +233,20 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
     the tests run the kernels there on purpose (``kernels=True``).
 
     ``key_max`` (int32 [1] on the device, at least the largest key): passes past the first whose digits
-    are all 0 skip their work (a bucket sort of ids below 256 costs one pass, not two)."""
+    are all 0 skip their work (a bucket sort of ids below 256 costs one pass, not two).
+
+    ``sorted_keys``: return (permutation, the keys in its order) instead."""
     if not (keys.is_cuda if kernels is None else kernels):
         if perm is None:
-            return torch.sort(keys, dim=-1, stable=True).indices
-        return torch.gather(perm, -1, torch.sort(torch.gather(keys, -1, perm), dim=-1, stable=True).indices)
+            order = torch.sort(keys, dim=-1, stable=True).indices
+        else:
+            order = torch.gather(perm, -1, torch.sort(torch.gather(keys, -1, perm), dim=-1, stable=True).indices)
+        return (order, torch.gather(keys, -1, order)) if sorted_keys else order
     n = keys.shape[-1]
     rows_bh = keys.numel() // max(n, 1)
     if n == 0 or rows_bh == 0:
-        return torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
+        empty = torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
+        return (empty, torch.empty_like(keys)) if sorted_keys else empty
     keys = keys.contiguous()
     if chunk is None and keys.is_cuda:
         # Chunks of 1024 rows, or smaller when that leaves the GPU with few programs (one row of keys,
@@ -246,6 +257,7 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
     hist = torch.empty(rows_bh, n_chunks, RADIX, dtype=torch.int32, device=keys.device)
     base = torch.empty_like(hist)
     grid = (rows_bh, n_chunks)
+    in_order = torch.empty_like(keys) if sorted_keys else hist
     for shift in range(0, bits, 8):
         out = torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
         src = perm if perm is not None else out
@@ -254,10 +266,10 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
                                       PERMUTED=perm is not None, HAS_MAX=key_max is not None)
         _radix_offsets_kernel[(rows_bh,)](hist, base, top, n_chunks, shift, RADIX=RADIX,
                                           CHUNKS=min(32, triton.next_power_of_2(n_chunks)), HAS_MAX=key_max is not None)
-        _radix_scatter_kernel[grid](keys, src, base, out, top, n, n_chunks, shift, CHUNK=chunk, RADIX=RADIX,
-                                    PERMUTED=perm is not None, HAS_MAX=key_max is not None)
+        _radix_scatter_kernel[grid](keys, src, base, out, top, in_order, n, n_chunks, shift, CHUNK=chunk, RADIX=RADIX,
+                                    PERMUTED=perm is not None, HAS_MAX=key_max is not None, SORTED_KEYS=sorted_keys)
         perm = out
-    return perm
+    return (perm, in_order) if sorted_keys else perm
 
 
 @triton.jit
@@ -266,7 +278,17 @@ def _max_combine(a, b):
 
 
 @triton.jit
-def _pad_runs_kernel(keys_ptr, perm_ptr, runs_ptr, n, n_chunks, block, CHUNK: tl.constexpr):
+def _run_edges(skeys_ptr, base, i, n):
+    # Sorted rows i that start / end a run of equal keys (skeys: the keys in sorted order).
+    ok = i < n
+    key = tl.load(skeys_ptr + base + i, mask=ok, other=0)
+    prev = tl.load(skeys_ptr + base + i - 1, mask=ok & (i > 0), other=0)
+    nxt = tl.load(skeys_ptr + base + i + 1, mask=i + 1 < n, other=0)
+    return ok & ((i == 0) | (key != prev)), ok & ((i == n - 1) | (key != nxt))
+
+
+@triton.jit
+def _pad_runs_kernel(skeys_ptr, runs_ptr, n, n_chunks, block, CHUNK: tl.constexpr):
     # Padding, first pass. One program per (batch, head, CHUNK sorted rows): where the runs of equal keys
     # (buckets) start and end in this chunk. runs[0]: the last row starting a run (-1: none); runs[1]: the
     # first row ending a run whose start lies in an earlier chunk (-1: none); runs[2]: the blocks taken by
@@ -274,15 +296,7 @@ def _pad_runs_kernel(keys_ptr, perm_ptr, runs_ptr, n, n_chunks, block, CHUNK: tl
     bh = tl.program_id(0)
     c = tl.program_id(1)
     i = c * CHUNK + tl.arange(0, CHUNK)
-    ok = i < n
-    base = bh.to(tl.int64) * n
-    key = tl.load(keys_ptr + base + tl.load(perm_ptr + base + i, mask=ok, other=0), mask=ok, other=0)
-    prev_ok = ok & (i > 0)
-    prev = tl.load(keys_ptr + base + tl.load(perm_ptr + base + i - 1, mask=prev_ok, other=0), mask=prev_ok, other=0)
-    next_ok = i + 1 < n
-    nxt = tl.load(keys_ptr + base + tl.load(perm_ptr + base + i + 1, mask=next_ok, other=0), mask=next_ok, other=0)
-    start = ok & ((i == 0) | (key != prev))
-    end = ok & ((i == n - 1) | (key != nxt))
+    start, end = _run_edges(skeys_ptr, bh.to(tl.int64) * n, i, n)
     first = tl.associative_scan(tl.where(start, i, -1), 0, _max_combine)    # start of the run, if in the chunk
     closed = end & (first >= 0)
     out = runs_ptr + (bh.to(tl.int64) * n_chunks + c) * 3
@@ -292,7 +306,7 @@ def _pad_runs_kernel(keys_ptr, perm_ptr, runs_ptr, n, n_chunks, block, CHUNK: tl
 
 
 @triton.jit
-def _pad_scatter_kernel(keys_ptr, perm_ptr, runs_ptr, out_ptr, n, n_chunks, block, rows,
+def _pad_scatter_kernel(skeys_ptr, perm_ptr, runs_ptr, out_ptr, n, n_chunks, block, rows,
                         CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
     # Padding, second pass. One program per (batch, head, CHUNK sorted rows): each row's place in the padded
     # order, (blocks of the runs before its own) x block + its rank in its run; the rows are written there.
@@ -326,13 +340,7 @@ def _pad_scatter_kernel(keys_ptr, perm_ptr, runs_ptr, out_ptr, n, n_chunks, bloc
     ok = i < n
     base = bh.to(tl.int64) * n
     pos = tl.load(perm_ptr + base + i, mask=ok, other=0)
-    key = tl.load(keys_ptr + base + pos, mask=ok, other=0)
-    prev_ok = ok & (i > 0)
-    prev = tl.load(keys_ptr + base + tl.load(perm_ptr + base + i - 1, mask=prev_ok, other=0), mask=prev_ok, other=0)
-    next_ok = i + 1 < n
-    nxt = tl.load(keys_ptr + base + tl.load(perm_ptr + base + i + 1, mask=next_ok, other=0), mask=next_ok, other=0)
-    start = ok & ((i == 0) | (key != prev))
-    end = ok & ((i == n - 1) | (key != nxt))
+    start, end = _run_edges(skeys_ptr, base, i, n)
     first = tl.maximum(tl.associative_scan(tl.where(start, i, -1), 0, _max_combine), open_start)
     at_end = tl.where(end, (i - first + block) // block, 0)
     dest = (blocks_before + tl.cumsum(at_end, 0) - at_end) * block + i - first
@@ -344,22 +352,22 @@ PAD_CHUNK = 1024
 PAD_CHUNK_INTERPRETED = 64
 
 
-def pad_sorted_perm(keys: torch.Tensor, perm: torch.Tensor, block: int, rows: int,
+def pad_sorted_perm(sorted_keys: torch.Tensor, perm: torch.Tensor, block: int, rows: int,
                     chunk: int | None = None) -> torch.Tensor:
-    """:func:`attnc.plan.pad_sorted` on the device: ``perm`` (B', H', n) sorted by ``keys`` (int32, position
-    order) with each run of equal keys started on a multiple of ``block``, (B', H', rows), padding rows
-    holding n. Two launches and a fill, no host synchronization."""
+    """:func:`attnc.plan.pad_sorted` on the device: ``perm`` (B', H', n), with ``sorted_keys`` its keys in its
+    order (int32, see radix_sort_perm), with each run of equal keys started on a multiple of ``block``:
+    (B', H', rows), padding rows holding n. Two launches and a fill, no host synchronization."""
     Bp, Hp, n = perm.shape
     out = torch.full((Bp, Hp, rows), n, dtype=perm.dtype, device=perm.device)
     if n == 0 or Bp * Hp == 0:
         return out
     chunk = chunk or (PAD_CHUNK if perm.is_cuda else PAD_CHUNK_INTERPRETED)
-    keys, perm = keys.contiguous(), perm.contiguous()
+    sorted_keys, perm = sorted_keys.contiguous(), perm.contiguous()
     n_chunks = triton.cdiv(n, chunk)
     runs = torch.empty(Bp * Hp, n_chunks, 3, dtype=torch.int64, device=perm.device)
     grid = (Bp * Hp, n_chunks)
-    _pad_runs_kernel[grid](keys, perm, runs, n, n_chunks, block, CHUNK=chunk)
-    _pad_scatter_kernel[grid](keys, perm, runs, out, n, n_chunks, block, rows, CHUNK=chunk,
+    _pad_runs_kernel[grid](sorted_keys, runs, n, n_chunks, block, CHUNK=chunk)
+    _pad_scatter_kernel[grid](sorted_keys, perm, runs, out, n, n_chunks, block, rows, CHUNK=chunk,
                               CHUNKS=min(64, triton.next_power_of_2(n_chunks)))
     return out
 
@@ -396,9 +404,12 @@ def _sort_keys(module, side: str, keys: tuple, *, shape: tuple, dims: tuple, inp
     for i in reversed(range(len(keys))):
         values = torch.empty(Bp, Hp, n, dtype=torch.int32, device=device)
         getattr(module, f"attnc_sort_key_{side}{i}")[grid](values, key_max[i:i + 1], *dims, *input_args, BLOCK=ROWS)
-        perm = radix_sort_perm(values, key_bits(keys[i]), perm, key_max=key_max[i:i + 1])
-    if pad_block and perm is not None:
-        perm = pad_sorted_perm(values, perm, pad_block, padded_rows(n, pad_block))
+        if pad_block:                   # one bucket key: its keys in sorted order feed the padding
+            perm, in_order = radix_sort_perm(values, key_bits(keys[i]), perm, key_max=key_max[i:i + 1],
+                                             sorted_keys=True)
+            perm = pad_sorted_perm(in_order, perm, pad_block, padded_rows(n, pad_block))
+        else:
+            perm = radix_sort_perm(values, key_bits(keys[i]), perm, key_max=key_max[i:i + 1])
     return perm
 
 

@@ -132,8 +132,8 @@ def test_radix_passes_over_zero_digits_skip(top):
     want = torch.sort(keys, dim=-1, stable=True).indices
     for bound in (keys.max(), torch.tensor(65535)):
         key_max = bound.to(torch.int32).view(1)
-        got = device_setup.radix_sort_perm(keys, 16, kernels=True, key_max=key_max)
-        assert torch.equal(got, want)
+        got, in_order = device_setup.radix_sort_perm(keys, 16, kernels=True, key_max=key_max, sorted_keys=True)
+        assert torch.equal(got, want) and torch.equal(in_order, torch.gather(keys, -1, want))
         prior = torch.argsort(torch.rand(2, 2, 150, generator=g), dim=-1)
         got = device_setup.radix_sort_perm(keys, 16, prior, kernels=True, key_max=key_max)
         assert torch.equal(got, device_setup.radix_sort_perm(keys, 16, prior, kernels=False))
@@ -147,6 +147,7 @@ def test_sort_key_kernels_fold_in_the_maximum():
 
     def spy(keys, bits, perm=None, **kw):
         calls.append((int(keys.max()), int(kw["key_max"])))
+        assert kw.get("sorted_keys")                 # hash buckets are padded: the keys in order feed it
         return real(keys, bits, perm, **kw)
 
     qb = torch.randint(0, 5, (1, 2, 90), generator=torch.Generator().manual_seed(1))
@@ -279,7 +280,7 @@ def test_padding_starts_every_bucket_on_a_block(n, buckets, chunk):
     for b in range(2):
         for h in range(3):
             assert want[b, h].tolist() == _padded_by_hand(perm[b, h].tolist(), keys[b, h].tolist(), block, rows)
-    got = device_setup.pad_sorted_perm(keys, perm, block, rows, chunk=chunk)
+    got = device_setup.pad_sorted_perm(torch.gather(keys, -1, perm), perm, block, rows, chunk=chunk)
     assert torch.equal(got, want)
 
 
