@@ -201,6 +201,14 @@ def classifier_code(pir: PatternIR) -> ClassifierCode:
     return code
 
 
+def mirrored_summaries(code: ClassifierCode) -> bool:
+    """Whether a block of queries and a block of keys holding the same positions have the same summary:
+    each side reads the same tensors, in the same order, at its own position (documents: ``doc[b, q]``
+    and ``doc[b, k]``)."""
+    texts = {side: [ir.to_text(r.node, {ir.var(side): "@"}) for r in code.reads if r.side == side] for side in "qk"}
+    return texts["q"] == texts["k"]
+
+
 def summary_slots(code: ClassifierCode, side: str) -> list[str]:
     """What the summary of a block of ``side`` rows holds, in order: positions, residues, reads."""
     return ["position"] + (["residue"] if code.modulus else []) + [r.text for r in code.reads if r.side == side]

@@ -78,6 +78,10 @@ def _block_j(n: int, cap: int = 1024) -> int:
 
 
 UNSYNCED_LIST_BYTES = 64 << 20     # lists as wide as a row up to this size: no host synchronization
+# Tiles of the list and classifier kernels: rows (query blocks, or key blocks for transposed lists) per
+# program and columns per step (benchmarks/micro_setup.py times the alternatives on the GPU).
+LIST_GROUP, LIST_BLOCK_J, LIST_WARPS = 16, 256, 4
+CLASSIFY_GROUP, CLASSIFY_BLOCK_J, CLASSIFY_WARPS = 16, 128, 4
 
 
 def tile_lists(status: torch.Tensor, transposed: bool = False, sync: bool | None = None) -> TileLists:
@@ -97,21 +101,22 @@ def tile_lists(status: torch.Tensor, transposed: bool = False, sync: bool | None
     full_run = torch.empty(Bp, Hp, n_rows, 2, dtype=torch.int32, device=device)
     full_cnt = torch.empty(Bp, Hp, n_rows, dtype=torch.int32, device=device)
     part_cnt = torch.empty_like(full_cnt)
-    group, block_j = 16, _block_j(n_cols, 256)
+    group, block_j = LIST_GROUP, _block_j(n_cols, LIST_BLOCK_J)
     grid = (Bp * Hp, triton.cdiv(n_rows, group))
     width_full = width_part = max(n_cols, 1)
     stats = torch.zeros(3, dtype=torch.int32, device=device)     # widths; the longest rest (set by FILL)
     if sync:
         if status.numel():
             _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_run, full_cnt, part_cnt,
-                                     stats, full_cnt, part_cnt, 1, 1, GROUP=group, BLOCK_J=block_j, FILL=False)
+                                     stats, full_cnt, part_cnt, 1, 1, GROUP=group, BLOCK_J=block_j, FILL=False,
+                                     num_warps=LIST_WARPS)
         width_full, width_part = (max(w, 1) for w in stats[:2].tolist())       # the host synchronization
     full_idx = torch.empty(Bp, Hp, n_rows, width_full, dtype=torch.int32, device=device)
     part_idx = torch.empty(Bp, Hp, n_rows, width_part, dtype=torch.int32, device=device)
     if status.numel():
         _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_run, full_cnt, part_cnt,
                                  stats, full_idx, part_idx, width_full, width_part,
-                                 GROUP=group, BLOCK_J=block_j, FILL=True)
+                                 GROUP=group, BLOCK_J=block_j, FILL=True, num_warps=LIST_WARPS)
     else:                   # no tiles (no rows, or no columns: every count is 0)
         full_run.zero_()
         full_cnt.zero_()
@@ -465,12 +470,12 @@ def classify(module, code, *, shape: tuple, n_q: int, n_k: int, block_m: int, bl
         args += [summary[2 * slot[r.side]], summary[2 * slot[r.side] + 1]]
         slot[r.side] += 1
     q_count, k_count = counts
-    group = 16
+    group = CLASSIFY_GROUP
     module.attnc_classify[(Bp * Hp, triton.cdiv(nqb, group))](
         status, *args, q_count if q_count is not None else status, k_count if k_count is not None else status,
         n_q, n_k, sizes["batch"], sizes["heads"], Hp, nqb, nkb, BLOCK_M=block_m,
-        BLOCK_N=block_n, GROUP_M=group, BLOCK_J=_block_j(nkb, 128), Q_SORTED=q_sorted, K_SORTED=k_sorted,
-        Q_PADDED=q_count is not None, K_PADDED=k_count is not None)
+        BLOCK_N=block_n, GROUP_M=group, BLOCK_J=_block_j(nkb, CLASSIFY_BLOCK_J), Q_SORTED=q_sorted, K_SORTED=k_sorted,
+        Q_PADDED=q_count is not None, K_PADDED=k_count is not None, num_warps=CLASSIFY_WARPS)
     return status
 
 
@@ -478,19 +483,19 @@ def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, 
                block_n: int, sizes: dict, inputs: dict, device):
     """The whole device setup of a call up to the tile classes: sorts (``transform``, None for list-mode
     patterns), bucket padding (attnc.plan.padded_sides), block summaries, classification. Returns (status,
-    q_perm, k_perm, q_pos32, k_pos32, flags): perms None where a side is not sorted; flags (int32 [2]) 1 where
-    a side's positions stayed in place (not set for padded sides)."""
-    from .codegen import classifier_code
+    q_perm, k_perm, q_pos32, k_pos32, in_place): perms None where a side is not sorted; in_place (int32 [1]) 1
+    while no position of either side moved (not set for padded sides)."""
+    from .codegen import classifier_code, mirrored_summaries
     from .launch import input_launch_args
     code = classifier_code(pir)
     sizes = {**sizes, "batch": batch, "heads": heads, "n_q": n_q, "n_k": n_k}
     input_args = input_launch_args(pir, inputs)
     keys = {"q": transform.query_keys if transform else (), "k": transform.key_keys if transform else ()}
-    # One allocation: the two "in place" flags (cleared when a position moves), then each sort key's
-    # maximum (folded in by the sort-key kernels; starting at 1 is harmless).
-    state = torch.ones(2 + len(keys["q"]) + len(keys["k"]), dtype=torch.int32, device=device)
-    flags = state[:2]
-    key_max = {"q": state[2:2 + len(keys["q"])], "k": state[2 + len(keys["q"]):]}
+    # One allocation: the "in place" flag (cleared by either side's summaries when a position moved), then
+    # each sort key's maximum (folded in by the sort-key kernels; starting at 1 is harmless).
+    state = torch.ones(1 + len(keys["q"]) + len(keys["k"]), dtype=torch.int32, device=device)
+    in_place = state[:1]
+    key_max = {"q": state[1:1 + len(keys["q"])], "k": state[1 + len(keys["q"]):]}
     n = {"q": n_q, "k": n_k}
     pad = dict(zip("qk", padded_sides(transform)))
     block = {"q": block_m, "k": block_n}
@@ -498,21 +503,27 @@ def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, 
     # Keys already in order (documents one after another) are sorted like any others: the stable sort
     # gives the identity, which the summaries flag on the device (Layout.in_place picks the plain kernels).
     perm = {side: None for side in "qk"}
+    mirrored = n_q == n_k and transform is not None and mirrored_keys(transform)
     for side in "qk":
-        if side == "k" and n_q == n_k and transform is not None and mirrored_keys(transform):
+        if side == "k" and mirrored:
             perm["k"] = perm["q"]        # the same keys on both sides (documents): one sort orders both
             continue
         perm[side] = _sort_keys(module, side, keys[side], shape=shape, dims=dims[side], input_args=input_args,
                                 device=device, key_max=key_max[side], pad_block=block[side] if pad[side] else 0)
     q_pos, q_summary, q_count = summarize_side(module, code, "q", perm["q"], shape=shape, dims=dims["q"],
-                                               block=block_m, input_args=input_args, flag=flags[0:1],
+                                               block=block_m, input_args=input_args, flag=in_place,
                                                padded=pad["q"])
-    k_pos, k_summary, k_count = summarize_side(module, code, "k", perm["k"], shape=shape, dims=dims["k"],
-                                               block=block_n, input_args=input_args, flag=flags[1:2],
-                                               padded=pad["k"])
+    if mirrored and block_m == block_n and not pad["k"] and mirrored_summaries(code):
+        # The same order, blocks and reads on both sides (documents): the key blocks' summaries are the
+        # query blocks'.
+        k_pos, k_summary, k_count = q_pos, q_summary, q_count
+    else:
+        k_pos, k_summary, k_count = summarize_side(module, code, "k", perm["k"], shape=shape, dims=dims["k"],
+                                                   block=block_n, input_args=input_args, flag=in_place,
+                                                   padded=pad["k"])
     q_perm, k_perm = perm["q"], perm["k"]
     rows = tuple(p.shape[-1] if p is not None else n[side] for side, p in zip("qk", (q_perm, k_perm)))
     status = classify(module, code, shape=shape, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, sizes=sizes,
                       q_summary=q_summary, k_summary=k_summary, q_sorted=q_perm is not None,
                       k_sorted=k_perm is not None, rows=rows, counts=(q_count, k_count))
-    return status, q_perm, k_perm, q_pos, k_pos, flags
+    return status, q_perm, k_perm, q_pos, k_pos, in_place

@@ -135,7 +135,7 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
         expand = Hp > 1 and Hq != Hkv and transform.per_head_keys
         may_be_in_order = ((q_sorted or k_sorted) and not any(padded_sides(transform))
                            and all(key.kind == "bucket" for key in transform.query_keys + transform.key_keys))
-        in_place = moved.amin().view(1) if may_be_in_order and not expand else None
+        in_place = moved if may_be_in_order and not expand else None
         tiles = PlannedTiles(status, on_device=True)
         return Layout(transform, q_perm, k_perm, B, Hq, expand, not q_sorted, not k_sorted, tiles, q_pos, k_pos,
                       in_place)

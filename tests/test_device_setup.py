@@ -158,28 +158,34 @@ def test_sort_key_kernels_fold_in_the_maximum():
 
 def test_mirrored_keys_sort_once():
     """Documents: queries and keys are sorted by the same read at their own position, so with as many
-    queries as keys one sort orders both sides; hash buckets read two tensors and sort twice."""
-    calls = []
-    real = device_setup.radix_sort_perm
+    queries as keys one sort orders both sides, and with square blocks one summary serves both; hash
+    buckets read two tensors and sort (and summarize) twice."""
+    calls, summaries = [], []
+    real, real_summarize = device_setup.radix_sort_perm, device_setup.summarize_side
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
+    def summarize_spy(*a, **k):
+        summaries.append(a[2])
+        return real_summarize(*a, **k)
+
     ids = (torch.arange(130) // 17).flip(-1).expand(1, 2, 130).contiguous()
-    with mock.patch.object(device_setup, "radix_sort_perm", spy):
+    with mock.patch.object(device_setup, "radix_sort_perm", spy), \
+            mock.patch.object(device_setup, "summarize_side", summarize_spy):
         docs = attnc.compile(str(EXAMPLES / "documents.attn"))
         doc = ids[:, 0]
         sizes = check_inputs(docs.ir, {"doc": doc}, batch=1, heads=2, n_q=130, n_k=130)
         args = (docs.ir, layout_transform(docs.ir.mask), 1, 2, 2, 130, 130, 16, 16, sizes, {"doc": doc},
                 torch.device("cpu"))
         got = build_layout(*args, classifier=docs._module("setup"))
-        assert len(calls) == 1
+        assert len(calls) == 1 and summaries == ["q"]
         want = build_layout(*args)
         assert torch.equal(want.q_perm, got.q_perm) and torch.equal(want.k_perm, got.k_perm)
         assert torch.equal(want.status, got.status)
         _hash_layout(ids, ids, device=True)
-        assert len(calls) == 3
+        assert len(calls) == 3 and summaries == ["q", "q", "k"]
 
 
 def test_keys_in_order_give_the_identity_layout(monkeypatch):
