@@ -79,8 +79,10 @@ def _block_j(n: int, cap: int = 1024) -> int:
 
 UNSYNCED_LIST_BYTES = 64 << 20     # lists as wide as a row up to this size: no host synchronization
 # Tiles of the list and classifier kernels: rows (query blocks, or key blocks for transposed lists) per
-# program and columns per step (benchmarks/micro_setup.py times the alternatives on the GPU).
-LIST_GROUP, LIST_BLOCK_J, LIST_WARPS = 16, 256, 4
+# program and columns per step. benchmarks/micro_setup.py times the alternatives on the GPU (RESULTS run 25,
+# hash buckets at 32k: forward lists 28 -> 22 us with 128 columns a step, transposed 101 -> 80 us with 8 rows).
+LIST_GROUP, LIST_BLOCK_J, LIST_WARPS = 16, 128, 4
+LIST_GROUP_TRANSPOSED = 8
 CLASSIFY_GROUP, CLASSIFY_BLOCK_J, CLASSIFY_WARPS = 16, 128, 4
 
 
@@ -101,7 +103,7 @@ def tile_lists(status: torch.Tensor, transposed: bool = False, sync: bool | None
     full_run = torch.empty(Bp, Hp, n_rows, 2, dtype=torch.int32, device=device)
     full_cnt = torch.empty(Bp, Hp, n_rows, dtype=torch.int32, device=device)
     part_cnt = torch.empty_like(full_cnt)
-    group, block_j = LIST_GROUP, _block_j(n_cols, LIST_BLOCK_J)
+    group, block_j = LIST_GROUP_TRANSPOSED if transposed else LIST_GROUP, _block_j(n_cols, LIST_BLOCK_J)
     grid = (Bp * Hp, triton.cdiv(n_rows, group))
     width_full = width_part = max(n_cols, 1)
     stats = torch.zeros(3, dtype=torch.int32, device=device)     # widths; the longest rest (set by FILL)
