@@ -80,9 +80,8 @@ def _block_j(n: int, cap: int = 1024) -> int:
 UNSYNCED_LIST_BYTES = 64 << 20     # lists as wide as a row up to this size: no host synchronization
 # Tiles of the list and classifier kernels: rows (query blocks, or key blocks for transposed lists) per
 # program and columns per step. benchmarks/micro_setup.py times the alternatives on the GPU (RESULTS run 25,
-# hash buckets at 32k: forward lists 28 -> 22 us with 128 columns a step, transposed 101 -> 80 us with 8 rows).
+# hash buckets at 32k: forward lists 28 -> 22 us with 128 columns a step).
 LIST_GROUP, LIST_BLOCK_J, LIST_WARPS = 16, 128, 4
-LIST_GROUP_TRANSPOSED = 8
 CLASSIFY_GROUP, CLASSIFY_BLOCK_J, CLASSIFY_WARPS = 16, 128, 4
 
 
@@ -94,36 +93,39 @@ def tile_lists(status: torch.Tensor, transposed: bool = False, sync: bool | None
     takes at most UNSYNCED_LIST_BYTES) the lists are that wide, and the call's setup is queued behind the
     previous call's kernels. With one (``sync`` True, or larger lists) they are as wide as the longest
     count."""
-    status = status.contiguous()
-    Bp, Hp, nqb, nkb = status.shape
-    n_rows, n_cols, s_row, s_col = (nkb, nqb, 1, nkb) if transposed else (nqb, nkb, nkb, 1)
+    # The transposed lists read the table's columns: a transposed copy first, so that every list kernel
+    # reads rows of contiguous bytes (reading columns in place, byte-strided, took 80-101 us for hash buckets
+    # at 32k where the forward lists take 22 us; RESULTS run 25).
+    lists_status = status.transpose(-1, -2) if transposed else status
+    status = lists_status.contiguous()
+    Bp, Hp, n_rows, n_cols = status.shape
+    s_row, s_col = n_cols, 1
     device = status.device
     if sync is None:
         sync = Bp * Hp * n_rows * max(n_cols, 1) * 4 > UNSYNCED_LIST_BYTES
     full_run = torch.empty(Bp, Hp, n_rows, 2, dtype=torch.int32, device=device)
     full_cnt = torch.empty(Bp, Hp, n_rows, dtype=torch.int32, device=device)
     part_cnt = torch.empty_like(full_cnt)
-    group, block_j = LIST_GROUP_TRANSPOSED if transposed else LIST_GROUP, _block_j(n_cols, LIST_BLOCK_J)
+    group, block_j = LIST_GROUP, _block_j(n_cols, LIST_BLOCK_J)
     grid = (Bp * Hp, triton.cdiv(n_rows, group))
     width_full = width_part = max(n_cols, 1)
     stats = torch.zeros(3, dtype=torch.int32, device=device)     # widths; the longest rest (set by FILL)
     if sync:
         if status.numel():
-            _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_run, full_cnt, part_cnt,
-                                     stats, full_cnt, part_cnt, 1, 1, GROUP=group, BLOCK_J=block_j, FILL=False,
+            _tile_lists_kernel[grid](status, n_rows * n_cols, s_row, s_col, n_rows, n_cols, full_run, full_cnt,
+                                     part_cnt, stats, full_cnt, part_cnt, 1, 1, GROUP=group, BLOCK_J=block_j, FILL=False,
                                      num_warps=LIST_WARPS)
         width_full, width_part = (max(w, 1) for w in stats[:2].tolist())       # the host synchronization
     full_idx = torch.empty(Bp, Hp, n_rows, width_full, dtype=torch.int32, device=device)
     part_idx = torch.empty(Bp, Hp, n_rows, width_part, dtype=torch.int32, device=device)
     if status.numel():
-        _tile_lists_kernel[grid](status, nqb * nkb, s_row, s_col, n_rows, n_cols, full_run, full_cnt, part_cnt,
-                                 stats, full_idx, part_idx, width_full, width_part,
+        _tile_lists_kernel[grid](status, n_rows * n_cols, s_row, s_col, n_rows, n_cols, full_run, full_cnt,
+                                 part_cnt, stats, full_idx, part_idx, width_full, width_part,
                                  GROUP=group, BLOCK_J=block_j, FILL=True, num_warps=LIST_WARPS)
     else:                   # no tiles (no rows, or no columns: every count is 0)
         full_run.zero_()
         full_cnt.zero_()
         part_cnt.zero_()
-    lists_status = status.transpose(-1, -2) if transposed else status
     return TileLists(full_run, full_idx, full_cnt, part_idx, part_cnt, lists_status, stats[2:])
 
 

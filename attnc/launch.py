@@ -354,6 +354,12 @@ def list_args(lists, guard: torch.Tensor | None = None) -> list:
             guard if guard is not None else lists.full_cnt]
 
 
+def padded(layout, n_q: int, n_k: int) -> bool:
+    """Whether a layout's sorted order holds padding rows (buckets padded to whole blocks): the permuted
+    kernels then tell real rows by position, not by sorted index (a constexpr, PADDED)."""
+    return layout is not None and (layout.rows_q != n_q or layout.rows_k != n_k)
+
+
 def position_args(layout) -> list:
     """Kernel arguments of a permuted launch: the original positions of the sorted rows per (batch, query
     head) and how many sorted rows each side has (more than Nq, Nk where buckets are padded)."""
@@ -441,6 +447,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
             *input_launch_args(pir, inputs),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv,
             REVERSE=True, USE_TMA=_tma_usable(cfg, gathered, kx, vx), WIDE_ROWS=wide_rows(kx, vx), RESIDUE=residue,
+            PADDED=padded(layout, Nq, Nk),
             GUARD=guard, DOT_PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -545,7 +552,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     mode = kernel_mode(pir)
     input_args = input_launch_args(pir, inputs)
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision)
-    layout = None
+    layout = layout2 = None
     if mode != "permuted":
         fwd_extra = bwd_extra = []
         if mode == "lists":
@@ -609,7 +616,8 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             B, Hq, variant.heads_kv, Nq, Nk, scale, *variant.fwd_extra, *input_args,
             BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, num_warps=c1.num_warps, num_stages=c1.num_stages,
             HAS_DLSE=dlse is not None, USE_TMA=_tma_usable(c1, variant.gathered_k, k_tiles, v_tiles),
-            WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=variant.residue, GUARD=variant.guard,
+            WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=variant.residue, PADDED=padded(layout, Nq, Nk),
+            GUARD=variant.guard,
             FULL_RUNS=variant.full_runs,
             **common)
         variant.module.attnc_bwd_dkdv[(B * variant.heads_kv, nkb)](
@@ -619,7 +627,8 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             B, Hq, variant.heads_kv, Nq, Nk, scale, math.ceil(rows_q2 / c2.block_m), *variant.bwd_extra, *input_args,
             BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, num_warps=c2.num_warps, num_stages=c2.num_stages,
             USE_TMA=_tma_usable(c2, variant.gathered_q, q_tiles, do_tiles), WIDE_ROWS=wide_rows(q_tiles, do_tiles),
-            RESIDUE=variant.residue2, GUARD=variant.guard, FULL_RUNS=variant.full_runs, **common)
+            RESIDUE=variant.residue2, PADDED=padded(layout2, Nq, Nk), GUARD=variant.guard, FULL_RUNS=variant.full_runs,
+            **common)
         dk, dv = variant.dk, variant.dv
     if layout is not None:
         dk, dv = layout.reduce_kv_heads(dk, Hkv), layout.reduce_kv_heads(dv, Hkv)

@@ -52,16 +52,13 @@ def main():
         print(f"{name} N={n}: status {tuple(st.shape)}, tiles {cfg.block_m}x{cfg.block_n}", flush=True)
         rows = []
         defaults = device_setup.LIST_GROUP, device_setup.LIST_BLOCK_J, device_setup.LIST_WARPS
-        transposed_group = device_setup.LIST_GROUP_TRANSPOSED
         for group, block_j, warps in itertools.product((8, 16, 32), (128, 256, 512), (4, 8)):
             device_setup.LIST_GROUP, device_setup.LIST_BLOCK_J, device_setup.LIST_WARPS = group, block_j, warps
-            device_setup.LIST_GROUP_TRANSPOSED = group
             fwd = do_bench_cudagraph(lambda: device_setup.tile_lists(st, False), rep=20)
             bwd = do_bench_cudagraph(lambda: device_setup.tile_lists(st, True), rep=20)
             rows.append((fwd + bwd, f"lists group {group:2d} block_j {block_j:3d} warps {warps}: "
                                     f"{fwd * 1e3:6.1f} us forward, {bwd * 1e3:6.1f} us transposed"))
         device_setup.LIST_GROUP, device_setup.LIST_BLOCK_J, device_setup.LIST_WARPS = defaults
-        device_setup.LIST_GROUP_TRANSPOSED = transposed_group
         for t, line in sorted(rows)[:8]:
             print(line, flush=True)
         rows = []
