@@ -242,8 +242,10 @@ class Kernel:
             plan = list_plan(self.ir, layout.status, n_q, n_k, batch, heads, bm, bn)
             plan.mode = "permuted"
             plan.transforms = list(transform.names)
-            plan.setup = (f"stable sorts of queries and keys per (batch, head), then tile classification of the "
-                          f"sorted problem on {tuple(layout.status.shape)} blocks")
+            padding = (", each bucket started on a block boundary"
+                       if layout.rows_q != n_q or layout.rows_k != n_k else "")
+            plan.setup = (f"stable sorts of queries and keys per (batch, head){padding}, then tile classification "
+                          f"of the sorted problem on {tuple(layout.status.shape)} blocks")
             return plan
         status = self._classify(n_q, n_k, batch, heads, bm, bn, sizes, inputs, device, classifier).status
         return list_plan(self.ir, status, n_q, n_k, batch, heads, bm, bn)
