@@ -18,7 +18,8 @@ from .analyze import PatternIR
 from .evaluate import OPS
 from .interval import Emitter, IntervalEvaluator, Sym, TritonOps
 from .parse import _resource_text
-from .plan import BUCKET_KEY_MAX, RangeProgram, block_ranges, layout_transform, range_program, summarized_side
+from .plan import (BUCKET_KEY_MAX, RangeProgram, block_ranges, layout_transform, mirrored_reads, range_program,
+                   summarized_side)
 
 # How the element-wise code names the index variables and sizes inside a tile.
 LEAF_NAMES = {"q": "q_pos", "k": "k_pos", "b": "off_b", "h": "off_h",
@@ -205,8 +206,7 @@ def mirrored_summaries(code: ClassifierCode) -> bool:
     """Whether a block of queries and a block of keys holding the same positions have the same summary:
     each side reads the same tensors, in the same order, at its own position (documents: ``doc[b, q]``
     and ``doc[b, k]``)."""
-    texts = {side: [ir.to_text(r.node, {ir.var(side): "@"}) for r in code.reads if r.side == side] for side in "qk"}
-    return texts["q"] == texts["k"]
+    return mirrored_reads([r.node for r in code.reads if r.side == "q"], [r.node for r in code.reads if r.side == "k"])
 
 
 def summary_slots(code: ClassifierCode, side: str) -> list[str]:

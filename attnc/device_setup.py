@@ -438,8 +438,6 @@ def summarize_side(module, code, side: str, perm, *, shape: tuple, dims: tuple, 
         # Rows in order and nothing read (the classifier computes the positions from block indices), or
         # no rows: nothing to summarize.
         pos32 = torch.empty(Bp, Hp, rows, dtype=torch.int32, device=flag.device) if perm is not None else None
-        if count is not None:
-            count.zero_()
         return pos32, torch.empty(2 * slots, 1, 1, 1, dtype=torch.int64, device=flag.device), count
     summary = torch.empty(2 * slots, Bp, Hp, n_blocks, dtype=torch.int64, device=flag.device)
     pos32 = torch.empty(Bp, Hp, rows, dtype=torch.int32, device=flag.device) if perm is not None else None

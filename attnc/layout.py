@@ -143,17 +143,16 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     env.update(inputs)
     env["b"] = torch.arange(Bp, device=device).view(Bp, 1, 1)
     env["h"] = torch.arange(Hp, device=device).view(1, Hp, 1)
-    q_perm = sort_positions(transform.query_keys, env, n_q, (Bp, Hp), device)
-    k_perm = sort_positions(transform.key_keys, env, n_k, (Bp, Hp), device)
-    counts = []
-    for side, (perm, keys, n, block), pad in zip("qk", ((q_perm, transform.query_keys, n_q, block_m),
-                                                        (k_perm, transform.key_keys, n_k, block_n)),
-                                                  padded_sides(transform)):
+    perms, counts = [], []
+    for keys, n, block, pad in zip((transform.query_keys, transform.key_keys), (n_q, n_k), (block_m, block_n),
+                                   padded_sides(transform)):
+        perm = sort_positions(keys, env, n, (Bp, Hp), device)
         if pad:      # buckets started on block boundaries (attnc.plan.padded_rows)
             values = sort_key_values(keys[0], env, _arange(n, Bp, Hp, device), (Bp, Hp))
             perm = pad_sorted(perm, values, block, padded_rows(n, block))
-            q_perm, k_perm = (perm, k_perm) if side == "q" else (q_perm, perm)
+        perms.append(perm)
         counts.append(real_rows_per_block(perm, n, block) if pad else None)
+    q_perm, k_perm = perms
     modulus = next((k.modulus for k in transform.query_keys if k.kind == "residue"), 0)
     status = PermutedTileClassifier(pir, fill_padding(q_perm, n_q), fill_padding(k_perm, n_k), q_perm.shape[-1],
                                     k_perm.shape[-1], B, Hq, block_m, block_n, sizes, inputs,

@@ -491,18 +491,22 @@ class LayoutTransform:
         return any(k.node is not None and "h" in ir.free_vars(k.node) for k in self.key_keys)
 
 
+def mirrored_reads(q_reads, k_reads) -> bool:
+    """Whether two lists of reads are the same reads, in the same order, each at its own side's position
+    (``doc[b, q]`` and ``doc[b, k]``)."""
+    as_text = lambda reads, side: [ir.to_text(node, {ir.var(side): "@"}) for node in reads]
+    return as_text(q_reads, "q") == as_text(k_reads, "k")
+
+
 def mirrored_keys(transform: LayoutTransform) -> bool:
     """Whether queries and keys are sorted by the same keys, each read at its own position (documents:
     ``doc[b, q]`` and ``doc[b, k]``): with as many queries as keys, one sort then orders both sides."""
-    if len(transform.query_keys) != len(transform.key_keys):
+    pairs = list(zip(transform.query_keys, transform.key_keys))
+    if len(transform.query_keys) != len(transform.key_keys) or any(
+            a.kind != b.kind or a.modulus != b.modulus or (a.node is None) != (b.node is None) for a, b in pairs):
         return False
-    q, k = {ir.var("q"): "@"}, {ir.var("k"): "@"}
-    for a, b in zip(transform.query_keys, transform.key_keys):
-        if a.kind != b.kind or a.modulus != b.modulus or (a.node is None) != (b.node is None):
-            return False
-        if a.node is not None and ir.to_text(a.node, q) != ir.to_text(b.node, k):
-            return False
-    return True
+    return mirrored_reads([a.node for a, _ in pairs if a.node is not None],
+                          [b.node for _, b in pairs if b.node is not None])
 
 
 def _position_var(node: ir.Node) -> str | None:

@@ -242,8 +242,8 @@ class Kernel:
             plan = list_plan(self.ir, layout.status, n_q, n_k, batch, heads, bm, bn)
             plan.mode = "permuted"
             plan.transforms = list(transform.names)
-            padding = (", each bucket started on a block boundary"
-                       if layout.rows_q != n_q or layout.rows_k != n_k else "")
+            from .launch import padded
+            padding = ", each bucket started on a block boundary" if padded(layout, n_q, n_k) else ""
             plan.setup = (f"stable sorts of queries and keys per (batch, head){padding}, then tile classification "
                           f"of the sorted problem on {tuple(layout.status.shape)} blocks")
             return plan
