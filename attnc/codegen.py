@@ -288,8 +288,17 @@ def template_context(pir: PatternIR, mode: str | None = None) -> dict:
         dscore_var = dscore_printer(ir.derivative(pir.score, ir.score()))
         dscore_lines = dscore_printer.em.lines
     mode = mode or kernel_mode(pir)
-    range_lines, n_parts = _range_code(range_program(pir.mask)) if mode == "ranges" else ([], 0)
-    t_range_lines, t_n_parts = (_range_code(range_program(ir.swap_query_key(pir.mask))) if mode == "ranges"
+    permuted = mode in ("permuted", "residue")
+    range_mask = pir.mask
+    if mode == "residue":
+        # Residue classes in closed form: the key ranges are those of the class-local mask (one problem of
+        # n / d rows per class; attnc.plan.residue_local_mask); partial tiles still test the whole mask on
+        # the rows' original positions.
+        from .plan import residue_local_mask
+        range_mask = residue_local_mask(pir.mask)[1]
+        mode = "ranges"
+    range_lines, n_parts = _range_code(range_program(range_mask)) if mode == "ranges" else ([], 0)
+    t_range_lines, t_n_parts = (_range_code(range_program(ir.swap_query_key(range_mask))) if mode == "ranges"
                                 else ([], 0))
     inputs = [InputArg(d.name, d.dtype, len(d.dims)) for d in pir.inputs.values()]
     return dict(
@@ -308,7 +317,8 @@ def template_context(pir: PatternIR, mode: str | None = None) -> dict:
         has_score=pir.score is not None,
         mode=mode,
         lists=mode in ("lists", "permuted"),
-        permuted=mode == "permuted",
+        permuted=permuted,
+        range_mask_text=ir.to_text(range_mask),
         range_lines=range_lines,
         n_parts=n_parts,
         range_targets=", ".join(f"lo{i}, hi{i}, flo{i}, fhi{i}" for i in range(n_parts)),

@@ -366,6 +366,34 @@ def position_args(layout) -> list:
     return [layout.qpos, layout.kpos, layout.rows_q, layout.rows_k]
 
 
+def residue_ranges(kern, n_q: int, n_k: int, *configs: FwdConfig) -> int:
+    """d when a call of this pattern runs its residue classes in closed form (the permuted kernels with
+    class-local key ranges, ``attnc.plan.residue_local_mask``): the pattern allows it, and every class
+    is a whole number of blocks of each configuration's tiles. 0: the layout and tile lists path.
+    ``ATTNC_RESIDUE_RANGES=0`` turns it off (A/B runs)."""
+    if os.environ.get("ATTNC_RESIDUE_RANGES", "1") == "0":
+        return 0
+    from .plan import residue_local_mask
+    local = residue_local_mask(kern.ir.mask)
+    if local is None:
+        return 0
+    d = local[0]
+    aligned = all(n_q % (d * c.block_m) == 0 and n_k % (d * c.block_n) == 0
+                  for cfg in configs for c in (cfg, cfg.dkdv_config))
+    return d if aligned else 0
+
+
+_POSITIONS: dict = {}
+
+
+def _computed_positions(device: torch.device, n_q: int, n_k: int) -> list:
+    """Position arguments of a permuted kernel whose rows are computed (residue classes in closed form):
+    the position tables are never read, so a one-element placeholder stands in for both."""
+    if device not in _POSITIONS:
+        _POSITIONS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return [_POSITIONS[device], _POSITIONS[device], n_q, n_k]
+
+
 def variants(layout) -> list[tuple[bool, int]]:
     """The kernels a permuted-mode call launches, as (permuted, guard): the permuted kernel alone (guard
     -1); or, when the device setup could not tell the host whether any row moved (``layout.in_place``),
@@ -392,6 +420,11 @@ def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdCon
     if mode == "lists":
         lists = kern._tile_lists(Nq, Nk, B, Hq, config.block_m, config.block_n, sizes, inputs, q.device)
         return None, [(kern._forward_module(), list_args(lists), k, v, Hkv, -1, 0, False)]
+    residue = residue_ranges(kern, Nq, Nk, config)
+    if residue:
+        # Residue classes in closed form: no setup, no lists, rows computed from the sorted index.
+        return None, [(kern._forward_module("residue"), _computed_positions(q.device, Nq, Nk), k, v, Hkv, -1, residue,
+                       False)]
     layout = kern._layout(B, Hq, Hkv, Nq, Nk, config.block_m, config.block_n, sizes, inputs, q.device)
     lists = layout.lists(False)
     launches = []
@@ -563,6 +596,12 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             fwd_extra, bwd_extra = list_args(fwd_lists, flag), list_args(bwd_lists, flag)
         launches = [_BackwardLaunch(module, fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv,
                                     0 if mode == "lists" else -1, 0, 0, False, False, False, False, dk, dv)]
+    elif residue_ranges(kern, Nq, Nk, cfg, cfg2):
+        # Residue classes in closed form (as in the forward): both kernels walk class-local ranges.
+        d = residue_ranges(kern, Nq, Nk, cfg, cfg2)
+        positions = _computed_positions(q.device, Nq, Nk)
+        launches = [_BackwardLaunch(kern._backward_module("residue"), positions, positions, cfg, k, v, q, dout, Hkv,
+                                    -1, d, d, False, False, False, False, dk, dv)]
     else:
         layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
         layout2 = (layout if cfg2.block_m == cfg.block_m and cfg2.block_n == cfg.block_n else

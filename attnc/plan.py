@@ -205,7 +205,7 @@ class Plan:
     heads: int
     block_m: int
     block_n: int
-    mode: str                      # 'ranges' (closed form in the kernel) or 'lists' (device tile lists)
+    mode: str                      # 'ranges' (closed form), 'lists' (device tile lists), 'permuted', 'residue'
     tiles: dict
     transforms: list = field(default_factory=list)
     setup: str = ""
@@ -227,7 +227,9 @@ class Plan:
                 "ranges": "key-block ranges computed in the kernel in closed form, no block table",
                 "lists": "per-query-block lists of full and partial key blocks built on the device",
                 "permuted": "queries and keys sorted by the layout transforms below, then tile lists of the "
-                            "sorted problem; kernels read and write rows at their original positions"}[self.mode],
+                            "sorted problem; kernels read and write rows at their original positions",
+                "residue": "rows in residue classes (position mod d, computed in the kernels, never loaded), "
+                           "closed-form key-block ranges inside each class, no block table"}[self.mode],
             f"  computed tiles: {t['full'] + t['partial']} of {total} ({100 * self.tile_fraction:.1f}%): "
             f"{t['full']} full (no mask code), {t['partial']} partial (mask evaluated), {t['empty']} skipped",
             f"  layout transforms: {', '.join(self.transforms) if self.transforms else 'none'}",
@@ -281,6 +283,21 @@ def static_plan(pir: PatternIR, n_q: int, n_k: int, batch: int, heads: int, bloc
              "empty": (nqb * nkb - int(computed.sum())) * per_bh}
     return Plan(pir.name, n_q, n_k, batch, heads, block_m, block_n, "ranges", tiles,
                 disjuncts=len(ranges))
+
+
+def residue_plan(pir: PatternIR, n_q: int, n_k: int, batch: int, heads: int, block_m: int, block_n: int) -> Plan:
+    """The plan of a call whose residue classes run in closed form (``residue_local_mask``; each class a
+    whole number of blocks): d copies of the class-local static plan on the diagonal of the class grid;
+    tiles pairing two classes are empty."""
+    import dataclasses
+    d, mask = residue_local_mask(pir.mask)
+    local = static_plan(dataclasses.replace(pir, mask=mask), n_q // d, n_k // d, batch, heads, block_m, block_n)
+    full, partial = local.tiles["full"] * d, local.tiles["partial"] * d
+    total = math.ceil(n_q / block_m) * math.ceil(n_k / block_n) * batch * heads
+    tiles = {"full": full, "partial": partial, "empty": total - full - partial}
+    return Plan(pir.name, n_q, n_k, batch, heads, block_m, block_n, "residue", tiles,
+                list(layout_transform(pir.mask).names), setup="none (positions computed from the sorted index)",
+                disjuncts=local.disjuncts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -533,6 +550,28 @@ def summarized_side(node: ir.Node) -> str | None:
     return side
 
 
+def residue_modulus(atom: ir.Node) -> int:
+    """d when the atom says that q and k are in the same residue class mod d > 1: ``(q - k) % d == 0``
+    (dilation) or ``q % d == k % d`` (NATTEN's dilation groups, 1-D neighborhoods); else 0."""
+    if atom.op != "eq" or not atom.args[1].is_const or atom.args[1].value != 0:
+        return 0
+    kind = ir.atom_kind(atom)
+    if kind == "coordinate":
+        terms = ir.linear(atom.args[0])[0]
+        mods = {t.args[0].attr: (t.args[1].value, c) for t, c in terms.items()
+                if t.op == "mod" and t.args[0].op == "var" and t.args[1].is_const}
+        if (len(terms) == 2 and set(mods) == {"q", "k"} and mods["q"][0] == mods["k"][0] > 1
+                and mods["q"][1] == -mods["k"][1]):
+            return mods["q"][0]
+    elif kind == "modular":
+        mod = atom.args[0]
+        terms = ir.linear(mod.args[0])[0]
+        q, k = ir.var("q"), ir.var("k")
+        if set(terms) == {q, k} and terms[q] == -terms[k] and abs(terms[q]) == 1 and mod.args[1].value > 1:
+            return mod.args[1].value
+    return 0
+
+
 @functools.lru_cache(maxsize=256)
 def layout_transform(mask: ir.Node) -> LayoutTransform | None:
     """The layout transforms that the mask's top-level conjuncts allow, or None.
@@ -566,20 +605,8 @@ def layout_transform(mask: ir.Node) -> LayoutTransform | None:
             elif side == "q" and not any(k.kind == "keep" for k in qk):
                 qk.append(SortKey("keep", atom))
                 names.append("query compaction")
-        elif kind == "coordinate" and atom.op == "eq" and atom.args[1].value == 0 and residue is None:
-            # q % d == k % d (NATTEN's dilation groups, 1-D neighborhoods): the same residue classes.
-            terms = ir.linear(atom.args[0])[0]
-            mods = {t.args[0].attr: (t.args[1].value, c) for t, c in terms.items()
-                    if t.op == "mod" and t.args[0].op == "var" and t.args[1].is_const}
-            if (len(terms) == 2 and set(mods) == {"q", "k"} and mods["q"][0] == mods["k"][0] > 1
-                    and mods["q"][1] == -mods["k"][1]):
-                residue = mods["q"][0]
-        elif kind == "modular" and atom.op == "eq" and atom.args[1].value == 0 and residue is None:
-            mod = atom.args[0]
-            terms = ir.linear(mod.args[0])[0]
-            q, k = ir.var("q"), ir.var("k")
-            if set(terms) == {q, k} and terms[q] == -terms[k] and abs(terms[q]) == 1 and mod.args[1].value > 1:
-                residue = mod.args[1].value
+        elif residue is None and residue_modulus(atom):
+            residue = residue_modulus(atom)
     if residue is not None:
         qk.append(SortKey("residue", None, residue))
         kk.append(SortKey("residue", None, residue))
@@ -587,6 +614,63 @@ def layout_transform(mask: ir.Node) -> LayoutTransform | None:
     if not names:
         return None
     return LayoutTransform(tuple(qk), tuple(kk), tuple(names))
+
+
+@functools.lru_cache(maxsize=256)
+def residue_local_mask(mask: ir.Node) -> tuple[int, ir.Node] | None:
+    """(d, local mask) when the residue permutation alone makes the pattern closed-form in sorted order.
+
+    The pattern must read no runtime input and its only layout transform must be the residue permutation
+    mod d. Inside class c, sorted row j of a side holds position c + d * j; the mask on the class's rows
+    is the mask with q -> d*q + c, k -> d*k + c, n_q -> d*n_q, n_k -> d*n_k (lengths that d divides),
+    the residue atom dropped (it holds inside a class). When that substitution gives the same mask for
+    every c (the mask depends on q and k only through q - k, as causal, windows and dilation do), it is
+    returned: each class is then one problem of n_q / d queries and n_k / d keys with closed-form key
+    ranges, and the kernels need neither a setup nor tile lists. None otherwise (tile lists then)."""
+    transform = layout_transform(mask)
+    if transform is None or ir.uses(mask, "read"):
+        return None
+    keys = transform.query_keys + transform.key_keys
+    if not keys or any(key.kind != "residue" for key in keys):
+        return None
+    d = keys[0].modulus
+    conjuncts = list(mask.args) if mask.op == "and" else [mask]
+    rest = ir.and_(*(c for c in conjuncts if residue_modulus(c) != d))
+    local = [ir.to_text(_scale_positions(rest, d, c)) for c in range(d)]
+    if len(set(local)) != 1:
+        return None
+    return d, _scale_positions(rest, d, 0)
+
+
+def _scale_positions(node: ir.Node, d: int, c: int) -> ir.Node:
+    """``node`` with q -> d*q + c, k -> d*k + c, n_q -> d*n_q, n_k -> d*n_k, rebuilt through the IR's
+    constructors so linear forms and comparisons come out canonical (coefficients divided by their gcd)."""
+    memo: dict = {}
+    for n in ir.postorder([node]):
+        args = tuple(memo[a] for a in n.args)
+        if n.op == "var" and n.attr in ("q", "k"):
+            out = ir.add(ir.mul(ir.const(d), n), ir.const(c))
+        elif n.op == "size" and n.attr in ("n_q", "n_k"):
+            out = ir.mul(ir.const(d), n)
+        elif n.op == "lin":
+            items, const = n.attr
+            out = ir.const(const)
+            for t, coeff in items:
+                out = ir.add(out, ir.mul(ir.const(coeff), memo[t]))
+        elif n.op in ("le", "eq", "ne", "lt"):
+            out = ir.compare(n.op, args[0], args[1])
+        elif n.op == "and":
+            out = ir.and_(*args)
+        elif n.op == "or":
+            out = ir.or_(*args)
+        elif n.op == "not":
+            out = ir.not_(args[0])
+        elif n.op in ("floordiv", "mod") and args[0].type == "int":
+            out = (ir.floordiv if n.op == "floordiv" else ir.mod)(args[0], args[1])
+        else:
+            out = ir.Node(n.op, args, n.attr, n.type)
+        memo[n] = out
+    return memo[node]
 
 
 BUCKET_KEY_MAX = 65535     # sort keys have 16 bits: bucket ids are clamped to [-1, 65534], then + 1

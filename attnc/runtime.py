@@ -234,9 +234,12 @@ class Kernel:
         # CUDA inputs plan with the device classifier the calls use; CPU ones with the torch classifier.
         classifier = self._module("setup") if device.type == "cuda" else None
         if mode == "permuted":
+            from .launch import FwdConfig, residue_ranges
             from .layout import build_layout
-            from .plan import layout_transform
+            from .plan import layout_transform, residue_plan
             transform = layout_transform(self.ir.mask)
+            if residue_ranges(self, n_q, n_k, FwdConfig(bm, bn, 4, 1)):
+                return residue_plan(self.ir, n_q, n_k, batch, heads, bm, bn)
             layout = build_layout(self.ir, transform, batch, heads, heads, n_q, n_k, bm, bn, sizes, inputs, device,
                                   classifier=classifier)
             plan = list_plan(self.ir, layout.status, n_q, n_k, batch, heads, bm, bn)

@@ -112,17 +112,55 @@ def test_tma_backward_variant(name, copies):
                                         ("neighborhood_dilated", (2, 2, 2, 128, 128, 32))])
 def test_residue_classes_computed_not_gathered(name, shape, tma):
     """Dilation with block-aligned residue classes (each length a multiple of dilation x block): the
-    permuted kernels compute positions from the sorted index and, with tensor descriptors, read each
-    class's rows through one strided descriptor. Forward and both backward kernels take that path."""
+    permuted list kernels compute positions from the sorted index and, with tensor descriptors, read each
+    class's rows through one strided descriptor. Forward and both backward kernels take that path (the
+    dilated window only with its closed form turned off: see test_residue_classes_in_closed_form)."""
     from unittest import mock
 
     from attnc import launch
     cfg = launch.FwdConfig(32, 32, 4, 1, tma=tma)
     with mock.patch.object(launch, "_chosen_config", lambda kind, *a: cfg), \
+            mock.patch.dict("os.environ", {"ATTNC_RESIDUE_RANGES": "0"}), \
             returns_of(launch, "_residue") as residues, returns_of(launch, "_tma_usable") as usable:
         check_gradients(name, shape)
     assert len(residues) >= 3 and all(r > 1 for r in residues)          # forward, dQ, dK/dV (at least)
     assert usable == [tma] * 5          # forward; dQ and dK/dV with FULL_RUNS and without (guarded)
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("source,shape", [
+    ("pattern p() { mask causal and dilated(3) and window(50) }", (1, 4, 2, 192, 288, 16)),   # GQA, Nq != Nk
+    ("pattern p() { mask dilated(2) and window(40, 9) }", (2, 2, 2, 128, 128, 32)),            # two-sided
+    ("pattern p() { mask dilated(2) and (window(20) or q - k >= 90) }", (1, 2, 1, 128, 128, 16)),  # two disjuncts
+    ("pattern p() { mask causal and dilated(2) and window(200) }", (1, 2, 2, 192, 128, 16)),   # rows without keys
+])
+def test_residue_classes_in_closed_form(source, shape, tma):
+    """Dilation of a mask that depends on q and k only through q - k (attnc.plan.residue_local_mask): with
+    block-aligned classes every kernel walks class-local closed-form ranges; no layout, no tile lists,
+    no setup. Against float64 autograd, with and without tensor descriptors."""
+    from unittest import mock
+
+    from attnc import launch, layout
+    cfg = launch.FwdConfig(32, 32, 4, 1, tma=tma)
+    kern = attnc.compile(source)
+    with mock.patch.object(launch, "_chosen_config", lambda kind, *a: cfg), \
+            returns_of(launch, "residue_ranges") as used, returns_of(layout, "build_layout") as layouts:
+        _check_kernel_gradients(kern, shape, None)
+    assert used and all(d > 1 for d in used) and not layouts
+
+
+def test_residue_closed_form_only_where_it_applies():
+    """Unaligned lengths, masks that depend on the class (a prefix) and other transforms keep the layout."""
+    from attnc.launch import FwdConfig, residue_ranges
+    cfg = FwdConfig(32, 32, 4, 1)
+    window = attnc.compile("pattern p() { mask causal and dilated(3) and window(50) }")
+    assert residue_ranges(window, 192, 192, cfg) == 3
+    assert residue_ranges(window, 190, 192, cfg) == 0                        # 190 queries: not 3 x 32 blocks
+    assert residue_ranges(window, 192, 192, FwdConfig(128, 32, 4, 1)) == 0   # classes of 64 rows, blocks of 128
+    for refused in ("pattern p() { mask dilated(3) and (causal or k < 7) }",
+                    "pattern p() { mask neighborhood(13, dilation = 2) }",
+                    "pattern p() {\n input keep: bool[batch, heads, N]\n mask kept(keep) and dilated(2)\n}"):
+        assert residue_ranges(attnc.compile(refused), 192, 192, cfg) == 0, refused
 
 
 def test_row_offsets_are_32_bit_unless_a_head_passes_2_31_elements():
@@ -167,8 +205,14 @@ def check_gradients(name, shape):
     B, Hq, Hkv, Nq, Nk, D = shape
     if name in SQUARE_ONLY:
         Nk = Nq
-    g = torch.Generator().manual_seed(hash((name, shape)) % 2**31)
-    kern = attnc.compile(src)
+    _check_kernel_gradients(attnc.compile(src), (B, Hq, Hkv, Nq, Nk, D), kind, hash((name, shape)) % 2**31)
+
+
+def _check_kernel_gradients(kern, shape, kind, seed=0):
+    """Outputs' gradients (and lse's) of ``kern`` at ``shape`` = (B, Hq, Hkv, Nq, Nk, D) against float64
+    autograd of the reference, runtime inputs of ``kind`` (see _inputs)."""
+    B, Hq, Hkv, Nq, Nk, D = shape
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Nq, D, generator=g).requires_grad_()
     k = torch.randn(B, Hkv, Nk, D, generator=g).requires_grad_()
     v = torch.randn(B, Hkv, Nk, D, generator=g).requires_grad_()

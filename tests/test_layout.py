@@ -114,7 +114,49 @@ def test_tile_fractions_meet_the_issue_bounds():
     plan = attnc.compile("pattern p() { mask causal and window(512) and dilated(4) }").plan(
         4096, 4096, block_m=128, block_n=64)
     assert plan.tile_fraction <= 0.07 and "residue permutation (mod 4)" in plan.transforms
-    assert "permuted" in str(plan)
+    assert "mode: residue" in str(plan)          # classes in closed form (4096 = 4 x 8 x 128)
+
+
+RESIDUE_CLOSED_FORM = [
+    ("pattern p() { mask causal and window(300) and dilated(3) }", 3, (192, 192)),
+    ("pattern p() { mask dilated(2) and window(40, 9) }", 2, (256, 256)),
+    ("pattern p() { mask dilated(2) and (window(20) or q - k >= 90) }", 2, (128, 256)),
+    ("pattern p() { mask causal and dilated(4) }", 4, (384, 256)),
+]
+
+
+@pytest.mark.parametrize("source,d,lengths", RESIDUE_CLOSED_FORM)
+def test_residue_local_mask_is_the_mask_inside_each_class(source, d, lengths):
+    """attnc.plan.residue_local_mask: on class c, rows j_q, j_k (positions c + d j) the class-local mask at
+    (j_q, j_k) with lengths n / d equals the pattern's mask at the positions, for every class."""
+    from attnc.evaluate import evaluate
+    from attnc.plan import residue_local_mask
+    kern = attnc.compile(source)
+    got_d, local = residue_local_mask(kern.ir.mask)
+    n_q, n_k = lengths
+    full = kern.mask(n_q, n_k)[0, 0]
+    jq, jk = torch.arange(n_q // d)[:, None], torch.arange(n_k // d)[None, :]
+    inside = evaluate([local], {"q": jq, "k": jk, "n_q": n_q // d, "n_k": n_k // d, "b": 0, "h": 0})[0]
+    inside = torch.as_tensor(inside).expand(n_q // d, n_k // d)
+    assert got_d == d
+    for c in range(d):
+        assert torch.equal(full[c::d, c::d], inside), c
+    # Pairs of different classes are never visible (the residue atom).
+    cls = torch.arange(n_q)[:, None] % d != torch.arange(n_k)[None, :] % d
+    assert not full[cls].any()
+
+
+@pytest.mark.parametrize("source,d,lengths", RESIDUE_CLOSED_FORM)
+def test_residue_plan_counts_the_classified_tiles(source, d, lengths, monkeypatch):
+    """The closed-form plan of residue classes (kern.plan mode 'residue') computes the same tiles as the
+    tile classification of the sorted problem (the path taken with ATTNC_RESIDUE_RANGES=0)."""
+    kern = attnc.compile(source)
+    closed = kern.plan(*lengths, 2, 2, block_m=32, block_n=32)
+    monkeypatch.setenv("ATTNC_RESIDUE_RANGES", "0")
+    listed = kern.plan(*lengths, 2, 2, block_m=32, block_n=32)
+    assert (closed.mode, listed.mode) == ("residue", "permuted")
+    assert closed.tiles == listed.tiles and closed.transforms == listed.transforms
+    assert "setup: none" in str(closed)
 
 
 def test_dilated_neighborhood_uses_residue_classes():
