@@ -278,7 +278,12 @@ def kernel_mode(pir: PatternIR) -> str:
 def template_context(pir: PatternIR, mode: str | None = None) -> dict:
     """What the templates need to know about a pattern: the hooks' code and the plan's shape."""
     mask_printer = ElementwisePrinter("m")
-    mask_var = mask_printer(pir.mask)
+    tile_mask = pir.mask
+    if mode == "residue":
+        # Every tile of the closed-form residue kernels pairs rows of one class: the residue test holds.
+        from .plan import residue_local_mask, without_residue
+        tile_mask = without_residue(pir.mask, residue_local_mask(pir.mask)[0])
+    mask_var = mask_printer(tile_mask)
     score_lines, score_var, dscore_lines, dscore_var = [], "s", [], "1.0"
     if pir.score is not None:
         score_printer = ElementwisePrinter("sc")

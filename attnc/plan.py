@@ -634,12 +634,18 @@ def residue_local_mask(mask: ir.Node) -> tuple[int, ir.Node] | None:
     if not keys or any(key.kind != "residue" for key in keys):
         return None
     d = keys[0].modulus
-    conjuncts = list(mask.args) if mask.op == "and" else [mask]
-    rest = ir.and_(*(c for c in conjuncts if residue_modulus(c) != d))
+    rest = without_residue(mask, d)
     local = [ir.to_text(_scale_positions(rest, d, c)) for c in range(d)]
     if len(set(local)) != 1:
         return None
     return d, _scale_positions(rest, d, 0)
+
+
+def without_residue(mask: ir.Node, d: int) -> ir.Node:
+    """The mask less its top-level residue conjuncts mod d: the same mask on pairs of one residue class,
+    which is all the closed-form residue kernels ever pair (their partial tiles skip the modulo)."""
+    conjuncts = list(mask.args) if mask.op == "and" else [mask]
+    return ir.and_(*(c for c in conjuncts if residue_modulus(c) != d))
 
 
 def _scale_positions(node: ir.Node, d: int, c: int) -> ir.Node:
