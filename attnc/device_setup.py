@@ -85,6 +85,9 @@ LIST_GROUP, LIST_BLOCK_J, LIST_WARPS = 16, 128, 4
 CLASSIFY_GROUP, CLASSIFY_BLOCK_J, CLASSIFY_WARPS = 16, 128, 4
 
 
+HOST_SYNCS = 0       # host synchronizations made by setups so far (a shape that needs one is never graphed)
+
+
 def tile_lists(status: torch.Tensor, transposed: bool = False, sync: bool | None = None) -> TileLists:
     """The tile lists of ``status`` (B', H', nqb, nkb), per query block, or per key block when
     ``transposed``; equal to :func:`attnc.plan.build_tile_lists` up to list widths.
@@ -115,6 +118,8 @@ def tile_lists(status: torch.Tensor, transposed: bool = False, sync: bool | None
             _tile_lists_kernel[grid](status, n_rows * n_cols, s_row, s_col, n_rows, n_cols, full_run, full_cnt,
                                      part_cnt, stats, full_cnt, part_cnt, 1, 1, GROUP=group, BLOCK_J=block_j, FILL=False,
                                      num_warps=LIST_WARPS)
+        global HOST_SYNCS
+        HOST_SYNCS += 1
         width_full, width_part = (max(w, 1) for w in stats[:2].tolist())       # the host synchronization
     full_idx = torch.empty(Bp, Hp, n_rows, width_full, dtype=torch.int32, device=device)
     part_idx = torch.empty(Bp, Hp, n_rows, width_part, dtype=torch.int32, device=device)

@@ -167,13 +167,17 @@ class Kernel:
             cfg = forward_config(head_dim, head_dim, dev, torch.bfloat16, sparse=sparse)
         return cfg.block_m, cfg.block_n
 
-    def _input_cached(self, key: tuple, inputs: dict, build):
+    def _input_cached(self, key: tuple, inputs: dict, build, materialize):
         """Setup (tile lists, layouts) cached per call shape and runtime-input tensors.
 
         The entry holds the input tensors themselves and keys on identity plus version counter: an
         input modified in place is re-planned, a new tensor is never mistaken for a freed one whose
         memory it reuses, and a model reusing one document mask in every layer plans once.
+        A miss runs ``materialize(build(inputs))``, on CUDA through a graph of the call shape's setup
+        (attnc.setup_graphs), so new inputs of a known shape cost one replay, not a launch per step.
         """
+        from .setup_graphs import SetupGraphs
+        shape_key = key
         key = key + tuple((n, id(t), t._version) for n, t in inputs.items())
         cache = self.__dict__.setdefault("_setup_cache", {})
         entry = cache.get(key)
@@ -182,7 +186,8 @@ class Kernel:
         if entry is None:
             if len(cache) >= 8:
                 cache.pop(next(iter(cache)))
-            entry = cache[key] = (build(), tuple(inputs.values()))
+            graphs = self.__dict__.setdefault("_setup_graphs", SetupGraphs())
+            entry = cache[key] = (graphs.run(shape_key, inputs, build, materialize), tuple(inputs.values()))
         return entry[0]
 
     def _setup_module(self, device):
@@ -205,19 +210,20 @@ class Kernel:
 
     def _tile_lists(self, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, device, transposed=False):
         """Tile lists of a list-mode call (see :meth:`_input_cached`)."""
-        key = ("lists", n_q, n_k, batch, heads, block_m, block_n, str(device))
-        return self._input_cached(key, inputs, lambda: self._classify(
-            n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, device,
-            self._setup_module(device))).lists(transposed)
+        key = ("lists", n_q, n_k, batch, heads, block_m, block_n, str(device), tuple(sorted(sizes.items())))
+        return self._input_cached(key, inputs, lambda ins: self._classify(
+            n_q, n_k, batch, heads, block_m, block_n, sizes, ins, device, self._setup_module(device)),
+            _with_forward_lists).lists(transposed)
 
     def _layout(self, batch, heads_q, heads_kv, n_q, n_k, block_m, block_n, sizes, inputs, device):
         """The layout transform of a permuted-mode call (see :mod:`attnc.layout`), cached."""
         from .layout import build_layout
         from .plan import layout_transform
-        key = ("layout", batch, heads_q, heads_kv, n_q, n_k, block_m, block_n, str(device))
-        return self._input_cached(key, inputs, lambda: build_layout(
+        key = ("layout", batch, heads_q, heads_kv, n_q, n_k, block_m, block_n, str(device),
+               tuple(sorted(sizes.items())))
+        return self._input_cached(key, inputs, lambda ins: build_layout(
             self.ir, layout_transform(self.ir.mask), batch, heads_q, heads_kv, n_q, n_k, block_m, block_n,
-            sizes, inputs, device, classifier=self._setup_module(device)))
+            sizes, ins, device, classifier=self._setup_module(device)), _with_forward_lists)
 
     def plan(self, n_q: int, n_k: int, batch: int = 1, heads: int = 1, block_m: int | None = None,
              block_n: int | None = None, **inputs):
@@ -309,3 +315,12 @@ class Kernel:
         """
         from .tuning import autotune
         return autotune(self, seq, batch=batch, heads=heads, dim=dim, dtype=dtype, inputs=inputs or None)
+
+
+def _with_forward_lists(setup):
+    """A setup result (PlannedTiles or Layout) with what every forward reads made now: its forward tile
+    lists, and a moved layout's int32 positions (so a graphed setup holds them; attnc.setup_graphs)."""
+    setup.lists(False)
+    if hasattr(setup, "identity") and not setup.identity:
+        setup.qpos, setup.kpos            # noqa: B018 (cached properties, made on first use)
+    return setup

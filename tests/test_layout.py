@@ -230,3 +230,77 @@ def test_which_rows_the_kernels_compute_or_read_in_order():
     inputs = {"qb": ids, "kb": ids}
     lay = buckets._layout(1, 2, 2, 128, 128, 32, 32, {}, inputs, torch.device("cpu"))
     assert lay.residue_classes(128, 128, 32, 32) == 0 and not lay.q_identity
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source,kind", [(HASH, "buckets"), ("examples/documents.attn", "documents"),
+                                         (KEEP, "keep")])
+def test_setup_graphs_replay_per_call_inputs(source, kind, monkeypatch):
+    """On a GPU the setup of a known call shape is a CUDA graph (attnc.setup_graphs): the second call of a
+    shape captures it, later ones replay it with their own inputs. Outputs and gradients equal the eager
+    setup's, also for a call whose backward runs after later calls have replayed the same graph."""
+    import os
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("run with TRITON_INTERPRET=0 so the compiled kernels run")
+    from attnc.setup_graphs import _Captured
+    kern = attnc.compile(source)
+    B, H, N, D = 2, 4, 1000, 64
+    g = torch.Generator().manual_seed(21)
+
+    def inputs():
+        if kind == "buckets":
+            return {n: torch.randint(0, 6, (B, H, N), generator=g).cuda() for n in ("qb", "kb")}
+        if kind == "documents":
+            return {"doc": torch.sort(torch.randint(0, 5, (B, N), generator=g), dim=-1).values.cuda()}
+        return {"keep": (torch.rand(B, H, N, generator=g) < 0.5).cuda()}
+
+    calls = [inputs() for _ in range(4)]
+    qkv = [torch.randn(B, H, N, D, generator=g).cuda().bfloat16() for _ in range(3)]
+    dout = torch.randn(B, H, N, D, generator=g).cuda().bfloat16()
+
+    def run(ins):
+        leaves = [t.clone().requires_grad_() for t in qkv]
+        return leaves, kern(*leaves, **ins)
+
+    # Graphed: call 1 eager, call 2 captures, 3 and 4 replay; call 2's backward runs last.
+    runs = [run(ins) for ins in calls]
+    graphs = kern.__dict__["_setup_graphs"]._shapes
+    assert any(isinstance(state, _Captured) for state in graphs.values())
+    for leaves, out in [runs[0], runs[2], runs[3], runs[1]]:
+        out.backward(dout)
+    monkeypatch.setenv("ATTNC_SETUP_GRAPHS", "0")
+    kern.__dict__.pop("_setup_cache", None)
+    for (leaves, out), ins in zip(runs, calls):
+        ref_leaves, ref_out = run(ins)
+        ref_out.backward(dout)
+        assert torch.equal(out, ref_out)
+        for got, want in zip(leaves, ref_leaves):
+            assert torch.equal(got.grad, want.grad)
+
+
+def test_setup_result_clones_are_independent_and_equal():
+    """attnc.setup_graphs.clone_result: a graphed setup's result is handed out as clones (the next replay
+    overwrites the graph's tensors): equal values, no shared memory, views of one table cloned once."""
+    from attnc.plan import layout_transform
+    from attnc.setup_graphs import clone_result
+    from attnc.validate import check_inputs
+    kern = attnc.compile(HASH)
+    g = torch.Generator().manual_seed(30)
+    inputs = {n: torch.randint(0, 4, (1, 2, 96), generator=g) for n in ("qb", "kb")}
+    sizes = check_inputs(kern.ir, inputs, batch=1, heads=2, n_q=96, n_k=96)
+    layout = attnc.layout.build_layout(kern.ir, layout_transform(kern.ir.mask), 1, 2, 2, 96, 96, 32, 32, sizes,
+                                       inputs, torch.device("cpu"))
+    layout.lists(False)
+    layout.__dict__["alias"] = layout.q_perm.view(-1)         # a second view of one tensor's memory
+    copy = clone_result(layout)
+    assert type(copy) is type(layout) and copy is not layout
+    for name in ("q_perm", "k_perm"):
+        a, b = getattr(layout, name), getattr(copy, name)
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    got, want = copy.lists(False), layout.lists(False)
+    assert got is not want
+    for name in ("full_run", "full_idx", "full_cnt", "part_idx", "part_cnt", "status"):
+        assert torch.equal(getattr(got, name), getattr(want, name))
+        assert getattr(got, name).data_ptr() != getattr(want, name).data_ptr()
+    assert got.status is copy.tiles.status                   # one tensor, one clone
+    assert copy.__dict__["alias"].data_ptr() != copy.q_perm.data_ptr()   # another view: its own clone
