@@ -187,21 +187,22 @@ def _copies_enabled(device: torch.device) -> bool:
 SORTED_COPY_MIN_ROWS = 8192    # rows of full tiles per program before a sorted copy pays (RESULTS run 11)
 
 
-def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor, layout, forward: bool) -> bool:
-    """Whether to copy the rows of ``k``, ``v`` (K and V, or Q and dO) that a layout transform moved into
-    sorted order, for tensor-descriptor tiles that need not wait for the positions. The copy costs a
-    pass over the rows; in the forward it pays when a program streams many full tiles, at least
-    SORTED_COPY_MIN_ROWS rows (runs 11d-11f: kept keys at 32k; not hash buckets at 32k nor anything at
-    8k). The host does not read the lists, so the rule is on what it knows: compacted keys (kept keys
-    come first, about half of them under a causal mask) when there are 2 x SORTED_COPY_MIN_ROWS keys.
-    The backward kernels (run 11e: no gain): never. ATTNC_SORTED_KV=1 copies whenever descriptors can be
-    used, 0 never."""
+def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor, layout, side: str) -> bool:
+    """Whether to copy the rows of ``k``, ``v`` that a layout transform moved into sorted order, for
+    tensor-descriptor tiles that need not wait for the positions: K and V (``side`` 'k', streamed by the
+    forward and dQ kernels) or Q and dO ('q', streamed by the dK/dV kernel). The copy costs a pass over the
+    rows; it pays when a program streams many full tiles, at least SORTED_COPY_MIN_ROWS rows. The host
+    does not read the lists, so the rule is on what it knows: compacted keys (kept keys come first, about
+    half of them under a causal mask) when there are 2 x SORTED_COPY_MIN_ROWS keys. Measured: the forward
+    at 32k (runs 11d-11f; not hash buckets at 32k nor anything at 8k), the dQ kernel at 32k (run 38: kept
+    keys f+b +1.5-3.7%). Never Q and dO. ATTNC_SORTED_KV=1 copies whenever descriptors can be used, 0
+    never."""
     if not cfg.tma or not _copies_enabled(k.device) or k.shape[-1] % 8 or v.shape[-1] % 8:
         return False
     if os.environ.get("ATTNC_SORTED_KV") == "1":
         return True
     keys = layout.transform.key_keys
-    return (forward and bool(keys) and all(key.kind == "keep" for key in keys)
+    return (side == "k" and bool(keys) and all(key.kind == "keep" for key in keys)
             and k.shape[2] >= 2 * SORTED_COPY_MIN_ROWS)
 
 
@@ -437,7 +438,7 @@ def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdCon
         kx, vx = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
         residue = _residue(layout, Nq, Nk, config)
         gathered = _gathered(layout, residue, "k")
-        if gathered and _sorted_copies(config, kx, vx, layout, forward=True):
+        if gathered and _sorted_copies(config, kx, vx, layout, "k"):
             # Keys moved by a sort or compaction: copy K and V in sorted order once, so every tile is a
             # tensor-descriptor load that does not wait for the positions (they only feed the mask).
             kx, vx = layout.sorted_keys(kx), layout.sorted_keys(vx)
@@ -622,8 +623,8 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             residue, residue2 = _residue(layout, Nq, Nk, cfg), _residue(layout, Nq, Nk, cfg2)
             kx, vx = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
             # Moved rows are read from sorted copies (see _sorted_copies) or gathered through positions.
-            copy_k = _gathered(layout, residue, "k") and _sorted_copies(cfg, kx, vx, layout, forward=False)
-            copy_q = _gathered(layout, residue2, "q") and _sorted_copies(cfg2, q, dout, layout, forward=False)
+            copy_k = _gathered(layout, residue, "k") and _sorted_copies(cfg, kx, vx, layout, "k")
+            copy_q = _gathered(layout, residue2, "q") and _sorted_copies(cfg2, q, dout, layout, "q")
             gathered_k = _gathered(layout, residue, "k") and not copy_k
             gathered_q = _gathered(layout, residue2, "q") and not copy_q
             pcfg = cfg

@@ -742,9 +742,10 @@ def test_sorted_key_copies_with_descriptors(case_id, heads_kv):
 
 
 def test_sorted_copies_pay_only_for_long_compacted_keys():
-    """By default a sorted copy is made in the forward for compacted keys, from 2 x SORTED_COPY_MIN_ROWS
+    """By default K and V are copied in sorted order for compacted keys, from 2 x SORTED_COPY_MIN_ROWS
     keys (kept keys come first: a program then streams many full tiles; the host reads no tile list to
-    count them); never for bucket sorts, and in the backward only when ATTNC_SORTED_KV=1."""
+    count them), in the forward and for the dQ kernel; never for bucket sorts, and Q and dO (the dK/dV
+    kernel's rows) only when ATTNC_SORTED_KV=1."""
     from types import SimpleNamespace
 
     from attnc import launch
@@ -756,16 +757,16 @@ def test_sorted_copies_pay_only_for_long_compacted_keys():
     short_k = torch.empty(1, 1, 2 * launch.SORTED_COPY_MIN_ROWS - 1, 64, device="meta")
     with mock.patch.dict("os.environ", {}, clear=False) as env:
         env.pop("ATTNC_SORTED_KV", None)
-        assert launch._sorted_copies(cfg, long_k, long_k, kept, forward=True)
-        assert not launch._sorted_copies(cfg, short_k, short_k, kept, forward=True)
-        assert not launch._sorted_copies(cfg, long_k, long_k, buckets, forward=True)
-        assert not launch._sorted_copies(launch.FwdConfig(128, 64, 8, 3), long_k, long_k, kept, forward=True)
-        assert not launch._sorted_copies(cfg, long_k, long_k, kept, forward=False)   # backward: no gain measured
+        assert launch._sorted_copies(cfg, long_k, long_k, kept, "k")
+        assert not launch._sorted_copies(cfg, short_k, short_k, kept, "k")
+        assert not launch._sorted_copies(cfg, long_k, long_k, buckets, "k")
+        assert not launch._sorted_copies(launch.FwdConfig(128, 64, 8, 3), long_k, long_k, kept, "k")
+        assert not launch._sorted_copies(cfg, long_k, long_k, kept, "q")      # Q, dO: no gain measured
         env["ATTNC_SORTED_KV"] = "1"
-        assert launch._sorted_copies(cfg, short_k, short_k, buckets, forward=True)
-        assert launch._sorted_copies(cfg, long_k, long_k, kept, forward=False)
+        assert launch._sorted_copies(cfg, short_k, short_k, buckets, "k")
+        assert launch._sorted_copies(cfg, long_k, long_k, kept, "q")
         env["ATTNC_SORTED_KV"] = "0"
-        assert not launch._sorted_copies(cfg, long_k, long_k, kept, forward=True)
+        assert not launch._sorted_copies(cfg, long_k, long_k, kept, "k")
 
 
 def test_tma_variant_in_fresh_threads():
