@@ -558,3 +558,71 @@ def test_bad_input_dtype_declaration():
     with pytest.raises(attnc.AttncError) as info:
         attnc.compile(src)
     assert info.value.line == 2, str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Residue classes in closed form (attnc.plan.residue_local_mask)
+
+
+@st.composite
+def _residue_masks(draw):
+    """A random and/or of atoms over q - k (linear, with n_q / n_k terms, or modular), sometimes with an
+    atom that tells residue classes apart (``k <= c``, ``q % 3 == r``), and ``dilated(d)`` on top."""
+    from attnc import ir
+    q, k = ir.var("q"), ir.var("k")
+    diff = ir.sub(q, k)
+
+    def atom(class_free: bool):
+        kind = draw(st.sampled_from(["linear", "linear", "sizes", "modular"] if class_free else ["key", "query"]))
+        if kind == "key":
+            return ir.compare("le", k, ir.const(draw(st.integers(0, 30))))
+        if kind == "query":
+            m = draw(st.integers(2, 4))
+            return ir.compare("eq", ir.mod(q, ir.const(m)), ir.const(draw(st.integers(0, m - 1))))
+        lhs = ir.mul(ir.const(draw(st.integers(-3, 3).filter(bool))), diff)
+        if kind == "sizes":
+            lhs = ir.add(lhs, ir.mul(ir.const(draw(st.integers(-1, 1))), ir.size(draw(st.sampled_from(["n_q", "n_k"])))))
+        if kind == "modular":
+            m = draw(st.integers(2, 5))
+            return ir.compare(draw(st.sampled_from(["eq", "ne"])), ir.mod(lhs, ir.const(m)),
+                              ir.const(draw(st.integers(0, m - 1))))
+        return ir.compare(draw(st.sampled_from(["le", "lt", "eq", "ne"])), lhs, ir.const(draw(st.integers(-30, 30))))
+
+    class_free = draw(st.booleans())
+    atoms = [atom(True) for _ in range(draw(st.integers(1, 3)))]
+    if not class_free:
+        atoms.append(atom(False))
+    body = atoms[0]
+    for a in atoms[1:]:
+        body = (ir.and_ if draw(st.booleans()) else ir.or_)(body, a)
+    d = draw(st.integers(2, 4))
+    dilated = ir.compare("eq", ir.mod(diff, ir.const(d)), ir.const(0))
+    return ir.and_(body, dilated), d, class_free
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(case=_residue_masks(), m_q=st.integers(1, 6), m_k=st.integers(1, 6))
+def test_residue_local_mask_matches_the_mask_on_every_class(case, m_q, m_k):
+    """Whenever residue_local_mask answers, its class-local mask at (j_q, j_k) over lengths n / d is the mask
+    at positions (c + d j_q, c + d j_k) for every class c; and it answers for every mask through q - k."""
+    from attnc.evaluate import evaluate
+    from attnc.plan import residue_local_mask
+    mask, d, class_free = case
+    assume(not mask.is_const)              # atoms that fold to true / false: no pattern left
+    got = residue_local_mask(mask)
+    if class_free:
+        assert got is not None
+    if got is None:
+        return
+    # The first residue conjunct sets d (the body may hold another, e.g. (q - k) % 2 == 0).
+    assert got[0] == d or got[0] in (2, 3, 4, 5)
+    d = got[0]
+    n_q, n_k = d * m_q, d * m_k
+    full = evaluate([mask], {"q": torch.arange(n_q)[:, None], "k": torch.arange(n_k)[None, :], "n_q": n_q,
+                             "n_k": n_k, "b": 0, "h": 0})[0]
+    local = evaluate([got[1]], {"q": torch.arange(m_q)[:, None], "k": torch.arange(m_k)[None, :], "n_q": m_q,
+                                "n_k": m_k, "b": 0, "h": 0})[0]
+    full = torch.as_tensor(full).expand(n_q, n_k)
+    local = torch.as_tensor(local).expand(m_q, m_k)
+    for c in range(d):
+        assert torch.equal(full[c::d, c::d], local), (c, str(mask))
