@@ -294,8 +294,9 @@ def template_context(pir: PatternIR, mode: str | None = None) -> dict:
         dscore_lines = dscore_printer.em.lines
     mode = mode or kernel_mode(pir)
     permuted = mode in ("permuted", "residue")
+    residue_ranges = mode == "residue"
     range_mask = pir.mask
-    if mode == "residue":
+    if residue_ranges:
         # Residue classes in closed form: the key ranges are those of the class-local mask (one problem of
         # n / d rows per class; attnc.plan.residue_local_mask); partial tiles still test the whole mask on
         # the rows' original positions.
@@ -323,6 +324,7 @@ def template_context(pir: PatternIR, mode: str | None = None) -> dict:
         mode=mode,
         lists=mode in ("lists", "permuted"),
         permuted=permuted,
+        residue_ranges=residue_ranges,      # permuted rows in residue classes, closed-form ranges per class
         range_mask_text=ir.to_text(range_mask),
         range_lines=range_lines,
         n_parts=n_parts,
