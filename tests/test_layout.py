@@ -304,3 +304,98 @@ def test_setup_result_clones_are_independent_and_equal():
         assert getattr(got, name).data_ptr() != getattr(want, name).data_ptr()
     assert got.status is copy.tiles.status                   # one tensor, one clone
     assert copy.__dict__["alias"].data_ptr() != copy.q_perm.data_ptr()   # another view: its own clone
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: replay() recomputes what was captured into the captured
+    result's own tensors, as a real graph writes its results into the same memory each time."""
+
+    def capture_begin(self, capture_error_mode="global"):
+        self.mode = capture_error_mode
+
+    def capture_end(self):
+        pass
+
+    def replay(self):
+        self.write(self.rerun(), self.result)
+
+    @classmethod
+    def write(cls, src, dst):
+        if isinstance(src, torch.Tensor):
+            dst.copy_(src)
+        elif isinstance(src, dict):
+            for key in src:
+                cls.write(src[key], dst[key])
+        elif isinstance(src, (list, tuple)):
+            for a, b in zip(src, dst):
+                cls.write(a, b)
+        elif hasattr(src, "__dict__"):
+            for key, value in vars(src).items():
+                cls.write(value, vars(dst)[key])
+
+
+def test_setup_graphs_capture_on_the_second_call_and_replay_later(monkeypatch):
+    """The state machine of attnc.setup_graphs on CPU with a stand-in graph: a shape's first call runs its
+    setup eagerly, the second captures it (reading static copies of the inputs), and every call from the
+    second on copies its inputs in, replays and gets clones, each equal to an eager setup of its own
+    inputs. A shape whose setup synchronized with the host stays eager; at most MAX_SHAPES are kept."""
+    import contextlib
+
+    from attnc import setup_graphs
+    from attnc.plan import layout_transform
+    from attnc.validate import check_inputs
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(setup_graphs, "enabled", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    kern = attnc.compile(HASH)
+    g = torch.Generator().manual_seed(31)
+    calls = [{n: torch.randint(0, 4, (1, 2, 96), generator=g) for n in ("qb", "kb")} for _ in range(4)]
+    sizes = check_inputs(kern.ir, calls[0], batch=1, heads=2, n_q=96, n_k=96)
+    built_from = []
+
+    def build(ins):
+        built_from.append(ins)
+        return attnc.layout.build_layout(kern.ir, layout_transform(kern.ir.mask), 1, 2, 2, 96, 96, 32, 32, sizes,
+                                         ins, torch.device("cpu"))
+
+    def materialize(layout):          # (the torch path's lists are as wide as the data needs: not here)
+        return layout
+
+    real_captured = setup_graphs._Captured
+
+    def captured(graph, static, result):          # give the stand-in graph what it replays
+        graph.rerun, graph.result = (lambda: materialize(build(static))), result
+        return real_captured(graph, static, result)
+    monkeypatch.setattr(setup_graphs, "_Captured", captured)
+
+    graphs = setup_graphs.SetupGraphs()
+    results = [graphs.run(("shape",), ins, build, materialize) for ins in calls]
+    (state,) = graphs._shapes.values()
+    assert isinstance(state, real_captured) and state.graph.mode == "thread_local"
+    assert built_from[0] is calls[0]
+    assert all(b is state.static for b in built_from[1:])          # the capture and replays read static copies
+    for ins, got in zip(calls, results):
+        want = materialize(build(ins))
+        assert torch.equal(got.q_perm, want.q_perm) and torch.equal(got.k_perm, want.k_perm)
+        assert torch.equal(got.status, want.status)
+        assert got.q_perm.data_ptr() != state.result.q_perm.data_ptr()   # a clone, not the graph's tensor
+    # A shape whose first setup synchronized with the host is never captured.
+    from attnc import device_setup
+
+    def syncing_build(ins):
+        device_setup.HOST_SYNCS += 1
+        return build(ins)
+    for ins in calls[:3]:
+        graphs.run(("synced",), ins, syncing_build, materialize)
+    synced = [v for k, v in graphs._shapes.items() if k[0] == "synced"]
+    assert synced == [setup_graphs._EAGER]
+    for i in range(setup_graphs.MAX_SHAPES + 2):
+        graphs.run(("other", i), calls[0], build, materialize)
+    assert len(graphs._shapes) == setup_graphs.MAX_SHAPES
