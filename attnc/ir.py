@@ -53,6 +53,11 @@ class Node:
     def __repr__(self):
         return f"Node({to_text(self)})"
 
+    def __reduce__(self):
+        # Pickles and copies go through the constructor, so a loaded node is the process's one node with
+        # these fields (hash-consing survives them).
+        return (Node, (self.op, self.args, self.attr, self.type))
+
     # Identity is equality (hash-consing); keep the default object hash and eq.
 
     @property

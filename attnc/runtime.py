@@ -67,6 +67,19 @@ class Kernel:
         params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"<attnc.Kernel {self.name}({params})>"
 
+    # ---- copies and pickles ------------------------------------------------------------------------
+    # A compiled kernel never changes (its caches only remember work already done), so copies of a model
+    # that holds one (an EMA copy, an evaluation copy) share it. A pickle holds the analyzed pattern (not
+    # the source, whose file or imports may be gone), and loading it makes a kernel with empty caches.
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (Kernel, (self.ir,))
+
     # ---- semantics -------------------------------------------------------------------------------
     @property
     def ir_text(self) -> str:

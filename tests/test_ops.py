@@ -190,3 +190,30 @@ def test_torch_compile_inductor_on_gpu():
         for t, e in zip((q, k, v, slopes), eager):
             torch.testing.assert_close(t.grad, e.grad, rtol=2e-2, atol=2e-2)
     assert counter.frame_count == 1, "a new sequence length recompiled the graph"
+
+
+def test_kernels_survive_copies_and_pickles(tmp_path):
+    """Models are deep-copied (EMA, evaluation copies) and saved whole: a model holding a kernel shares
+    the kernel in copies, and a pickled kernel carries its analyzed pattern (so a file changed or gone
+    since, or a file that imports another, does not matter), with the same outputs."""
+    import copy
+    import pickle
+    path = tmp_path / "p.attn"
+    path.write_text("pattern p(w: int = 5) { mask causal and window(w) }")
+    kern = attnc.compile(path, w=7)
+    model = torch.nn.Module()
+    model.kern = kern
+    assert copy.deepcopy(model).kern is kern and copy.copy(kern) is kern
+    path.write_text("pattern p(w: int = 5) { mask causal }")            # edited after compiling
+    again = pickle.loads(pickle.dumps(kern))
+    assert again is not kern and again.params == {"w": 7} and again.ir.key_text() == kern.ir.key_text()
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    assert torch.equal(again.reference(q, k, v), kern.reference(q, k, v))
+    buf = tmp_path / "model.pt"
+    torch.save(model, buf)
+    assert torch.load(buf, weights_only=False).kern.ir.key_text() == kern.ir.key_text()
+    multi = attnc.compile("examples/multi.attn", pattern="strided", stride=8)
+    assert pickle.loads(pickle.dumps(multi)).ir.key_text() == multi.ir.key_text()
+    loaded = pickle.loads(pickle.dumps(kern))
+    assert loaded.ir.mask is kern.ir.mask                   # hash-consed IR nodes stay one node per process
+    assert torch.equal(loaded(q, k, v), kern(q, k, v))
