@@ -459,3 +459,14 @@ def test_tma_and_split_configs_round_trip_through_json():
     nested = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2,
               "dkdv": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "dkdv": {}}}
     assert tuning._config_from(nested) is None
+
+
+def test_hopper_forward_table_loads_narrow_tiles_by_pointers():
+    """The Hopper forward defaults (RESULTS runs 6, 10 and 43): wide plans on 128 x 128 tiles with tensor
+    descriptors; narrow bands, lists and permuted plans on 64 x 64 tiles with pointer loads (3-8% faster
+    there since rows are 32-bit offsets); D = 256 on 128 x 64 with descriptors."""
+    from attnc.launch import forward_table
+    assert forward_table(128, 128, torch.bfloat16, 9, sparse=False) == FwdConfig(128, 128, 8, 3, tma=True)
+    assert forward_table(128, 128, torch.bfloat16, 9, sparse=True) == FwdConfig(64, 64, 4, 3)
+    assert forward_table(64, 64, torch.float16, 9, sparse=True) == FwdConfig(64, 64, 4, 3)
+    assert forward_table(256, 256, torch.bfloat16, 9, sparse=True) == FwdConfig(128, 64, 8, 2, tma=True)
