@@ -648,24 +648,19 @@ def _mulf(x: Node, y: Node) -> Node:
     return mul(x, y)
 
 
-def swap_query_key(node: Node) -> Node:
-    """The same expression with the roles of queries and keys exchanged (q <-> k, n_q <-> n_k).
-
-    Used to plan the backward's key-block programs with the forward's machinery: the query blocks a
-    key block needs are the 'key ranges' of the swapped mask.
-    """
+def substitute(node: Node, leaves: dict) -> Node:
+    """``node`` with each leaf (a ``var`` or ``size`` node) that is a key of ``leaves`` replaced by its value,
+    rebuilt through the constructors, so linear forms and integer comparisons come out canonical again."""
     memo: dict = {}
-    swap_var = {"q": "k", "k": "q"}
-    swap_size = {"n_q": "n_k", "n_k": "n_q"}
     for n in postorder([node]):
         args = tuple(memo[a] for a in n.args)
-        if n.op == "var":
-            out = var(swap_var.get(n.attr, n.attr))
-        elif n.op == "size":
-            out = size(swap_size.get(n.attr, n.attr))
+        if n in leaves:
+            out = leaves[n]
         elif n.op == "lin":
             items, c = n.attr
-            out = linear_node({memo[t]: coeff for t, coeff in items}, c)
+            out = const(c)
+            for t, coeff in items:
+                out = add(out, mul(const(coeff), memo[t]))
         elif n.op in ("le", "eq", "ne", "lt"):
             out = compare(n.op, args[0], args[1])
         elif n.op == "and":
@@ -678,3 +673,13 @@ def swap_query_key(node: Node) -> Node:
             out = Node(n.op, args, n.attr, n.type)
         memo[n] = out
     return memo[node]
+
+
+def swap_query_key(node: Node) -> Node:
+    """The same expression with the roles of queries and keys exchanged (q <-> k, n_q <-> n_k).
+
+    Used to plan the backward's key-block programs with the forward's machinery: the query blocks a
+    key block needs are the 'key ranges' of the swapped mask.
+    """
+    return substitute(node, {var("q"): var("k"), var("k"): var("q"), size("n_q"): size("n_k"),
+                             size("n_k"): size("n_q")})

@@ -599,9 +599,8 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             fwd_extra, bwd_extra = list_args(fwd_lists, flag), list_args(bwd_lists, flag)
         launches = [_BackwardLaunch(module, fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv,
                                     0 if mode == "lists" else -1, 0, 0, False, False, False, False, dk, dv)]
-    elif residue_ranges(kern, Nq, Nk, cfg, cfg2):
+    elif d := residue_ranges(kern, Nq, Nk, cfg, cfg2):
         # Residue classes in closed form (as in the forward): both kernels walk class-local ranges.
-        d = residue_ranges(kern, Nq, Nk, cfg, cfg2)
         positions = _computed_positions(q.device, Nq, Nk)
         launches = [_BackwardLaunch(kern._backward_module("residue"), positions, positions, cfg, k, v, q, dout, Hkv,
                                     -1, d, d, False, False, False, False, dk, dv)]

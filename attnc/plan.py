@@ -605,8 +605,8 @@ def layout_transform(mask: ir.Node) -> LayoutTransform | None:
             elif side == "q" and not any(k.kind == "keep" for k in qk):
                 qk.append(SortKey("keep", atom))
                 names.append("query compaction")
-        elif residue is None and residue_modulus(atom):
-            residue = residue_modulus(atom)
+        elif residue is None and (modulus := residue_modulus(atom)):
+            residue = modulus
     if residue is not None:
         qk.append(SortKey("residue", None, residue))
         kk.append(SortKey("residue", None, residue))
@@ -651,32 +651,9 @@ def without_residue(mask: ir.Node, d: int) -> ir.Node:
 def _scale_positions(node: ir.Node, d: int, c: int) -> ir.Node:
     """``node`` with q -> d*q + c, k -> d*k + c, n_q -> d*n_q, n_k -> d*n_k, rebuilt through the IR's
     constructors so linear forms and comparisons come out canonical (coefficients divided by their gcd)."""
-    memo: dict = {}
-    for n in ir.postorder([node]):
-        args = tuple(memo[a] for a in n.args)
-        if n.op == "var" and n.attr in ("q", "k"):
-            out = ir.add(ir.mul(ir.const(d), n), ir.const(c))
-        elif n.op == "size" and n.attr in ("n_q", "n_k"):
-            out = ir.mul(ir.const(d), n)
-        elif n.op == "lin":
-            items, const = n.attr
-            out = ir.const(const)
-            for t, coeff in items:
-                out = ir.add(out, ir.mul(ir.const(coeff), memo[t]))
-        elif n.op in ("le", "eq", "ne", "lt"):
-            out = ir.compare(n.op, args[0], args[1])
-        elif n.op == "and":
-            out = ir.and_(*args)
-        elif n.op == "or":
-            out = ir.or_(*args)
-        elif n.op == "not":
-            out = ir.not_(args[0])
-        elif n.op in ("floordiv", "mod") and args[0].type == "int":
-            out = (ir.floordiv if n.op == "floordiv" else ir.mod)(args[0], args[1])
-        else:
-            out = ir.Node(n.op, args, n.attr, n.type)
-        memo[n] = out
-    return memo[node]
+    leaves = {ir.var(v): ir.add(ir.mul(ir.const(d), ir.var(v)), ir.const(c)) for v in ("q", "k")}
+    leaves.update({ir.size(n): ir.mul(ir.const(d), ir.size(n)) for n in ("n_q", "n_k")})
+    return ir.substitute(node, leaves)
 
 
 BUCKET_KEY_MAX = 65535     # sort keys have 16 bits: bucket ids are clamped to [-1, 65534], then + 1

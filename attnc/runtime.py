@@ -253,7 +253,7 @@ class Kernel:
         # CUDA inputs plan with the device classifier the calls use; CPU ones with the torch classifier.
         classifier = self._module("setup") if device.type == "cuda" else None
         if mode == "permuted":
-            from .launch import FwdConfig, residue_ranges
+            from .launch import FwdConfig, padded, residue_ranges
             from .layout import build_layout
             from .plan import layout_transform, residue_plan
             transform = layout_transform(self.ir.mask)
@@ -264,7 +264,6 @@ class Kernel:
             plan = list_plan(self.ir, layout.status, n_q, n_k, batch, heads, bm, bn)
             plan.mode = "permuted"
             plan.transforms = list(transform.names)
-            from .launch import padded
             padding = ", each bucket started on a block boundary" if padded(layout, n_q, n_k) else ""
             plan.setup = (f"stable sorts of queries and keys per (batch, head){padding}, then tile classification "
                           f"of the sorted problem on {tuple(layout.status.shape)} blocks")
