@@ -5,7 +5,7 @@ FlexAttention (and SDPA's cuDNN / flash backends on dense causal), forward and f
 
 Reads the rows ``benchmarks/bench_all.py`` writes (``bench.jsonl``); when a (pattern, N) appears in
 several files the last one wins, so a later run can replace some lengths of an earlier one. Rows whose
-correctness check failed are not drawn.
+correctness check failed are not drawn; rows timed without a check (``--no-check``) are.
 """
 import argparse
 import json
@@ -26,7 +26,7 @@ def load_rows(paths: list[Path]) -> dict:
             if not line.strip():
                 continue
             row = json.loads(line)
-            if row.get("check", "ok") != "ok" or "pattern" not in row:
+            if row.get("check", "ok") not in ("ok", "skipped") or "pattern" not in row:
                 continue
             rows[(row["pattern"], row["N"])] = row
     return rows
