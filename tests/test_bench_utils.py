@@ -428,10 +428,12 @@ def test_plot_tflops_reads_runs_and_draws(tmp_path):
                attnc_fwdbwd_tflops=380.0, flex_fwdbwd_tflops=390.0, cudnn_fwd_tflops=580.0)
     a.write_text("\n".join(json.dumps(r) for r in (
         row, dict(row, N=32768, attnc_fwd_tflops=500.0),
-        dict(row, pattern="hash8_causal", check="FAIL out 1e-1"))) + "\n")
+        dict(row, pattern="hash8_causal", check="FAIL out 1e-1"),
+        dict(row, pattern="document_causal", check="skipped"))) + "\n")
     b.write_text(json.dumps(dict(row, N=32768, attnc_fwd_tflops=510.0)) + "\n\n")
     rows = plot.load_rows([a, b])
-    assert set(rows) == {("causal", 8192), ("causal", 32768)}         # failed checks are not drawn
+    # failed checks are not drawn; rows timed without a check (--no-check) are
+    assert set(rows) == {("causal", 8192), ("causal", 32768), ("document_causal", 8192)}
     assert rows[("causal", 32768)]["attnc_fwd_tflops"] == 510.0        # the later file wins
     out = tmp_path / "fig.png"
     plot.plot(rows, out, title="test")
