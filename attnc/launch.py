@@ -278,29 +278,18 @@ def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int
 
 
 NARROW_KEYS = 2048
-# Key compaction (``kept(keep) and causal``): the kept keys' plan is its static remainder's, counted before
-# compaction, so the kernel sees about half the keys the count says. Measured for 50% kept keys: at 8k
-# (4160 keys per 128-row query block before compaction) 64 x 64 tiles ran 1.91x of Flex against 1.83x
-# for 128 x 128 (RESULTS run 48); at 32k (16.4k keys) 128 x 128 was 8% faster (run 10c). The limit lies
-# between the two; 16k (8256) is not measured.
-COMPACTED_NARROW_KEYS = 8192
 
 
 def prefers_small_tiles(kern, n_q: int, n_k: int) -> bool:
     """Whether a call runs on small tiles: tile lists and layout transforms always; closed-form plans
     when the band is narrow (on average fewer than NARROW_KEYS keys per query block, counted on
-    128 x 128 tiles), where large tiles would mostly be partial. Patterns whose only transform is
-    compaction follow their static remainder, with COMPACTED_NARROW_KEYS when keys are compacted.
-    Cached per (n_q, n_k)."""
+    128 x 128 tiles), where large tiles would mostly be partial. Cached per (n_q, n_k)."""
     from .codegen import kernel_mode
     if "_narrow_ir" not in kern.__dict__:         # the pattern whose static plan decides, once per kernel
         mode = kernel_mode(kern.ir)
-        pir, limit = (kern.ir, NARROW_KEYS) if mode == "ranges" else (None, NARROW_KEYS)
-        if mode == "permuted" and (pir := _compacted_remainder(kern.ir)) is not None:
-            from .plan import layout_transform
-            limit = COMPACTED_NARROW_KEYS if layout_transform(kern.ir.mask).key_keys else NARROW_KEYS
-        kern.__dict__["_narrow_ir"] = (pir, limit)
-    pir, limit = kern.__dict__["_narrow_ir"]
+        kern.__dict__["_narrow_ir"] = (kern.ir if mode == "ranges" else
+                                       _compacted_remainder(kern.ir) if mode == "permuted" else None)
+    pir = kern.__dict__["_narrow_ir"]
     if pir is None:
         return True
     cache = kern.__dict__.setdefault("_narrow", {})
@@ -311,7 +300,7 @@ def prefers_small_tiles(kern, n_q: int, n_k: int) -> bool:
         plan = static_plan(pir, n_q, n_k, 1, 1, 128, 128)
         n_qblocks = max(1, math.ceil(n_q / 128))
         visited = (plan.tiles["full"] + plan.tiles["partial"]) / n_qblocks
-        cache[(n_q, n_k)] = visited * 128 < limit
+        cache[(n_q, n_k)] = visited * 128 < NARROW_KEYS
     return cache[(n_q, n_k)]
 
 
