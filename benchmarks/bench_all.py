@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))      # after PYTHONPATH / site-packages: an installed attnc wins
 
 from attnc.bench import (bench_pattern, dense_mask_from_mod, env_info, format_table,  # noqa: E402
-                         masked_attention_reference, parse_dtype, _backward_unavailable)
+                         masked_attention_reference, parse_dtype, _backward_unavailable, _create_block_mask)
 from attnc.errors import InputError  # noqa: E402
 
 
@@ -316,6 +316,39 @@ def resolve_kernel(spec: BenchPattern, params: dict, examples_dir: Path, device,
             log(f"  [{spec.name}] not used: {r}")
         return Resolved(kern, label, compile_s, warm, int_dtype, rejected)
     raise RuntimeError(f"no attnc source reproduces {spec.name}: " + " | ".join(rejected))
+
+
+@dataclasses.dataclass
+class BenchCall:
+    """One benchmark call of a pattern at one length, for the scripts that time it beside Flex."""
+    kern: object
+    inputs: dict                 # the kernel's runtime inputs
+    mask_mod: Callable           # Flex's mask_mod for the same inputs
+    block_mask: object           # Flex's block mask
+    q: torch.Tensor              # q, k, v require grad
+    k: torch.Tensor
+    v: torch.Tensor
+    dout: torch.Tensor
+    batch: int
+    heads: int
+    dim: int
+
+
+def bench_call(spec: BenchPattern, n: int, tokens: int, heads: int, dim: int, device="cuda",
+               dtype=torch.bfloat16) -> BenchCall:
+    """The benchmark's call of ``spec`` at length ``n`` (batch = tokens // n): the kernel from its example
+    file, the anchors' runtime inputs, seeded random q, k, v and dO, and Flex's mask and block mask."""
+    b = max(1, tokens // n)
+    res = resolve_kernel(spec, spec.params, ROOT / "examples", device)
+    canon = anchor_inputs(n, b, heads, device)
+    inputs = fit_inputs(res.kern, spec, canon, res.int_dtype)
+    mask_mod = spec.mask(canon, spec.params)
+    block_mask = _create_block_mask(mask_mod, (b, heads) if spec.flex_per_bh else None, n, n, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(b, heads, n, dim, device=device, dtype=dtype, generator=g).requires_grad_()
+               for _ in range(3))
+    dout = torch.randn(b, heads, n, dim, device=device, dtype=dtype, generator=g)
+    return BenchCall(res.kern, inputs, mask_mod, block_mask, q, k, v, dout, b, heads, dim)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from bench_all import SPEC_BY_NAME, anchor_inputs, fit_inputs, resolve_kernel  # noqa: E402
+from bench_all import SPEC_BY_NAME, bench_call  # noqa: E402
 
-from attnc.bench import _create_block_mask, _flex  # noqa: E402
+from attnc.bench import _flex  # noqa: E402
 
 
 def kernel_times(fn, iters: int) -> dict[str, float]:
@@ -45,20 +45,12 @@ def kernel_times(fn, iters: int) -> dict[str, float]:
 
 
 def profile_one(name: str, n: int, args) -> dict:
-    spec = SPEC_BY_NAME[name]
-    b, h, d = max(1, args.tokens // n), args.heads, args.dim
-    res = resolve_kernel(spec, spec.params, ROOT / "examples", "cuda")
-    canon = anchor_inputs(n, b, h, "cuda")
-    inputs = fit_inputs(res.kern, spec, canon, res.int_dtype)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-               for _ in range(3))
-    dout = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    call = bench_call(SPEC_BY_NAME[name], n, args.tokens, args.heads, args.dim)
+    q, k, v, dout = call.q, call.k, call.v, call.dout
     flex = _flex()
-    bm = _create_block_mask(spec.mask(canon, spec.params), (b, h) if spec.flex_per_bh else None, n, n, "cuda")
-    row = dict(pattern=name, N=n, B=b, H=h, D=d)
-    for impl, fn in (("attnc", lambda: res.kern(q, k, v, **inputs).backward(dout)),
-                     ("flex", lambda: flex(q, k, v, block_mask=bm).backward(dout))):
+    row = dict(pattern=name, N=n, B=call.batch, H=call.heads, D=call.dim)
+    for impl, fn in (("attnc", lambda: call.kern(q, k, v, **call.inputs).backward(dout)),
+                     ("flex", lambda: flex(q, k, v, block_mask=call.block_mask).backward(dout))):
         times = kernel_times(fn, args.iters)
         row[impl] = times
         row[impl + "_total_us"] = sum(times.values())

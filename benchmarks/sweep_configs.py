@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_all  # noqa: E402
-from attnc.bench import (_create_block_mask, _flex, effective_tflops, env_info, mask_density,  # noqa: E402
+from attnc.bench import (_flex, effective_tflops, env_info, mask_density,  # noqa: E402
                          relative_error, time_ms)
 
 FWD = ["128,64,8,3", "128,64,8,3,tma", "128,128,8,3", "128,128,8,3,tma", "128,64,4,3", "64,64,4,3"]
@@ -38,17 +38,11 @@ def _run(fn):
 
 
 def sweep_one(spec, n: int, args, fwd_cfgs: list, bwd_cfgs: list, emit) -> None:
-    b, h, d = max(1, args.tokens // n), args.heads, args.dim
-    res = bench_all.resolve_kernel(spec, spec.params, ROOT / "examples", "cuda")
-    kern = res.kern
-    canon = bench_all.anchor_inputs(n, b, h, "cuda")
-    inputs = bench_all.fit_inputs(kern, spec, canon, res.int_dtype)
-    mask_mod = spec.mask(canon, spec.params)
+    call = bench_all.bench_call(spec, n, args.tokens, args.heads, args.dim)
+    kern, inputs, mask_mod, bm = call.kern, call.inputs, call.mask_mod, call.block_mask
+    b, h, d = call.batch, call.heads, call.dim
+    q, k, v, dout = call.q, call.k, call.v, call.dout
     density = mask_density(mask_mod, batch=b, heads=h, n_q=n, n_k=n, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-               for _ in range(3))
-    dout = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
     qkv = [q, k, v]
 
     def grads():
@@ -58,7 +52,6 @@ def sweep_one(spec, n: int, args, fwd_cfgs: list, bwd_cfgs: list, emit) -> None:
         return out
 
     flex = _flex()
-    bm = _create_block_mask(mask_mod, (b, h) if spec.flex_per_bh else None, n, n, "cuda")
     ref_out = flex(q, k, v, block_mask=bm)
     ref_out.backward(dout)
     ref_out, ref_grads = ref_out.detach(), grads()

@@ -243,6 +243,22 @@ def test_anchor_inputs_mirror_the_anchor_script():
     assert abs(a["keep"].float().mean().item() - 0.5) < 0.01
 
 
+def test_bench_call_gives_attnc_and_flex_the_same_problem():
+    """benchmarks' shared call (sweep_configs, profile_bwd): Flex with its block mask and the kernel's own
+    reference with its runtime inputs agree on the pattern's output (CPU, eager Flex, float32)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    for name in ("document_causal", "hash8_causal"):
+        call = ba.bench_call(ba.SPEC_BY_NAME[name], 256, tokens=512, heads=2, dim=16, device="cpu",
+                             dtype=torch.float32)
+        assert (call.batch, call.heads, call.dim) == (2, 2, 16) and call.q.shape == (2, 2, 256, 16)
+        assert all(t.requires_grad for t in (call.q, call.k, call.v)) and not call.dout.requires_grad
+        q, k, v = (t.detach() for t in (call.q, call.k, call.v))     # Flex has no CPU backward
+        ref = call.kern.reference(q, k, v, **call.inputs)
+        flex = flex_attention(q, k, v, block_mask=call.block_mask)
+        rows = ref.abs().sum(-1) > 0                # rows with no key: Flex and attnc both give zeros
+        assert torch.allclose(flex[rows], ref[rows], atol=1e-4, rtol=1e-4)
+
+
 def _fake_kern(decls):
     return SimpleNamespace(inputs={n: SimpleNamespace(name=n, dtype=dt, dims=dims)
                                    for n, (dt, dims) in decls.items()})
