@@ -278,11 +278,19 @@ def kernel_mode(pir: PatternIR) -> str:
 def template_context(pir: PatternIR, mode: str | None = None) -> dict:
     """What the templates need to know about a pattern: the hooks' code and the plan's shape."""
     mask_printer = ElementwisePrinter("m")
-    tile_mask = pir.mask
-    if mode == "residue":
-        # Every tile of the closed-form residue kernels pairs rows of one class: the residue test holds.
+    mode = mode or kernel_mode(pir)
+    permuted = mode in ("permuted", "residue")
+    residue_ranges = mode == "residue"
+    tile_mask = range_mask = pir.mask
+    if residue_ranges:
+        # Residue classes in closed form: every tile pairs rows of one class, so the residue test holds and
+        # the tiles leave it out; the key ranges are those of the class-local mask (one problem of n / d rows
+        # per class; attnc.plan.residue_local_mask); partial tiles still test the rest of the mask on the
+        # rows' original positions.
         from .plan import residue_local_mask, without_residue
-        tile_mask = without_residue(pir.mask, residue_local_mask(pir.mask)[0])
+        modulus, range_mask = residue_local_mask(pir.mask)
+        tile_mask = without_residue(pir.mask, modulus)
+        mode = "ranges"
     mask_var = mask_printer(tile_mask)
     score_lines, score_var, dscore_lines, dscore_var = [], "s", [], "1.0"
     if pir.score is not None:
@@ -292,17 +300,6 @@ def template_context(pir: PatternIR, mode: str | None = None) -> dict:
         dscore_printer = ElementwisePrinter("ds")
         dscore_var = dscore_printer(ir.derivative(pir.score, ir.score()))
         dscore_lines = dscore_printer.em.lines
-    mode = mode or kernel_mode(pir)
-    permuted = mode in ("permuted", "residue")
-    residue_ranges = mode == "residue"
-    range_mask = pir.mask
-    if residue_ranges:
-        # Residue classes in closed form: the key ranges are those of the class-local mask (one problem of
-        # n / d rows per class; attnc.plan.residue_local_mask); partial tiles still test the whole mask on
-        # the rows' original positions.
-        from .plan import residue_local_mask
-        range_mask = residue_local_mask(pir.mask)[1]
-        mode = "ranges"
     range_lines, n_parts = _range_code(range_program(range_mask)) if mode == "ranges" else ([], 0)
     t_range_lines, t_n_parts = (_range_code(range_program(ir.swap_query_key(range_mask))) if mode == "ranges"
                                 else ([], 0))

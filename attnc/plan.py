@@ -635,10 +635,10 @@ def residue_local_mask(mask: ir.Node) -> tuple[int, ir.Node] | None:
         return None
     d = keys[0].modulus
     rest = without_residue(mask, d)
-    local = [ir.to_text(_scale_positions(rest, d, c)) for c in range(d)]
-    if len(set(local)) != 1:
+    local = [_scale_positions(rest, d, c) for c in range(d)]
+    if len({ir.to_text(m) for m in local}) != 1:
         return None
-    return d, _scale_positions(rest, d, 0)
+    return d, local[0]
 
 
 def without_residue(mask: ir.Node, d: int) -> ir.Node:
