@@ -19,7 +19,7 @@ import torch
 from .analyze import PatternIR
 from .errors import InputError
 
-KERNEL_FORMAT = 1    # bump when the generated code's calling convention changes
+KERNEL_FORMAT = 2    # bump when the generated code's calling convention changes
 
 
 def cache_dir() -> Path:
@@ -483,7 +483,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
             *input_launch_args(pir, inputs),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv,
             REVERSE=True, USE_TMA=_tma_usable(cfg, gathered, kx, vx), WIDE_ROWS=wide_rows(kx, vx), RESIDUE=residue,
-            PADDED=padded(layout, Nq, Nk),
+            PADDED=padded(layout, Nq, Nk), POS_SCALE=scale > 0,
             GUARD=guard, DOT_PRECISION=precision,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -517,6 +517,7 @@ class _BackwardLaunch(NamedTuple):
     dk: torch.Tensor            # where dK, dV go (expanded per query head when K, V are)
     dv: torch.Tensor
     full_runs: bool = False
+    in_order: bool = False      # the dK/dV kernel's query rows are in order (not through positions)
 
 
 def _backward_variants(launches):
@@ -577,9 +578,11 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     lse = lse.contiguous()
     dlse = dlse.float().contiguous() if dlse is not None else None
-    # Written by the dQ kernel, read by the dK/dV kernel: log2-domain lse and rowsum(dO * O) - dlse.
-    lse2 = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
-    delta = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
+    # Written by the dQ kernel, read by the dK/dV kernel: log2-domain lse and rowsum(dO * O) - dlse. Rows
+    # of 16 bytes' multiple, so that the dK/dV kernel can read them through tensor descriptors.
+    lse_stride = -(-Nq // 4) * 4
+    lse2 = torch.empty(B, Hq, lse_stride, device=q.device, dtype=torch.float32)
+    delta = torch.empty(B, Hq, lse_stride, device=q.device, dtype=torch.float32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     cfg2 = cfg.dkdv_config                  # the dK/dV kernel's tiles (BLOCK_M queries x BLOCK_N keys)
     check_grid(math.ceil(Nq / cfg.block_m), cfg.block_m, Nq, "queries", q.device)
@@ -598,7 +601,8 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             flag = _rest_flag(fwd_lists, bwd_lists)
             fwd_extra, bwd_extra = list_args(fwd_lists, flag), list_args(bwd_lists, flag)
         launches = [_BackwardLaunch(module, fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv,
-                                    0 if mode == "lists" else -1, 0, 0, False, False, False, False, dk, dv)]
+                                    0 if mode == "lists" else -1, 0, 0, False, False, False, False, dk, dv,
+                                    in_order=True)]
     elif d := residue_ranges(kern, Nq, Nk, cfg, cfg2):
         # Residue classes in closed form (as in the forward): both kernels walk class-local ranges.
         positions = _computed_positions(q.device, Nq, Nk)
@@ -619,7 +623,8 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             guard = max(guard, 0)           # the "nothing moved" bit; _backward_variants adds the runs bit
             if not permuted:
                 launches.append(_BackwardLaunch(kern._backward_module("lists"), fwd_extra, bwd_extra, cfg, k, v, q,
-                                                dout, Hkv, guard, 0, 0, False, False, False, False, dk, dv))
+                                                dout, Hkv, guard, 0, 0, False, False, False, False, dk, dv,
+                                                in_order=True))
                 continue
             residue, residue2 = _residue(layout, Nq, Nk, cfg), _residue(layout, Nq, Nk, cfg2)
             kx, vx = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
@@ -654,20 +659,22 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             variant.q, k_tiles, v_tiles, variant.dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
             *variant.q.stride(), *k_tiles.stride(), *v_tiles.stride(), *variant.dout.stride(), *dq.stride(),
             *out.stride(),
-            B, Hq, variant.heads_kv, Nq, Nk, scale, *variant.fwd_extra, *input_args,
+            B, Hq, variant.heads_kv, Nq, Nk, scale, lse_stride, *variant.fwd_extra, *input_args,
             BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, num_warps=c1.num_warps, num_stages=c1.num_stages,
             HAS_DLSE=dlse is not None, USE_TMA=_tma_usable(c1, variant.gathered_k, k_tiles, v_tiles),
             WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=variant.residue, PADDED=padded(layout, Nq, Nk),
             GUARD=variant.guard,
             FULL_RUNS=variant.full_runs,
             **common)
+        tma_q = _tma_usable(c2, variant.gathered_q, q_tiles, do_tiles)
         variant.module.attnc_bwd_dkdv[(B * variant.heads_kv, nkb)](
             q_tiles, variant.k, variant.v, do_tiles, variant.dk, variant.dv, lse2, delta,
             *q_tiles.stride(), *variant.k.stride(), *variant.v.stride(), *do_tiles.stride(), *variant.dk.stride(),
             *variant.dv.stride(),
-            B, Hq, variant.heads_kv, Nq, Nk, scale, math.ceil(rows_q2 / c2.block_m), *variant.bwd_extra, *input_args,
+            B, Hq, variant.heads_kv, Nq, Nk, scale, lse_stride, math.ceil(rows_q2 / c2.block_m), *variant.bwd_extra,
+            *input_args,
             BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, num_warps=c2.num_warps, num_stages=c2.num_stages,
-            USE_TMA=_tma_usable(c2, variant.gathered_q, q_tiles, do_tiles), WIDE_ROWS=wide_rows(q_tiles, do_tiles),
+            USE_TMA=tma_q, ROW_TMA=tma_q and variant.in_order, WIDE_ROWS=wide_rows(q_tiles, do_tiles),
             RESIDUE=variant.residue2, PADDED=padded(layout2, Nq, Nk), GUARD=variant.guard, FULL_RUNS=variant.full_runs,
             **common)
         dk, dv = variant.dk, variant.dv

@@ -84,14 +84,15 @@ def main():
     for spec in args.configs:
         kind, bm, bn, warps, stages, tma = spec.split(",")
         if kind == "fwd":
-            module, kernels = kern._forward_module(), [("attnc_fwd", {"REVERSE": True})]
+            module, kernels = kern._forward_module(), [("attnc_fwd", {"REVERSE": True, "POS_SCALE": True})]
         else:
-            module, kernels = kern._backward_module(), [("attnc_bwd_dq", {"HAS_DLSE": False}), ("attnc_bwd_dkdv", {})]
+            module, kernels = kern._backward_module(), [("attnc_bwd_dq", {"HAS_DLSE": False, "FULL_RUNS": False}),
+                                                 ("attnc_bwd_dkdv", {"FULL_RUNS": False, "ROW_TMA": tma == "tma"})]
         for name, extra in kernels:
             fn = getattr(module, name)
             consts = dict(BLOCK_M=int(bm), BLOCK_N=int(bn), HEAD_DIM=args.dim, HEAD_DIM_V=args.dim,
                           DOT_PRECISION="tf32", USE_TMA=tma == "tma", WIDE_ROWS=args.wide_rows,
-                          RESIDUE=args.residue, GUARD=-1, **extra)
+                          RESIDUE=args.residue, PADDED=False, GUARD=-1, **extra)
             try:
                 compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, consts, args.dtype),
                                                     constexprs=consts),

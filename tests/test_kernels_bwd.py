@@ -73,7 +73,7 @@ def test_dkdv_kernel_with_its_own_tiles(name):
 
 @pytest.mark.parametrize("copies", [True, False], ids=["sorted-copies", "gathers"])
 @pytest.mark.parametrize("name", ["causal", "prefix_or_causal", "documents", "kept_keys", "dropped_queries",
-                                  "fully_masked_rows"])
+                                  "fully_masked_rows", "alibi"])
 def test_tma_backward_variant(name, copies):
     """Tensor-descriptor loads in both backward kernels. Rows a layout transform moved (kept keys: the
     forward and dQ kernels' keys; dropped queries: the dK/dV kernel's queries) are copied into sorted
@@ -105,6 +105,43 @@ def test_tma_backward_variant(name, copies):
         assert used == [True, True, True]                                           # fwd, dQ, dK/dV
     assert len(key_copies) == (4 if copies and name == "kept_keys" else 0)          # K, V in fwd and dQ
     assert len(query_copies) == (2 if copies and name == "dropped_queries" else 0)  # Q, dO in dK/dV
+
+
+@pytest.mark.parametrize("scale", [-0.5, 0.0])
+def test_gradients_with_nonpositive_scale(scale):
+    """A positive scale is folded into one factor per score in the backward (and after the row maximum
+    in the forward); a negative or zero one must give the reference gradients too."""
+    kern = attnc.compile(CASES["prefix_or_causal"][0])
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 45, 16, generator=g).requires_grad_() for _ in range(3))
+    out = kern(q, k, v, scale=scale)
+    dout = torch.randn(out.shape, generator=g)
+    (out * dout).sum().backward()
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = kern.reference(*leaves, scale=scale)
+    assert (out.double() - ref).abs().max() < 1e-5
+    (ref * dout.double()).sum().backward()
+    for x, leaf in zip((q, k, v), leaves):
+        assert (x.grad.double() - leaf.grad).norm() <= 1e-4 * leaf.grad.norm().clamp_min(1e-6)
+
+
+@pytest.mark.parametrize("lengths", [(67, 67), (45, 70)])
+def test_row_descriptors_leave_padding_rows_without_weight(lengths):
+    """With tensor descriptors the dK/dV kernel reads lse2 and delta of in-order query rows in blocks; rows
+    past n_q read 0 there. Tile lists count a ragged last query block as full when its real rows see
+    the whole key block, so those rows must still get P = 0: a score of +100 would make P overflow to inf
+    for them (and inf * 0 = NaN in dK, dV) if their lse2 were not +inf."""
+    from unittest import mock
+
+    from attnc import launch
+    src = "pattern p() {\n input doc: int[batch, N]\n mask same(doc)\n score score + 100.0\n}"
+    kern = attnc.compile(src)
+    cfg = launch.FwdConfig(32, 32, 4, 1, tma=True)
+    B, H, (Nq, Nk), D = 1, 2, lengths, 16
+    with mock.patch.object(launch, "_chosen_config", lambda kind, *a: cfg), \
+            returns_of(launch, "_tma_usable") as used:
+        _check_kernel_gradients(kern, (B, H, H, Nq, Nk, D), "doc", seed=Nq)
+    assert any(used)
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])

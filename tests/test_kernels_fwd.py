@@ -485,6 +485,10 @@ SHAPES = [
     ("multi-circular-r8", (67, 67), 1, 32, None, 0.5),
     ("dropped_keys", (130, 130), 2, 32, None, None),          # keys compacted per query head
     ("dilated_window-w70-d2", (130, 130), 1, 16, 32, None),   # residue permutation with MQA
+    # A positive scale is folded into exp2's argument after the row maximum; others scale every score.
+    ("causal", (67, 67), 2, 16, None, -0.4),
+    ("sliding_window-w45", (130, 130), 1, 32, None, 0.0),
+    ("documents-unsorted", (67, 67), 1, 16, None, -1.0),
 ]
 
 
