@@ -218,6 +218,15 @@ def _residue(layout, n_q: int, n_k: int, cfg: FwdConfig) -> int:
     return 0 if layout is None else layout.residue_classes(n_q, n_k, cfg.block_m, cfg.block_n)
 
 
+def _rows_tma(cfg: FwdConfig, device: torch.device) -> bool:
+    """Whether the dK/dV kernel reads its lse2 and delta blocks (float32 rows of our own allocation, 16-byte
+    aligned) through tensor descriptors: where the configuration takes them and the GPU has them."""
+    if not cfg.tma or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9):
+        return False
+    _ensure_allocator(device.type)
+    return True
+
+
 def _gathered(layout, residue: int, side: str) -> bool:
     """Whether the kernels read the rows of ``side`` ('q' or 'k') through loaded positions: a layout
     transform moved them, and not into block-aligned residue classes. Then no tensor descriptors."""
@@ -518,6 +527,7 @@ class _BackwardLaunch(NamedTuple):
     dv: torch.Tensor
     full_runs: bool = False
     in_order: bool = False      # the dK/dV kernel's query rows are in order (not through positions)
+    sorted_rows: bool = False   # both kernels walk one sorted order: lse2 and delta are kept in it
 
 
 def _backward_variants(launches):
@@ -578,11 +588,6 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     dout = dout.contiguous() if dout.stride(-1) != 1 else dout
     lse = lse.contiguous()
     dlse = dlse.float().contiguous() if dlse is not None else None
-    # Written by the dQ kernel, read by the dK/dV kernel: log2-domain lse and rowsum(dO * O) - dlse. Rows
-    # of 16 bytes' multiple, so that the dK/dV kernel can read them through tensor descriptors.
-    lse_stride = -(-Nq // 4) * 4
-    lse2 = torch.empty(B, Hq, lse_stride, device=q.device, dtype=torch.float32)
-    delta = torch.empty(B, Hq, lse_stride, device=q.device, dtype=torch.float32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     cfg2 = cfg.dkdv_config                  # the dK/dV kernel's tiles (BLOCK_M queries x BLOCK_N keys)
     check_grid(math.ceil(Nq / cfg.block_m), cfg.block_m, Nq, "queries", q.device)
@@ -607,7 +612,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
         # Residue classes in closed form (as in the forward): both kernels walk class-local ranges.
         positions = _computed_positions(q.device, Nq, Nk)
         launches = [_BackwardLaunch(kern._backward_module("residue"), positions, positions, cfg, k, v, q, dout, Hkv,
-                                    -1, d, d, False, False, False, False, dk, dv)]
+                                    -1, d, d, False, False, False, False, dk, dv, sorted_rows=True)]
     else:
         layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
         layout2 = (layout if cfg2.block_m == cfg.block_m and cfg2.block_n == cfg.block_n else
@@ -641,8 +646,14 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             launches.append(_BackwardLaunch(
                 module, fwd_extra + position_args(layout), bwd_extra + position_args(layout2), pcfg,
                 kx, vx, q, dout, layout.kv_heads(Hq, Hkv), guard, residue, residue2, copy_k, copy_q, gathered_k,
-                gathered_q, dkx, dvx))
+                gathered_q, dkx, dvx, sorted_rows=layout2 is layout))
     nqb, nkb = math.ceil(rows_q / cfg.block_m), math.ceil(rows_k / cfg2.block_n)
+    # Written by the dQ kernel, read by the dK/dV kernel: log2-domain lse and rowsum(dO * O) - dlse, per
+    # row at its position or in sorted order (sorted_rows). Rows of a multiple of 16 bytes, so that the
+    # dK/dV kernel can read them through tensor descriptors.
+    lse_stride = -(-max(Nq, rows_q, rows_q2) // 4) * 4
+    lse2 = torch.empty(B, Hq, lse_stride, device=q.device, dtype=torch.float32)
+    delta = torch.empty(B, Hq, lse_stride, device=q.device, dtype=torch.float32)
     copies = {}
     for variant in _backward_variants(launches):
         c1, c2 = variant.config, variant.config.dkdv_config
@@ -664,7 +675,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             HAS_DLSE=dlse is not None, USE_TMA=_tma_usable(c1, variant.gathered_k, k_tiles, v_tiles),
             WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=variant.residue, PADDED=padded(layout, Nq, Nk),
             GUARD=variant.guard,
-            FULL_RUNS=variant.full_runs,
+            FULL_RUNS=variant.full_runs, SORTED_ROWS=variant.sorted_rows,
             **common)
         tma_q = _tma_usable(c2, variant.gathered_q, q_tiles, do_tiles)
         variant.module.attnc_bwd_dkdv[(B * variant.heads_kv, nkb)](
@@ -674,7 +685,8 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             B, Hq, variant.heads_kv, Nq, Nk, scale, lse_stride, math.ceil(rows_q2 / c2.block_m), *variant.bwd_extra,
             *input_args,
             BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, num_warps=c2.num_warps, num_stages=c2.num_stages,
-            USE_TMA=tma_q, ROW_TMA=tma_q and variant.in_order, WIDE_ROWS=wide_rows(q_tiles, do_tiles),
+            USE_TMA=tma_q, ROW_TMA=_rows_tma(c2, q.device) and (variant.in_order or variant.sorted_rows),
+            SORTED_ROWS=variant.sorted_rows, WIDE_ROWS=wide_rows(q_tiles, do_tiles),
             RESIDUE=variant.residue2, PADDED=padded(layout2, Nq, Nk), GUARD=variant.guard, FULL_RUNS=variant.full_runs,
             **common)
         dk, dv = variant.dk, variant.dv

@@ -86,8 +86,9 @@ def main():
         if kind == "fwd":
             module, kernels = kern._forward_module(), [("attnc_fwd", {"REVERSE": True, "POS_SCALE": True})]
         else:
-            module, kernels = kern._backward_module(), [("attnc_bwd_dq", {"HAS_DLSE": False, "FULL_RUNS": False}),
-                                                 ("attnc_bwd_dkdv", {"FULL_RUNS": False, "ROW_TMA": tma == "tma"})]
+            module, kernels = kern._backward_module(), [("attnc_bwd_dq", {"HAS_DLSE": False, "FULL_RUNS": False, "SORTED_ROWS": False}),
+                                                 ("attnc_bwd_dkdv", {"FULL_RUNS": False, "ROW_TMA": tma == "tma",
+                                                                     "SORTED_ROWS": False})]
         for name, extra in kernels:
             fn = getattr(module, name)
             consts = dict(BLOCK_M=int(bm), BLOCK_N=int(bn), HEAD_DIM=args.dim, HEAD_DIM_V=args.dim,

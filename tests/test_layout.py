@@ -78,13 +78,19 @@ def test_residue_permutation(n):
     _check(attnc.compile(DILATED), 1, 2, 1, n, 16, {}, seed=7)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("case", ["padded", "q_only_buckets", "allowance_too_small"])
-def test_padded_buckets_forward_and_backward(case, monkeypatch):
+def test_padded_buckets_forward_and_backward(case, tma, monkeypatch):
     """Buckets started on block boundaries (attnc.plan.padded_rows): padding query rows are computed
     without effect and never stored, padding keys are masked, every real row is written once (GQA, a
     length that is no multiple of the tiles, buckets only one side holds: rows without keys). With no
-    allowance for the padding the sorted order stays and the same results come out."""
+    allowance for the padding the sorted order stays and the same results come out. With tensor
+    descriptors (tma) the dK/dV kernel reads lse2 and delta of sorted blocks, padding rows included,
+    through them."""
     monkeypatch.setattr(attnc.plan, "PAD_SLACK", 0.0 if case == "allowance_too_small" else 1.0)
+    if tma:
+        cfg = attnc.launch.FwdConfig(32, 32, 4, 1, tma=True)
+        monkeypatch.setattr(attnc.launch, "_chosen_config", lambda kind, *a: cfg)
     B, Hq, Hkv, N = 1, 4, 2, 101
     g = torch.Generator().manual_seed(12)
     buckets = 6 if case == "allowance_too_small" else 3      # 6 buckets need 6 blocks of 32, 5 fit
