@@ -9,7 +9,14 @@ ships with Triton), and ``cuobjdump --dump-resource-usage`` reports registers pe
 bytes of stack per thread (STACK: spilled registers and local arrays), and Triton's shared-memory
 allocation per program (SMEM, bytes; the H100/H200 limit is 232448). Needs no CUDA device, so it
 can guide experiments before the GPU time is spent; the Triton version here may differ from the GPU
-machine's (record both).
+machine's (record both; `pip install triton==<the GPU's version>` into a side directory and put it first
+on PYTHONPATH to compile with the GPU's own).
+
+``--loops`` also disassembles each kernel (``cuobjdump --dump-sass``) and prints, for every loop (a branch
+back to an earlier address) that no smaller loop overlaps, its SASS instructions per warp and iteration and the counts of the kinds
+that matter for attention: matrix (HGMMA), exp2 (MUFU.EX2), float arithmetic, selects, conversions, async
+copies (LDGSTS), bulk tensor copies (UTMALDG) and spill accesses (LDL/STL): the tile loops, masked and
+full. benchmarks/NOTES.md item 45 read the dK/dV kernel's row-vector loads this way.
 """
 import argparse
 import os
@@ -60,6 +67,50 @@ def resource_usage(compiled) -> str:
     return " ".join(x for x in fields if x.startswith(("REG", "STACK"))) or out.strip()[-200:]
 
 
+LOOP_KINDS = ("HGMMA", "MUFU.EX2", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "F2FP", "LDGSTS", "UTMALDG", "LDS",
+              "LDL", "STL")
+
+
+def sass_loops(sass: str) -> list[tuple[int, int, dict]]:
+    """(first address, last address, {kind: count, "all": instructions}) of each loop of a SASS listing:
+    the instructions from a backward branch's target to the branch."""
+    import re
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)([^;]*);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    loops = []
+    for i, (addr, op, rest) in enumerate(ins):
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target is None or int(target.group(1), 16) >= addr:
+            continue
+        lo = int(target.group(1), 16)
+        body = [o for a, o, _ in ins[:i + 1] if a >= lo]
+        counts = {"all": len(body)}
+        for kind in LOOP_KINDS:
+            counts[kind] = sum(1 for o in body if o == kind or o.startswith(kind + "."))
+        loops.append((lo, addr, counts))
+    return sorted(loops, key=lambda x: x[2]["all"])
+
+
+def print_loops(compiled, label: str):
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        sass = subprocess.run([str(tool), "--dump-sass", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    loops = [x for x in sass_loops(sass) if x[2]["all"] >= 8]      # not the spin loops of barrier waits
+    for lo, hi, counts in loops:
+        if any(lo2 <= hi and lo <= hi2 and c2["all"] < counts["all"] for lo2, hi2, c2 in loops):
+            continue                        # innermost loops only (no smaller loop overlaps): the tile loops
+        kinds = " ".join(f"{k}={counts[k]}" for k in LOOP_KINDS if counts[k])
+        print(f"    {label} loop {lo:#x}-{hi:#x}: {counts['all']} instructions; {kinds}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("pattern", help="an .attn file or source")
@@ -70,6 +121,7 @@ def main():
     ap.add_argument("--wide-rows", action="store_true", help="64-bit row offsets (as for tensors past 2^31 elements)")
     ap.add_argument("--residue", type=int, default=0, help="permuted kernels: rows from residue classes mod this")
     ap.add_argument("-p", "--param", action="append", default=[], help="NAME=VALUE pattern parameter")
+    ap.add_argument("--loops", action="store_true", help="SASS instructions per loop iteration, by kind")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import triton
@@ -100,6 +152,8 @@ def main():
                                           target=target, options={"num_warps": int(warps), "num_stages": int(stages)})
                 smem = getattr(compiled.metadata, "shared", None)
                 print(f"{spec:22s} {name:16s} {resource_usage(compiled)} SMEM:{smem}", flush=True)
+                if args.loops:
+                    print_loops(compiled, name)
             except Exception as exc:  # noqa: BLE001 - report and go on with the next configuration
                 print(f"{spec:22s} {name:16s} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
 

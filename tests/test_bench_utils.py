@@ -466,10 +466,31 @@ def test_kernel_resources_compiles_for_hopper_without_a_gpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["ATTNC_CACHE_DIR"] = str(tmp_path)
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), str(EXAMPLES / "causal.attn"),
-                          "fwd,64,64,4,2,no", "--dim", "64"], capture_output=True, text=True, env=env, timeout=300)
+                          "fwd,64,64,4,2,no", "--dim", "64", "--loops"], capture_output=True, text=True, env=env,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     if "failed:" in run.stdout:
         pytest.skip(f"this Triton cannot cross-compile for sm_90 here: {run.stdout.strip().splitlines()[-1]}")
     line = [x for x in run.stdout.splitlines() if "attnc_fwd" in x][0]
     regs = int(line.split("REG:")[1].split()[0])
     assert 0 < regs <= 255 and "STACK:" in line
+    # --loops: the causal forward has two tile loops (masked, full), each with its matmuls and exp2s.
+    loops = [x for x in run.stdout.splitlines() if "attnc_fwd loop" in x]
+    assert len(loops) == 2 and all("HGMMA=" in x and "MUFU.EX2=" in x for x in loops), run.stdout
+
+
+def test_sass_loops_counts_instructions_between_a_backward_branch_and_its_target():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from kernel_resources import sass_loops
+    sass = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;                    /* 0x0 */",
+        "        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;   /* 0x0 */",
+        "        /*0020*/                   MUFU.EX2 R3, R3 ;                          /* 0x0 */",
+        "        /*0030*/               @P0 LDL R5, [R1+0x8] ;                         /* 0x0 */",
+        "        /*0040*/               @P1 BRA 0x10 ;                                 /* 0x0 */",
+        "        /*0050*/                   BRA 0x60 ;                                 /* 0x0 */",
+        "        /*0060*/                   EXIT ;                                     /* 0x0 */",
+    ])
+    (lo, hi, counts), = sass_loops(sass)
+    assert (lo, hi) == (0x10, 0x40)
+    assert counts["all"] == 4 and counts["HGMMA"] == 1 and counts["MUFU.EX2"] == 1 and counts["LDL"] == 1
