@@ -54,15 +54,20 @@ def signature(fn, constexprs: dict, dtype: str) -> dict:
     return sig
 
 
-def resource_usage(compiled) -> str:
+def cuobjdump(compiled, flag: str) -> str:
+    """The output of Triton's own cuobjdump with ``flag`` on a compiled kernel's cubin."""
     import triton
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
     try:
-        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True).stdout
     finally:
         os.unlink(f.name)
+
+
+def resource_usage(compiled) -> str:
+    out = cuobjdump(compiled, "--dump-resource-usage")
     fields = next((line.split() for line in out.splitlines() if "REG:" in line), [])
     return " ".join(x for x in fields if x.startswith(("REG", "STACK"))) or out.strip()[-200:]
 
@@ -95,15 +100,7 @@ def sass_loops(sass: str) -> list[tuple[int, int, dict]]:
 
 
 def print_loops(compiled, label: str):
-    import triton
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-    try:
-        sass = subprocess.run([str(tool), "--dump-sass", f.name], capture_output=True, text=True).stdout
-    finally:
-        os.unlink(f.name)
-    loops = [x for x in sass_loops(sass) if x[2]["all"] >= 8]      # not the spin loops of barrier waits
+    loops = [x for x in sass_loops(cuobjdump(compiled, "--dump-sass")) if x[2]["all"] >= 8]      # not the spin loops of barrier waits
     for lo, hi, counts in loops:
         if any(lo2 <= hi and lo <= hi2 and c2["all"] < counts["all"] for lo2, hi2, c2 in loops):
             continue                        # innermost loops only (no smaller loop overlaps): the tile loops
