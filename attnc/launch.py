@@ -166,13 +166,20 @@ def _tma_usable(cfg: FwdConfig, gathered: bool, k: torch.Tensor, v: torch.Tensor
     back to pointer loads."""
     if not cfg.tma or gathered:
         return False
-    if k.device.type == "cuda" and torch.cuda.get_device_capability(k.device)[0] < 9:
-        return False
     for t in (k, v):
         es = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
             return False
-    _ensure_allocator(k.device.type)
+    return _tma_available(cfg, k.device)
+
+
+def _tma_available(cfg: FwdConfig, device: torch.device) -> bool:
+    """Whether a kernel of configuration ``cfg`` may make tensor descriptors on ``device``: the configuration
+    takes them and the GPU has them (Hopper or later; the interpreter emulates them). Sets Triton's
+    allocator for the descriptors' scratch."""
+    if not cfg.tma or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9):
+        return False
+    _ensure_allocator(device.type)
     return True
 
 
@@ -216,15 +223,6 @@ def wide_rows(*tensors: torch.Tensor) -> bool:
 def _residue(layout, n_q: int, n_k: int, cfg: FwdConfig) -> int:
     """The residue-class modulus the permuted kernels may compute rows from (Layout.residue_classes)."""
     return 0 if layout is None else layout.residue_classes(n_q, n_k, cfg.block_m, cfg.block_n)
-
-
-def _rows_tma(cfg: FwdConfig, device: torch.device) -> bool:
-    """Whether the dK/dV kernel reads its lse2 and delta blocks (float32 rows of our own allocation, 16-byte
-    aligned) through tensor descriptors: where the configuration takes them and the GPU has them."""
-    if not cfg.tma or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9):
-        return False
-    _ensure_allocator(device.type)
-    return True
 
 
 def _gathered(layout, residue: int, side: str) -> bool:
@@ -526,8 +524,8 @@ class _BackwardLaunch(NamedTuple):
     dk: torch.Tensor            # where dK, dV go (expanded per query head when K, V are)
     dv: torch.Tensor
     full_runs: bool = False
-    in_order: bool = False      # the dK/dV kernel's query rows are in order (not through positions)
-    sorted_rows: bool = False   # both kernels walk one sorted order: lse2 and delta are kept in it
+    sorted_rows: bool = False   # both kernels walk one order of the query rows (the identity for kernels that
+                                # read rows in order): lse2 and delta are kept in it, a block's values contiguous
 
 
 def _backward_variants(launches):
@@ -607,7 +605,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             fwd_extra, bwd_extra = list_args(fwd_lists, flag), list_args(bwd_lists, flag)
         launches = [_BackwardLaunch(module, fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv,
                                     0 if mode == "lists" else -1, 0, 0, False, False, False, False, dk, dv,
-                                    in_order=True)]
+                                    sorted_rows=True)]
     elif d := residue_ranges(kern, Nq, Nk, cfg, cfg2):
         # Residue classes in closed form (as in the forward): both kernels walk class-local ranges.
         positions = _computed_positions(q.device, Nq, Nk)
@@ -629,7 +627,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             if not permuted:
                 launches.append(_BackwardLaunch(kern._backward_module("lists"), fwd_extra, bwd_extra, cfg, k, v, q,
                                                 dout, Hkv, guard, 0, 0, False, False, False, False, dk, dv,
-                                                in_order=True))
+                                                sorted_rows=True))
                 continue
             residue, residue2 = _residue(layout, Nq, Nk, cfg), _residue(layout, Nq, Nk, cfg2)
             kx, vx = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
@@ -648,9 +646,9 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                 kx, vx, q, dout, layout.kv_heads(Hq, Hkv), guard, residue, residue2, copy_k, copy_q, gathered_k,
                 gathered_q, dkx, dvx, sorted_rows=layout2 is layout))
     nqb, nkb = math.ceil(rows_q / cfg.block_m), math.ceil(rows_k / cfg2.block_n)
-    # Written by the dQ kernel, read by the dK/dV kernel: log2-domain lse and rowsum(dO * O) - dlse, per
-    # row at its position or in sorted order (sorted_rows). Rows of a multiple of 16 bytes, so that the
-    # dK/dV kernel can read them through tensor descriptors.
+    # Written by the dQ kernel, read by the dK/dV kernel: log2-domain lse and rowsum(dO * O) - dlse, per row
+    # in the order both kernels walk (sorted_rows), else at its position. Rows of a multiple of 16 bytes, so
+    # that the dK/dV kernel can read them through tensor descriptors.
     lse_stride = -(-max(Nq, rows_q, rows_q2) // 4) * 4
     lse2 = torch.empty(B, Hq, lse_stride, device=q.device, dtype=torch.float32)
     delta = torch.empty(B, Hq, lse_stride, device=q.device, dtype=torch.float32)
@@ -685,7 +683,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             B, Hq, variant.heads_kv, Nq, Nk, scale, lse_stride, math.ceil(rows_q2 / c2.block_m), *variant.bwd_extra,
             *input_args,
             BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, num_warps=c2.num_warps, num_stages=c2.num_stages,
-            USE_TMA=tma_q, ROW_TMA=_rows_tma(c2, q.device) and (variant.in_order or variant.sorted_rows),
+            USE_TMA=tma_q, ROW_TMA=variant.sorted_rows and _tma_available(c2, q.device),
             SORTED_ROWS=variant.sorted_rows, WIDE_ROWS=wide_rows(q_tiles, do_tiles),
             RESIDUE=variant.residue2, PADDED=padded(layout2, Nq, Nk), GUARD=variant.guard, FULL_RUNS=variant.full_runs,
             **common)

@@ -135,9 +135,11 @@ def main():
         if kind == "fwd":
             module, kernels = kern._forward_module(), [("attnc_fwd", {"REVERSE": True, "POS_SCALE": True})]
         else:
-            module, kernels = kern._backward_module(), [("attnc_bwd_dq", {"HAS_DLSE": False, "FULL_RUNS": False, "SORTED_ROWS": False}),
+            # As launched with one layout for both kernels (always for rows in order): lse2 and delta kept in
+            # the kernels' row order, read by descriptors where the configuration takes them.
+            module, kernels = kern._backward_module(), [("attnc_bwd_dq", {"HAS_DLSE": False, "FULL_RUNS": False, "SORTED_ROWS": True}),
                                                  ("attnc_bwd_dkdv", {"FULL_RUNS": False, "ROW_TMA": tma == "tma",
-                                                                     "SORTED_ROWS": False})]
+                                                                     "SORTED_ROWS": True})]
         for name, extra in kernels:
             fn = getattr(module, name)
             consts = dict(BLOCK_M=int(bm), BLOCK_N=int(bn), HEAD_DIM=args.dim, HEAD_DIM_V=args.dim,
