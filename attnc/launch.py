@@ -120,19 +120,22 @@ class FwdConfig:
 
 
 def _env_config(name: str) -> FwdConfig | None:
-    """``ATTNC_FWD_CONFIG`` / ``ATTNC_BWD_CONFIG`` = "block_m,block_n,num_warps,num_stages[,tma]" (sweeps);
-    for the backward, "dQ tiles/dK-dV tiles" gives the two kernels their own configurations."""
+    """``ATTNC_FWD_CONFIG`` / ``ATTNC_BWD_CONFIG`` (sweeps), see :func:`parse_config`."""
     text = os.environ.get(name)
-    if not text:
-        return None
+    return parse_config(text, name) if text else None
+
+
+def parse_config(text: str, name: str = "a configuration") -> FwdConfig:
+    """"block_m,block_n,num_warps,num_stages[,tma]"; for the backward, "dQ tiles/dK-dV tiles" gives the
+    two kernels their own configurations. ``name`` says where the text came from, for the error."""
     if "/" in text:
         first, _, second = text.partition("/")
-        a, b = (_parse_config(name, t) for t in (first, second))
+        a, b = (_parse_one(name, t, text) for t in (first, second))
         return FwdConfig(a.block_m, a.block_n, a.num_warps, a.num_stages, a.tma, b)
-    return _parse_config(name, text)
+    return _parse_one(name, text, text)
 
 
-def _parse_config(name: str, text: str) -> FwdConfig:
+def _parse_one(name: str, text: str, whole: str) -> FwdConfig:
     fields = text.split(",")
     tma = len(fields) == 5 and fields[4].strip() == "tma"
     try:
@@ -142,7 +145,7 @@ def _parse_config(name: str, text: str) -> FwdConfig:
     except ValueError:
         raise InputError(f"{name} must be 'block_m,block_n,num_warps,num_stages' with an optional ',tma' "
                          f"(and for the backward an optional '/' and the dK/dV kernel's tiles), got "
-                         f"{os.environ.get(name)!r}") from None
+                         f"{whole!r}") from None
     return FwdConfig(bm, bn, warps, stages, tma)
 
 
