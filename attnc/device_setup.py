@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import TileLists, mirrored_keys, padded_rows, padded_sides
+from .plan import TileLists, mirrored_keys, pad_sorted, padded_rows, padded_sides
 
 
 @triton.jit
@@ -173,11 +173,13 @@ def _radix_histogram_kernel(keys_ptr, perm_ptr, hist_ptr, max_ptr, n, n_chunks, 
 
 
 @triton.jit
-def _radix_offsets_kernel(hist_ptr, base_ptr, max_ptr, n_chunks, shift, RADIX: tl.constexpr, CHUNKS: tl.constexpr,
-                          HAS_MAX: tl.constexpr):
+def _radix_offsets_kernel(hist_ptr, base_ptr, max_ptr, n_chunks, shift, block, rows, RADIX: tl.constexpr,
+                          CHUNKS: tl.constexpr, HAS_MAX: tl.constexpr, PAD: tl.constexpr):
     # One program per (batch, head): where each chunk's first row of each digit goes, minus the number
     # of that chunk's rows with a smaller digit (the scatter adds a row's place in its sorted chunk).
-    # CHUNKS chunks' histograms at a time, as a (CHUNKS, RADIX) tile.
+    # CHUNKS chunks' histograms at a time, as a (CHUNKS, RADIX) tile. PAD: when this pass is the last one
+    # (every key below RADIX, so a digit is a key), each digit's rows start on a multiple of `block`, if the
+    # padded runs fit in `rows` (bucket padding, attnc.plan.pad_sorted).
     if not _radix_pass_needed(max_ptr, shift, HAS_MAX):
         return
     bh = tl.program_id(0)
@@ -189,6 +191,10 @@ def _radix_offsets_kernel(hist_ptr, base_ptr, max_ptr, n_chunks, shift, RADIX: t
         ok = c0 + chunks < n_chunks
         total += tl.sum(tl.load(row + (c0 + chunks) * RADIX + bins, mask=ok, other=0), 0)
     before = tl.cumsum(total, 0) - total          # rows of smaller digits, all chunks
+    if PAD:
+        padded = (total + block - 1) // block * block
+        if (tl.load(max_ptr) < RADIX) & (tl.sum(padded, 0) <= rows):
+            before = tl.cumsum(padded, 0) - padded
     for c0 in range(0, n_chunks, CHUNKS):
         ok = c0 + chunks < n_chunks
         h = tl.load(row + (c0 + chunks) * RADIX + bins, mask=ok, other=0)
@@ -200,25 +206,28 @@ def _radix_offsets_kernel(hist_ptr, base_ptr, max_ptr, n_chunks, shift, RADIX: t
 
 
 @triton.jit
-def _radix_scatter_kernel(keys_ptr, perm_ptr, base_ptr, out_ptr, max_ptr, sorted_ptr, n, n_chunks, shift,
+def _radix_scatter_kernel(keys_ptr, perm_ptr, base_ptr, out_ptr, tmp_ptr, max_ptr, n, n_chunks, shift, out_stride,
                           CHUNK: tl.constexpr, RADIX: tl.constexpr, PERMUTED: tl.constexpr, HAS_MAX: tl.constexpr,
-                          SORTED_KEYS: tl.constexpr):
+                          PAD: tl.constexpr):
     # One program per (batch, head, chunk): sort the chunk by (digit, row) in registers, so rows of one
-    # digit keep their order (the pass is stable), and write each row's original position to its place.
-    # A pass that sorts nothing copies the order it got. SORTED_KEYS: also write each row's key there
-    # (the keys in this pass's order, for the padding passes).
+    # digit keep their order (the pass is stable), and write each row's original position to its place
+    # (rows of out_stride). A pass that sorts nothing copies the order it got, except in a padded sort
+    # (PAD 1: its first pass, PAD 2: its second), which writes its result in place: the first pass writes
+    # out when it is the last (every key below RADIX; its offsets are then padded), else tmp (n per row),
+    # which the second pass reads.
     bh = tl.program_id(0)
     c = tl.program_id(1)
     local = tl.arange(0, CHUNK)
     rows = c * CHUNK + local
     ok = rows < n
     base = bh.to(tl.int64) * n
-    src = tl.load(perm_ptr + base + rows, mask=ok, other=0) if PERMUTED else rows
+    out = out_ptr + bh.to(tl.int64) * out_stride
     if not _radix_pass_needed(max_ptr, shift, HAS_MAX):
-        tl.store(out_ptr + base + rows, src.to(tl.int64), mask=ok)
-        if SORTED_KEYS:
-            tl.store(sorted_ptr + base + rows, tl.load(keys_ptr + base + src, mask=ok, other=0), mask=ok)
+        if PAD == 0:
+            src = tl.load(perm_ptr + base + rows, mask=ok, other=0) if PERMUTED else rows
+            tl.store(out + rows, src.to(tl.int64), mask=ok)
         return
+    src = tl.load(perm_ptr + base + rows, mask=ok, other=0) if PERMUTED else rows
     digit = (tl.load(keys_ptr + base + src, mask=ok, other=0) >> shift) & (RADIX - 1)
     ordered = tl.sort(tl.where(ok, digit, RADIX) * CHUNK + local)    # rows past the end sort last
     d = ordered // CHUNK
@@ -227,14 +236,17 @@ def _radix_scatter_kernel(keys_ptr, perm_ptr, base_ptr, out_ptr, max_ptr, sorted
     moved = c * CHUNK + ordered % CHUNK
     if PERMUTED:
         moved = tl.load(perm_ptr + base + moved, mask=live, other=0)
-    tl.store(out_ptr + base + dest, moved.to(tl.int64), mask=live)
-    if SORTED_KEYS:
-        tl.store(sorted_ptr + base + dest, tl.load(keys_ptr + base + moved, mask=live, other=0), mask=live)
+    if PAD == 1:
+        key_max = tl.load(max_ptr) + tl.zeros_like(d)
+        tl.store(out + dest, moved.to(tl.int64), mask=live & (key_max < RADIX))
+        tl.store(tmp_ptr + base + dest, moved.to(tl.int64), mask=live & (key_max >= RADIX))
+    else:
+        tl.store(out + dest, moved.to(tl.int64), mask=live)
 
 
 def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = None,
                     chunk: int | None = None, kernels: bool | None = None,
-                    key_max: torch.Tensor | None = None, sorted_keys: bool = False):
+                    key_max: torch.Tensor | None = None, pad: tuple[int, int] | None = None):
     """The stable permutation (int64, keys' shape) that orders the last dimension of ``keys`` (int32,
     values in [0, 2**bits)), applied after ``perm`` (rows already in that order; keys stay in original
     order). Least significant digit first, a byte per pass, three launches per pass and no host
@@ -249,18 +261,26 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
     ``key_max`` (int32 [1] on the device, at least the largest key): passes past the first whose digits
     are all 0 skip their work (a bucket sort of ids below 256 costs one pass, not two).
 
-    ``sorted_keys``: return (permutation, the keys in its order) instead."""
+    ``pad`` = (block, rows), with ``key_max`` and at most 16 bits (a bucket side, attnc.plan.padded_sides):
+    the permutation is (..., rows), padding rows holding n, and when every key is below 256 each run of
+    equal keys starts on a multiple of ``block`` (:func:`attnc.plan.pad_sorted`, done by the one pass's
+    offsets); larger keys take the second pass and stay in sorted order, the padding after them."""
+    if pad is not None and (key_max is None or bits > 16):
+        raise ValueError("padding needs the keys' maximum and at most two passes")
     if not (keys.is_cuda if kernels is None else kernels):
         if perm is None:
             order = torch.sort(keys, dim=-1, stable=True).indices
         else:
             order = torch.gather(perm, -1, torch.sort(torch.gather(keys, -1, perm), dim=-1, stable=True).indices)
-        return (order, torch.gather(keys, -1, order)) if sorted_keys else order
+        if pad is not None:
+            block, rows = pad
+            order = pad_sorted(order, keys, block, rows, pad_runs=int(key_max.max()) < RADIX)
+        return order
     n = keys.shape[-1]
     rows_bh = keys.numel() // max(n, 1)
+    out_rows = pad[1] if pad is not None else n
     if n == 0 or rows_bh == 0:
-        empty = torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
-        return (empty, torch.empty_like(keys)) if sorted_keys else empty
+        return torch.full(keys.shape[:-1] + (out_rows,), n, dtype=torch.int64, device=keys.device)
     keys = keys.contiguous()
     if chunk is None and keys.is_cuda:
         # Chunks of 1024 rows, or smaller when that leaves the GPU with few programs (one row of keys,
@@ -271,119 +291,28 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
     hist = torch.empty(rows_bh, n_chunks, RADIX, dtype=torch.int32, device=keys.device)
     base = torch.empty_like(hist)
     grid = (rows_bh, n_chunks)
-    in_order = torch.empty_like(keys) if sorted_keys else hist
+    top = key_max if key_max is not None else hist
+    block, rows = pad or (1, n)
+    if pad is not None:
+        result = torch.full(keys.shape[:-1] + (rows,), n, dtype=torch.int64, device=keys.device)
+        tmp = torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
     for shift in range(0, bits, 8):
-        out = torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
+        first_padded = pad is not None and shift == 0
+        if pad is None:
+            out = torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
+        else:      # the first pass writes the result (one pass) or tmp; the second reads tmp
+            out = result
         src = perm if perm is not None else out
-        top = key_max if key_max is not None else hist
         _radix_histogram_kernel[grid](keys, src, hist, top, n, n_chunks, shift, CHUNK=chunk, RADIX=RADIX,
                                       PERMUTED=perm is not None, HAS_MAX=key_max is not None)
-        _radix_offsets_kernel[(rows_bh,)](hist, base, top, n_chunks, shift, RADIX=RADIX,
-                                          CHUNKS=min(32, triton.next_power_of_2(n_chunks)), HAS_MAX=key_max is not None)
-        _radix_scatter_kernel[grid](keys, src, base, out, top, in_order, n, n_chunks, shift, CHUNK=chunk, RADIX=RADIX,
-                                    PERMUTED=perm is not None, HAS_MAX=key_max is not None, SORTED_KEYS=sorted_keys)
-        perm = out
-    return (perm, in_order) if sorted_keys else perm
-
-
-@triton.jit
-def _max_combine(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _run_edges(skeys_ptr, base, i, n):
-    # Sorted rows i that start / end a run of equal keys (skeys: the keys in sorted order).
-    ok = i < n
-    key = tl.load(skeys_ptr + base + i, mask=ok, other=0)
-    prev = tl.load(skeys_ptr + base + i - 1, mask=ok & (i > 0), other=0)
-    nxt = tl.load(skeys_ptr + base + i + 1, mask=i + 1 < n, other=0)
-    return ok & ((i == 0) | (key != prev)), ok & ((i == n - 1) | (key != nxt))
-
-
-@triton.jit
-def _pad_runs_kernel(skeys_ptr, runs_ptr, n, n_chunks, block, CHUNK: tl.constexpr):
-    # Padding, first pass. One program per (batch, head, CHUNK sorted rows): where the runs of equal keys
-    # (buckets) start and end in this chunk. runs[0]: the last row starting a run (-1: none); runs[1]: the
-    # first row ending a run whose start lies in an earlier chunk (-1: none); runs[2]: the blocks taken by
-    # the runs that start and end here (ceil(length / block) each).
-    bh = tl.program_id(0)
-    c = tl.program_id(1)
-    i = c * CHUNK + tl.arange(0, CHUNK)
-    start, end = _run_edges(skeys_ptr, bh.to(tl.int64) * n, i, n)
-    first = tl.associative_scan(tl.where(start, i, -1), 0, _max_combine)    # start of the run, if in the chunk
-    closed = end & (first >= 0)
-    out = runs_ptr + (bh.to(tl.int64) * n_chunks + c) * 3
-    tl.store(out, tl.max(tl.where(start, i, -1), 0))
-    tl.store(out + 1, tl.max(tl.where(end & (first < 0), i, -1), 0))
-    tl.store(out + 2, tl.sum(tl.where(closed, (i - first + block) // block, 0), 0))
-
-
-@triton.jit
-def _pad_scatter_kernel(skeys_ptr, perm_ptr, runs_ptr, out_ptr, n, n_chunks, block, rows,
-                        CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
-    # Padding, second pass. One program per (batch, head, CHUNK sorted rows): each row's place in the padded
-    # order, (blocks of the runs before its own) x block + its rank in its run; the rows are written there.
-    # If the runs take more than `rows`, the order stays as sorted (out is prefilled with padding).
-    # The earlier chunks come from the first pass, CHUNKS at a time: a run still open at a chunk's first
-    # end started at the latest start of the chunks before it.
-    bh = tl.program_id(0)
-    c = tl.program_id(1)
-    runs = runs_ptr + bh.to(tl.int64) * n_chunks * 3
-    cc = tl.arange(0, CHUNKS)
-    zero = tl.zeros([], dtype=tl.int64)
-    start_before = zero - 1            # latest run start in chunks before the current tile
-    blocks_before = zero               # blocks of runs ending before chunk c
-    blocks_total = zero
-    open_start = zero - 1              # start of the run open at chunk c's beginning
-    for c0 in range(0, n_chunks, CHUNKS):
-        ch = c0 + cc
-        in_range = ch < n_chunks
-        last_start = tl.load(runs + ch * 3, mask=in_range, other=-1)
-        open_end = tl.load(runs + ch * 3 + 1, mask=in_range, other=-1)
-        inner = tl.load(runs + ch * 3 + 2, mask=in_range, other=0)
-        # Latest start strictly before each chunk of the tile.
-        earlier = tl.max(tl.where(cc[None, :] < cc[:, None], last_start[None, :], -1), 1)
-        earlier = tl.maximum(earlier, start_before)
-        blocks = inner + tl.where(open_end >= 0, (open_end - earlier + block) // block, 0)
-        blocks_total += tl.sum(blocks, 0)
-        blocks_before += tl.sum(tl.where(ch < c, blocks, 0), 0)
-        open_start = tl.maximum(open_start, tl.max(tl.where(ch == c, earlier, -1), 0))
-        start_before = tl.maximum(start_before, tl.max(last_start, 0))
-    i = c * CHUNK + tl.arange(0, CHUNK)
-    ok = i < n
-    base = bh.to(tl.int64) * n
-    pos = tl.load(perm_ptr + base + i, mask=ok, other=0)
-    start, end = _run_edges(skeys_ptr, base, i, n)
-    first = tl.maximum(tl.associative_scan(tl.where(start, i, -1), 0, _max_combine), open_start)
-    at_end = tl.where(end, (i - first + block) // block, 0)
-    dest = (blocks_before + tl.cumsum(at_end, 0) - at_end) * block + i - first
-    dest = tl.where(blocks_total * block <= rows, dest, i)
-    tl.store(out_ptr + bh.to(tl.int64) * rows + dest, pos, mask=ok)
-
-
-PAD_CHUNK = 1024
-PAD_CHUNK_INTERPRETED = 64
-
-
-def pad_sorted_perm(sorted_keys: torch.Tensor, perm: torch.Tensor, block: int, rows: int,
-                    chunk: int | None = None) -> torch.Tensor:
-    """:func:`attnc.plan.pad_sorted` on the device: ``perm`` (B', H', n), with ``sorted_keys`` its keys in its
-    order (int32, see radix_sort_perm), with each run of equal keys started on a multiple of ``block``:
-    (B', H', rows), padding rows holding n. Two launches and a fill, no host synchronization."""
-    Bp, Hp, n = perm.shape
-    out = torch.full((Bp, Hp, rows), n, dtype=perm.dtype, device=perm.device)
-    if n == 0 or Bp * Hp == 0:
-        return out
-    chunk = chunk or (PAD_CHUNK if perm.is_cuda else PAD_CHUNK_INTERPRETED)
-    sorted_keys, perm = sorted_keys.contiguous(), perm.contiguous()
-    n_chunks = triton.cdiv(n, chunk)
-    runs = torch.empty(Bp * Hp, n_chunks, 3, dtype=torch.int64, device=perm.device)
-    grid = (Bp * Hp, n_chunks)
-    _pad_runs_kernel[grid](sorted_keys, runs, n, n_chunks, block, CHUNK=chunk)
-    _pad_scatter_kernel[grid](sorted_keys, perm, runs, out, n, n_chunks, block, rows, CHUNK=chunk,
-                              CHUNKS=min(64, triton.next_power_of_2(n_chunks)))
-    return out
+        _radix_offsets_kernel[(rows_bh,)](hist, base, top, n_chunks, shift, block, rows, RADIX=RADIX,
+                                          CHUNKS=min(32, triton.next_power_of_2(n_chunks)),
+                                          HAS_MAX=key_max is not None, PAD=first_padded)
+        _radix_scatter_kernel[grid](keys, src, base, out, tmp if first_padded else out, top, n, n_chunks, shift,
+                                    out.shape[-1], CHUNK=chunk, RADIX=RADIX, PERMUTED=perm is not None,
+                                    HAS_MAX=key_max is not None, PAD=0 if pad is None else 1 if shift == 0 else 2)
+        perm = tmp if pad is not None else out
+    return result if pad is not None else perm
 
 
 def key_bits(key) -> int:
@@ -400,7 +329,7 @@ def _sort_keys(module, side: str, keys: tuple, *, shape: tuple, dims: tuple, inp
                key_max: torch.Tensor, pad_block: int = 0):
     """The permutation (B', H', n) int64 that orders one side's rows by ``keys`` (stable, least
     significant key first), or None when nothing sorts this side. ``pad_block``: the side has one bucket
-    key, whose runs start on multiples of it (:func:`pad_sorted_perm`; the permutation is then
+    key, whose runs start on multiples of it (``pad`` of :func:`radix_sort_perm`; the permutation is then
     (B', H', padded_rows(n, pad_block))). ``key_max``: int32, one element per key, initially at most 1;
     the sort-key kernels fold each key's maximum into it, so radix passes over zero digits skip their work.
     Nothing here reads the data on the host, so the whole setup up to the tile lists is queued without a
@@ -418,12 +347,8 @@ def _sort_keys(module, side: str, keys: tuple, *, shape: tuple, dims: tuple, inp
     for i in reversed(range(len(keys))):
         values = torch.empty(Bp, Hp, n, dtype=torch.int32, device=device)
         getattr(module, f"attnc_sort_key_{side}{i}")[grid](values, key_max[i:i + 1], *dims, *input_args, BLOCK=ROWS)
-        if pad_block:                   # one bucket key: its keys in sorted order feed the padding
-            perm, in_order = radix_sort_perm(values, key_bits(keys[i]), perm, key_max=key_max[i:i + 1],
-                                             sorted_keys=True)
-            perm = pad_sorted_perm(in_order, perm, pad_block, padded_rows(n, pad_block))
-        else:
-            perm = radix_sort_perm(values, key_bits(keys[i]), perm, key_max=key_max[i:i + 1])
+        pad = (pad_block, padded_rows(n, pad_block)) if pad_block else None     # one bucket key
+        perm = radix_sort_perm(values, key_bits(keys[i]), perm, key_max=key_max[i:i + 1], pad=pad)
     return perm
 
 

@@ -696,8 +696,11 @@ def sort_key_values(key: SortKey, env: dict, pos: torch.Tensor, shape: tuple) ->
 # row): queries there are computed without effect and never stored, keys there are masked.
 # The host does not know the bucket sizes (no synchronization), so the sorted order gets a fixed
 # allowance of PAD_SLACK x n extra rows; when the buckets need more, the side stays unpadded (its rows
-# then sit first, the allowance past them holding padding).
+# then sit first, the allowance past them holding padding). The device pads in the offsets of its radix
+# sort's one pass, so keys of PAD_KEYS or more (bucket ids past 254, which take a second pass) stay
+# unpadded too.
 PAD_SLACK = 0.25
+PAD_KEYS = 256
 
 
 def padded_rows(n: int, block: int) -> int:
@@ -716,14 +719,21 @@ def padded_sides(transform: LayoutTransform | None) -> tuple[bool, bool]:
     return one_bucket(transform.query_keys), one_bucket(transform.key_keys)
 
 
-def pad_sorted(perm: torch.Tensor, keys: torch.Tensor, block: int, rows: int) -> torch.Tensor:
+def pad_sorted(perm: torch.Tensor, keys: torch.Tensor, block: int, rows: int,
+               pad_runs: bool | None = None) -> torch.Tensor:
     """``perm`` (..., n) (sorted row -> position, sorted by ``keys`` (..., n), given in position order)
     with each run of equal keys started on a multiple of ``block``: (..., rows), padding rows holding n.
-    A row of perm whose padded runs need more than ``rows`` keeps its order (padding after it).
-    The torch version (CPU plans, and the tests' oracle of attnc.device_setup.pad_sorted_perm)."""
+    A row of perm whose padded runs need more than ``rows`` keeps its order (padding after it); so does
+    every row when ``pad_runs`` is False (default: whether every key is below PAD_KEYS).
+    The torch version (CPU plans, and the tests' oracle of the ``pad`` of attnc.device_setup.radix_sort_perm)."""
     n = perm.shape[-1]
     out = torch.full(perm.shape[:-1] + (rows,), n, dtype=perm.dtype, device=perm.device)
     if n == 0:
+        return out
+    if pad_runs is None:
+        pad_runs = bool(keys.max() < PAD_KEYS)
+    if not pad_runs:
+        out[..., :n] = perm
         return out
     sk = torch.gather(keys.expand(perm.shape).to(torch.int64), -1, perm)
     i = torch.arange(n, device=perm.device).expand(perm.shape)

@@ -132,8 +132,8 @@ def test_radix_passes_over_zero_digits_skip(top):
     want = torch.sort(keys, dim=-1, stable=True).indices
     for bound in (keys.max(), torch.tensor(65535)):
         key_max = bound.to(torch.int32).view(1)
-        got, in_order = device_setup.radix_sort_perm(keys, 16, kernels=True, key_max=key_max, sorted_keys=True)
-        assert torch.equal(got, want) and torch.equal(in_order, torch.gather(keys, -1, want))
+        got = device_setup.radix_sort_perm(keys, 16, kernels=True, key_max=key_max)
+        assert torch.equal(got, want)
         prior = torch.argsort(torch.rand(2, 2, 150, generator=g), dim=-1)
         got = device_setup.radix_sort_perm(keys, 16, prior, kernels=True, key_max=key_max)
         assert torch.equal(got, device_setup.radix_sort_perm(keys, 16, prior, kernels=False))
@@ -147,7 +147,7 @@ def test_sort_key_kernels_fold_in_the_maximum():
 
     def spy(keys, bits, perm=None, **kw):
         calls.append((int(keys.max()), int(kw["key_max"])))
-        assert kw.get("sorted_keys")                 # hash buckets are padded: the keys in order feed it
+        assert kw.get("pad") == (16, padded_rows(90, 16))    # hash buckets are padded by the sort itself
         return real(keys, bits, perm, **kw)
 
     qb = torch.randint(0, 5, (1, 2, 90), generator=torch.Generator().manual_seed(1))
@@ -271,11 +271,13 @@ def _padded_by_hand(perm, keys, block, rows):
     return out + [n] * (rows - len(out))
 
 
-@pytest.mark.parametrize("n,buckets,chunk", [(1, 1, 8), (37, 1, 8), (150, 3, 16), (150, 40, 8), (300, 5, 32)])
+@pytest.mark.parametrize("n,buckets,chunk", [(1, 1, 8), (37, 1, 8), (150, 3, 16), (150, 40, 8), (300, 5, 32),
+                                            (150, 256, 16), (150, 5000, 32)])
 def test_padding_starts_every_bucket_on_a_block(n, buckets, chunk):
-    """Buckets padded to whole blocks: the torch version against a loop, and the device's two passes
-    (chunks of 8-32 rows, so buckets span chunks and a pass reads many chunks' runs) against the torch
-    version; with 40 buckets in 150 rows the padding does not fit and the sorted order stays."""
+    """Buckets padded to whole blocks: the torch version against a loop, and the device's padded radix sort
+    (its one pass's offsets; chunks of 8-32 rows, so buckets span chunks) against the torch version. With 40
+    buckets in 150 rows the padding does not fit and the sorted order stays; keys of 256 or more take a
+    second pass and are not padded (the sorted order, padding after it), on both."""
     g = torch.Generator().manual_seed(n + buckets)
     keys = torch.randint(0, buckets, (2, 3, n), generator=g, dtype=torch.int32)
     keys[1, 2] = 7                                   # one bucket for the whole row
@@ -285,9 +287,14 @@ def test_padding_starts_every_bucket_on_a_block(n, buckets, chunk):
     want = pad_sorted(perm, keys, block, rows)
     for b in range(2):
         for h in range(3):
-            assert want[b, h].tolist() == _padded_by_hand(perm[b, h].tolist(), keys[b, h].tolist(), block, rows)
-    got = device_setup.pad_sorted_perm(torch.gather(keys, -1, perm), perm, block, rows, chunk=chunk)
-    assert torch.equal(got, want)
+            by_hand = _padded_by_hand(perm[b, h].tolist(), keys[b, h].tolist(), block, rows)
+            if keys.max() >= 256:
+                by_hand = perm[b, h].tolist() + [n] * (rows - n)
+            assert want[b, h].tolist() == by_hand
+    key_max = keys.max().to(torch.int32).view(1)
+    for kernels in (True, False):
+        got = device_setup.radix_sort_perm(keys, 16, kernels=kernels, key_max=key_max, pad=(block, rows), chunk=chunk)
+        assert torch.equal(got, want)
 
 
 def test_padded_layouts_agree_and_pad_where_they_fit(monkeypatch):
