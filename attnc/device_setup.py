@@ -278,9 +278,9 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
         return order
     n = keys.shape[-1]
     rows_bh = keys.numel() // max(n, 1)
-    out_rows = pad[1] if pad is not None else n
+    block, rows = pad or (1, n)
     if n == 0 or rows_bh == 0:
-        return torch.full(keys.shape[:-1] + (out_rows,), n, dtype=torch.int64, device=keys.device)
+        return torch.full(keys.shape[:-1] + (rows,), n, dtype=torch.int64, device=keys.device)
     keys = keys.contiguous()
     if chunk is None and keys.is_cuda:
         # Chunks of 1024 rows, or smaller when that leaves the GPU with few programs (one row of keys,
@@ -292,25 +292,22 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
     base = torch.empty_like(hist)
     grid = (rows_bh, n_chunks)
     top = key_max if key_max is not None else hist
-    block, rows = pad or (1, n)
     if pad is not None:
+        # The first pass writes the result when it is the last, else tmp, which the second pass reads.
         result = torch.full(keys.shape[:-1] + (rows,), n, dtype=torch.int64, device=keys.device)
         tmp = torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
     for shift in range(0, bits, 8):
-        first_padded = pad is not None and shift == 0
-        if pad is None:
-            out = torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
-        else:      # the first pass writes the result (one pass) or tmp; the second reads tmp
-            out = result
+        pad_pass = 0 if pad is None else 1 if shift == 0 else 2        # the scatter kernel's PAD
+        out = result if pad is not None else torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
         src = perm if perm is not None else out
         _radix_histogram_kernel[grid](keys, src, hist, top, n, n_chunks, shift, CHUNK=chunk, RADIX=RADIX,
                                       PERMUTED=perm is not None, HAS_MAX=key_max is not None)
         _radix_offsets_kernel[(rows_bh,)](hist, base, top, n_chunks, shift, block, rows, RADIX=RADIX,
                                           CHUNKS=min(32, triton.next_power_of_2(n_chunks)),
-                                          HAS_MAX=key_max is not None, PAD=first_padded)
-        _radix_scatter_kernel[grid](keys, src, base, out, tmp if first_padded else out, top, n, n_chunks, shift,
+                                          HAS_MAX=key_max is not None, PAD=pad_pass == 1)
+        _radix_scatter_kernel[grid](keys, src, base, out, tmp if pad_pass == 1 else out, top, n, n_chunks, shift,
                                     out.shape[-1], CHUNK=chunk, RADIX=RADIX, PERMUTED=perm is not None,
-                                    HAS_MAX=key_max is not None, PAD=0 if pad is None else 1 if shift == 0 else 2)
+                                    HAS_MAX=key_max is not None, PAD=pad_pass)
         perm = tmp if pad is not None else out
     return result if pad is not None else perm
 
