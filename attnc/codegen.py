@@ -158,6 +158,10 @@ class ClassifierCode:
     status_expr: str          # may + must as int32 (2 full, 1 partial, 0 empty)
     reads: tuple              # SetupRead, in kernel-argument order
     modulus: int              # residue classes of a residue permutation (0: none)
+    # (query read, key read) indices into reads when keys are sorted by a bucket id first and the mask
+    # requires the two ids equal (x[.., q] == y[.., k]): a query block meets only the key blocks whose ids
+    # overlap its own, found by counting (see bucket_pair); None otherwise.
+    bucket: tuple | None = None
 
 
 def classifier_code(pir: PatternIR) -> ClassifierCode:
@@ -197,9 +201,33 @@ def classifier_code(pir: PatternIR) -> ClassifierCode:
     def as_int(x) -> str:
         return str(int(x)) if isinstance(x, bool) else f"{x.text}.to(tl.int32)"
 
-    code = ClassifierCode(list(em.lines), f"{as_int(may)} + {as_int(must)}", tuple(reads), modulus)
+    code = ClassifierCode(list(em.lines), f"{as_int(may)} + {as_int(must)}", tuple(reads), modulus,
+                          bucket_pair(pir, reads))
     pir.__dict__["_classifier_code"] = code
     return code
+
+
+def bucket_pair(pir: PatternIR, reads: list) -> tuple | None:
+    """(query read, key read) indices of ``reads`` when the layout sorts keys by a bucket id y[.., k] first
+    and the mask has the conjunct x[.., q] == y[.., k] (coefficients 1 and -1, no constant). Key blocks are
+    then in order of their (clamped) ids, so the blocks whose ids overlap a query block's are one range,
+    and every tile outside it is empty."""
+    transform = layout_transform(pir.mask)
+    if transform is None or not transform.key_keys or transform.key_keys[0].kind != "bucket":
+        return None
+    k_node = transform.key_keys[0].node
+    q_node = next((key.node for key in transform.query_keys if key.kind == "bucket"), None)
+    conjuncts = list(pir.mask.args) if pir.mask.op == "and" else [pir.mask]
+    for atom in conjuncts:
+        if ir.atom_kind(atom) != "tensor-eq" or atom.op != "eq" or atom.args[1].value != 0:
+            continue
+        terms, const = ir.linear(atom.args[0])
+        if const == 0 and set(terms) == {q_node, k_node} and terms[q_node] == -terms[k_node] and abs(terms[q_node]) == 1:
+            qi = next((r.index for r in reads if r.node == q_node and r.side == "q"), None)
+            ki = next((r.index for r in reads if r.node == k_node and r.side == "k"), None)
+            if qi is not None and ki is not None:
+                return qi, ki
+    return None
 
 
 def mirrored_summaries(code: ClassifierCode) -> bool:
@@ -247,7 +275,7 @@ def render_setup(pir: PatternIR) -> str:
     code = classifier_code(pir)
     context = template_context(pir)
     context.update(classify_lines=code.lines, status_expr=code.status_expr, setup_reads=code.reads,
-                   modulus=code.modulus, sides=[_side_context(pir, code, side) for side in "qk"])
+                   modulus=code.modulus, bucket=code.bucket, bucket_key_max=BUCKET_KEY_MAX, sides=[_side_context(pir, code, side) for side in "qk"])
     return _environment().get_template("attn_setup.py.j2").render(**context)
 
 

@@ -24,18 +24,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import TileLists, mirrored_keys, pad_sorted, padded_rows, padded_sides
+from .plan import PlannedTiles, TileLists, mirrored_keys, pad_sorted, padded_rows, padded_sides
 
 
 @triton.jit
 def _tile_lists_kernel(status_ptr, s_bh, s_row, s_col, n_rows, n_cols, run_ptr,
                        full_cnt_ptr, part_cnt_ptr, stats_ptr, full_idx_ptr, part_idx_ptr, full_width, part_width,
-                       GROUP: tl.constexpr, BLOCK_J: tl.constexpr, FILL: tl.constexpr):
+                       range_ptr, GROUP: tl.constexpr, BLOCK_J: tl.constexpr, FILL: tl.constexpr,
+                       RANGED: tl.constexpr):
     # One program per (batch, head, GROUP rows): a row is a query block (a key block for the transposed
     # lists of the dK/dV kernel). A row's full tiles are a leading run (its first full column and how many
     # consecutive full columns follow) and the rest. FILL=False only folds the longest rest and partial
     # counts into stats[0:2] (the widths); FILL=True writes the run, the counts and the lists (columns in
-    # order), and folds the longest rest into stats[2].
+    # order), and folds the longest rest into stats[2]. RANGED: each row's tiles outside the columns
+    # range[row] = [first, last) are empty (the classifier found them, attnc_classify's K_SEARCH), and the
+    # program reads only the union of its rows' ranges.
     bh = tl.program_id(0)
     r = tl.program_id(1) * GROUP + tl.arange(0, GROUP)
     r_ok = r < n_rows
@@ -45,7 +48,14 @@ def _tile_lists_kernel(status_ptr, s_bh, s_row, s_col, n_rows, n_cols, run_ptr,
     n_run = tl.zeros([GROUP], dtype=tl.int32)        # of them in the leading run
     n_part = tl.zeros([GROUP], dtype=tl.int32)
     first = tl.zeros([GROUP], dtype=tl.int32) + n_cols
-    for j0 in range(0, n_cols, BLOCK_J):
+    start, stop = 0, n_cols
+    if RANGED:
+        lo = tl.load(range_ptr + out * 2, mask=r_ok, other=n_cols)
+        hi = tl.load(range_ptr + out * 2 + 1, mask=r_ok, other=0)
+        live = lo < hi
+        start = tl.min(tl.where(live, lo, n_cols)) // BLOCK_J * BLOCK_J
+        stop = tl.max(tl.where(live, hi, 0))
+    for j0 in range(start, stop, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)[None, :]
         st = tl.load(base + j.to(tl.int64) * s_col, mask=r_ok[:, None] & (j < n_cols), other=0)
         is_full = (st == 2).to(tl.int32)
@@ -88,9 +98,12 @@ CLASSIFY_GROUP, CLASSIFY_BLOCK_J, CLASSIFY_WARPS = 16, 128, 4
 HOST_SYNCS = 0       # host synchronizations made by setups so far (a shape that needs one is never graphed)
 
 
-def tile_lists(status: torch.Tensor, transposed: bool = False, sync: bool | None = None) -> TileLists:
+def tile_lists(status: torch.Tensor, transposed: bool = False, sync: bool | None = None,
+               ranges: torch.Tensor | None = None) -> TileLists:
     """The tile lists of ``status`` (B', H', nqb, nkb), per query block, or per key block when
-    ``transposed``; equal to :func:`attnc.plan.build_tile_lists` up to list widths.
+    ``transposed``; equal to :func:`attnc.plan.build_tile_lists` up to list widths. ``ranges`` (int32
+    (B', H', nqb, 2), not transposed): each query block's key blocks [first, last) outside which its
+    tiles are empty; only those columns are read.
 
     Without a host synchronization (``sync`` False, the default while a list as wide as a row of tiles
     takes at most UNSYNCED_LIST_BYTES) the lists are that wide, and the call's setup is queued behind the
@@ -106,6 +119,7 @@ def tile_lists(status: torch.Tensor, transposed: bool = False, sync: bool | None
     device = status.device
     if sync is None:
         sync = Bp * Hp * n_rows * max(n_cols, 1) * 4 > UNSYNCED_LIST_BYTES
+    ranged = ranges is not None and not transposed
     full_run = torch.empty(Bp, Hp, n_rows, 2, dtype=torch.int32, device=device)
     full_cnt = torch.empty(Bp, Hp, n_rows, dtype=torch.int32, device=device)
     part_cnt = torch.empty_like(full_cnt)
@@ -116,8 +130,8 @@ def tile_lists(status: torch.Tensor, transposed: bool = False, sync: bool | None
     if sync:
         if status.numel():
             _tile_lists_kernel[grid](status, n_rows * n_cols, s_row, s_col, n_rows, n_cols, full_run, full_cnt,
-                                     part_cnt, stats, full_cnt, part_cnt, 1, 1, GROUP=group, BLOCK_J=block_j, FILL=False,
-                                     num_warps=LIST_WARPS)
+                                     part_cnt, stats, full_cnt, part_cnt, 1, 1, ranges if ranged else stats,
+                                     GROUP=group, BLOCK_J=block_j, FILL=False, RANGED=ranged, num_warps=LIST_WARPS)
         global HOST_SYNCS
         HOST_SYNCS += 1
         width_full, width_part = (max(w, 1) for w in stats[:2].tolist())       # the host synchronization
@@ -126,7 +140,8 @@ def tile_lists(status: torch.Tensor, transposed: bool = False, sync: bool | None
     if status.numel():
         _tile_lists_kernel[grid](status, n_rows * n_cols, s_row, s_col, n_rows, n_cols, full_run, full_cnt,
                                  part_cnt, stats, full_idx, part_idx, width_full, width_part,
-                                 GROUP=group, BLOCK_J=block_j, FILL=True, num_warps=LIST_WARPS)
+                                 ranges if ranged else stats, GROUP=group, BLOCK_J=block_j, FILL=True, RANGED=ranged,
+                                 num_warps=LIST_WARPS)
     else:                   # no tiles (no rows, or no columns: every count is 0)
         full_run.zero_()
         full_cnt.zero_()
@@ -379,17 +394,24 @@ def summarize_side(module, code, side: str, perm, *, shape: tuple, dims: tuple, 
 
 def classify(module, code, *, shape: tuple, n_q: int, n_k: int, block_m: int, block_n: int, sizes: dict,
              q_summary: torch.Tensor, k_summary: torch.Tensor, q_sorted: bool, k_sorted: bool,
-             rows: tuple | None = None, counts: tuple = (None, None)) -> torch.Tensor:
-    """int8 tile classes (B', H', nqb, nkb) from the pattern's generated classifier ``module`` (its
-    :class:`attnc.codegen.ClassifierCode` is ``code``) over the block summaries of :func:`summarize_side`.
+             rows: tuple | None = None, counts: tuple = (None, None)) -> tuple:
+    """(status, ranges): int8 tile classes (B', H', nqb, nkb) from the pattern's generated classifier
+    ``module`` (its :class:`attnc.codegen.ClassifierCode` is ``code``) over the block summaries of
+    :func:`summarize_side`; and, when keys are sorted by a bucket id the mask equates with the queries'
+    (``code.bucket``), int32 (B', H', nqb, 2): each query block's key blocks [first, last) outside which
+    every tile is empty (the classifier evaluates only those), else None.
     ``rows``: (query, key) rows in sorted order when a side is padded (default n_q, n_k); ``counts``: the
     padded sides' real rows per block."""
     Bp, Hp = shape
     rows_q, rows_k = rows or (n_q, n_k)
     nqb, nkb = triton.cdiv(rows_q, block_m), triton.cdiv(rows_k, block_n)
     status = torch.empty(Bp, Hp, nqb, nkb, dtype=torch.int8, device=q_summary.device)
+    search = code.bucket is not None and k_sorted
+    ranges = torch.empty(Bp, Hp, nqb, 2, dtype=torch.int32, device=q_summary.device) if search else None
     if status.numel() == 0:
-        return status
+        if ranges is not None:
+            ranges.zero_()
+        return status, ranges
     args = [q_summary[0], q_summary[1], k_summary[0], k_summary[1]]
     if code.modulus:
         args += [q_summary[2], q_summary[3], k_summary[2], k_summary[3]]
@@ -402,10 +424,10 @@ def classify(module, code, *, shape: tuple, n_q: int, n_k: int, block_m: int, bl
     group = CLASSIFY_GROUP
     module.attnc_classify[(Bp * Hp, triton.cdiv(nqb, group))](
         status, *args, q_count if q_count is not None else status, k_count if k_count is not None else status,
-        n_q, n_k, sizes["batch"], sizes["heads"], Hp, nqb, nkb, BLOCK_M=block_m,
+        ranges if search else status, n_q, n_k, sizes["batch"], sizes["heads"], Hp, nqb, nkb, BLOCK_M=block_m,
         BLOCK_N=block_n, GROUP_M=group, BLOCK_J=_block_j(nkb, CLASSIFY_BLOCK_J), Q_SORTED=q_sorted, K_SORTED=k_sorted,
-        Q_PADDED=q_count is not None, K_PADDED=k_count is not None, num_warps=CLASSIFY_WARPS)
-    return status
+        Q_PADDED=q_count is not None, K_PADDED=k_count is not None, K_SEARCH=search, num_warps=CLASSIFY_WARPS)
+    return status, ranges
 
 
 def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, n_q: int, n_k: int, block_m: int,
@@ -452,7 +474,7 @@ def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, 
                                                    padded=pad["k"])
     q_perm, k_perm = perm["q"], perm["k"]
     rows = tuple(p.shape[-1] if p is not None else n[side] for side, p in zip("qk", (q_perm, k_perm)))
-    status = classify(module, code, shape=shape, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, sizes=sizes,
-                      q_summary=q_summary, k_summary=k_summary, q_sorted=q_perm is not None,
-                      k_sorted=k_perm is not None, rows=rows, counts=(q_count, k_count))
-    return status, q_perm, k_perm, q_pos, k_pos, in_place
+    status, ranges = classify(module, code, shape=shape, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n,
+                              sizes=sizes, q_summary=q_summary, k_summary=k_summary, q_sorted=q_perm is not None,
+                              k_sorted=k_perm is not None, rows=rows, counts=(q_count, k_count))
+    return PlannedTiles(status, on_device=True, ranges=ranges), q_perm, k_perm, q_pos, k_pos, in_place

@@ -124,7 +124,7 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     Bp, Hp = setup_shape(pir, B, Hq)
     if classifier is not None:
         from .device_setup import plan_tiles
-        status, q_perm, k_perm, q_pos, k_pos, moved = plan_tiles(
+        tiles, q_perm, k_perm, q_pos, k_pos, moved = plan_tiles(
             classifier, pir, transform, shape=(Bp, Hp), batch=B, heads=Hq, n_q=n_q, n_k=n_k, block_m=block_m,
             block_n=block_n, sizes=sizes, inputs=inputs, device=device)
         # Nothing is read on the host: a sorted side counts as moved, keys sorted per head under GQA are
@@ -136,7 +136,6 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
         may_be_in_order = ((q_sorted or k_sorted) and not any(padded_sides(transform))
                            and all(key.kind == "bucket" for key in transform.query_keys + transform.key_keys))
         in_place = moved if may_be_in_order and not expand else None
-        tiles = PlannedTiles(status, on_device=True)
         return Layout(transform, q_perm, k_perm, B, Hq, expand, not q_sorted, not k_sorted, tiles, q_pos, k_pos,
                       in_place)
     env = {name: value for name, value in sizes.items()}

@@ -450,16 +450,17 @@ class PlannedTiles:
     """The tile classes of one call and their lists, each built on first use: per query block for the
     forward and dQ kernels, per key block (transposed) for the dK/dV kernel."""
 
-    def __init__(self, status: torch.Tensor, on_device: bool = False):
+    def __init__(self, status: torch.Tensor, on_device: bool = False, ranges: torch.Tensor | None = None):
         self.status = status
         self.on_device = on_device          # build lists with the Triton kernels of attnc.device_setup
+        self.ranges = ranges                # each query block's possibly non-empty key blocks (device classifier)
         self._lists: dict[bool, TileLists] = {}
 
     def lists(self, transposed: bool = False) -> TileLists:
         if transposed not in self._lists:
             if self.on_device:
                 from .device_setup import tile_lists
-                self._lists[transposed] = tile_lists(self.status, transposed)
+                self._lists[transposed] = tile_lists(self.status, transposed, ranges=self.ranges)
             else:
                 status = self.status.transpose(-1, -2).contiguous() if transposed else self.status
                 self._lists[transposed] = build_tile_lists(status)

@@ -6,6 +6,7 @@ import functools
 import math
 import os
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -183,24 +184,29 @@ class Kernel:
     def _input_cached(self, key: tuple, inputs: dict, build, materialize):
         """Setup (tile lists, layouts) cached per call shape and runtime-input tensors.
 
-        The entry holds the input tensors themselves and keys on identity plus version counter: an
-        input modified in place is re-planned, a new tensor is never mistaken for a freed one whose
-        memory it reuses, and a model reusing one document mask in every layer plans once.
-        A miss runs ``materialize(build(inputs))``, on CUDA through a graph of the call shape's setup
-        (attnc.setup_graphs), so new inputs of a known shape cost one replay, not a launch per step.
+        The entry keys on the input tensors' identity plus version counter and holds them by weak
+        reference: an input modified in place is re-planned, a new tensor is never mistaken for a freed
+        one whose memory it reuses, a model reusing one document mask in every layer plans once, and an
+        entry whose inputs are gone is dropped (nothing can ask for it again). A miss runs
+        ``materialize(build(inputs))``, on CUDA through a graph of the call shape's setup
+        (attnc.setup_graphs), so new inputs of a known shape cost one replay, not a launch per step; the
+        graph's result is lent, and copied only if an entry still holds it when the graph replays again.
         """
         from .setup_graphs import SetupGraphs
         shape_key = key
         key = key + tuple((n, id(t), t._version) for n, t in inputs.items())
         cache = self.__dict__.setdefault("_setup_cache", {})
         entry = cache.get(key)
-        if entry is not None and any(held is not t for held, t in zip(entry[1], inputs.values())):
+        if entry is not None and any(held() is not t for held, t in zip(entry[1], inputs.values())):
             entry = None
         if entry is None:
+            for old in [k for k, (_, held) in cache.items() if any(ref() is None for ref in held)]:
+                del cache[old]
             if len(cache) >= 8:
                 cache.pop(next(iter(cache)))
             graphs = self.__dict__.setdefault("_setup_graphs", SetupGraphs())
-            entry = cache[key] = (graphs.run(shape_key, inputs, build, materialize), tuple(inputs.values()))
+            entry = cache[key] = (graphs.run(shape_key, inputs, build, materialize),
+                                  tuple(weakref.ref(t) for t in inputs.values()))
         return entry[0]
 
     def _setup_module(self, device):
@@ -217,9 +223,8 @@ class Kernel:
         from .device_setup import plan_tiles
         from .plan import setup_shape
         shape = setup_shape(self.ir, batch, heads)
-        status = plan_tiles(module, self.ir, None, shape=shape, batch=batch, heads=heads, n_q=n_q, n_k=n_k,
-                            block_m=block_m, block_n=block_n, sizes=sizes, inputs=inputs, device=device)[0]
-        return PlannedTiles(status, on_device=True)
+        return plan_tiles(module, self.ir, None, shape=shape, batch=batch, heads=heads, n_q=n_q, n_k=n_k,
+                          block_m=block_m, block_n=block_n, sizes=sizes, inputs=inputs, device=device)[0]
 
     def _tile_lists(self, n_q, n_k, batch, heads, block_m, block_n, sizes, inputs, device, transposed=False):
         """Tile lists of a list-mode call (see :meth:`_input_cached`)."""

@@ -10,8 +10,13 @@ docs/design.md), so after a shape has been seen once, its setup is captured into
   the host (lists too large to be as wide as a row), the shape stays eager;
 * second call: the setup is captured, reading its inputs from static copies;
 * every call from then on: the inputs are copied into the static copies, the graph is replayed, and the
-  results are cloned, so that a call's layout stays valid for its backward while later calls replay the
-  same graph.
+  result is lent: the caller gets new tensor objects on the graph's memory, no copy.
+
+A lent result stays valid until the shape's next replay. Before it, whatever is still referenced of the last
+lent result (the kernel's per-input cache keeps it while its runtime inputs live, e.g. for the backward of
+that call) gets private copies (:meth:`_Captured.reclaim`); what nobody holds any more costs nothing. So
+back-to-back calls with runtime inputs that are dropped after each call pay the replay alone, and training,
+whose backward needs each call's setup later, pays one copy per call (RESULTS run 62).
 
 ``ATTNC_SETUP_GRAPHS=0`` turns this off. Calls made while a stream is being captured (a caller's own CUDA
 graph) run the setup eagerly, inside the caller's graph.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -32,10 +38,37 @@ _SEEN = "seen"          # run once eagerly: captured on the next call
 
 
 class _Captured:
-    """One captured setup: the graph, the static inputs it reads, and the results it writes."""
+    """One captured setup: the graph, the static inputs it reads, the results it writes, and what of them
+    was lent by the last replay."""
 
     def __init__(self, graph, static: dict, result):
         self.graph, self.static, self.result = graph, static, result
+        self.memory = {t.untyped_storage().data_ptr() for t in _tensors(result)}
+        self.memory |= {t.untyped_storage().data_ptr() for t in static.values()}
+        self.lent: list = []        # weak references: the lent tensors, and the lent objects holding them
+        self.stream = None          # the stream of the last replay
+
+    def lend(self):
+        """The result as new objects whose tensors alias the graph's (see :func:`share_result`)."""
+        tensors: list = []
+        shared = share_result(self.result, tensors)
+        self.lent = [weakref.ref(t) for t in tensors] + [weakref.ref(o) for o in _objects(shared)]
+        return shared
+
+    def reclaim(self) -> int:
+        """Before a replay: give every lent tensor still referenced somewhere its own copy, in place
+        (``Tensor.set_``, so every holder sees it), and replace tensors made later on the graph's memory
+        (views, e.g. a transposed status table) inside lent objects still alive. Returns the copies made."""
+        memo: dict = {}
+        alive = [obj for obj in (ref() for ref in self.lent) if obj is not None]
+        self.lent = []
+        for obj in alive:
+            if isinstance(obj, torch.Tensor) and obj.untyped_storage().data_ptr() in self.memory:
+                obj.set_(_private(obj, memo))
+        for obj in alive:
+            if not isinstance(obj, torch.Tensor):
+                _privatize_fields(obj, self.memory, memo)
+        return len(memo)
 
 
 def enabled(device: torch.device) -> bool:
@@ -73,10 +106,15 @@ class SetupGraphs:
                 state = self._capture(device, inputs, build, materialize)
                 self._remember(key, state)
             self._shapes.move_to_end(key)
+            state.reclaim()
+            current = torch.cuda.current_stream(device)
+            if state.stream is not None and state.stream != current:
+                current.wait_stream(state.stream)        # the last lent result's readers, queued there
+            state.stream = current
             for name, t in inputs.items():
                 state.static[name].copy_(t)
             state.graph.replay()
-            return clone_result(state.result)
+            return state.lend()
 
     def _remember(self, key, state):
         self._shapes[key] = state
@@ -102,25 +140,91 @@ class SetupGraphs:
         return _Captured(graph, static, result)
 
 
-def clone_result(obj, memo: dict | None = None):
-    """A copy of a setup result whose tensors are clones: the graph's own tensors are overwritten by its next
-    replay. Tensors that view the same memory the same way (a layout's positions and the int32 table they
-    were made from) are cloned once."""
+def _view_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _private(t: torch.Tensor, memo: dict) -> torch.Tensor:
+    """A copy of ``t``; views of one memory the same way are copied once."""
+    key = _view_key(t)
+    if key not in memo:
+        memo[key] = t.clone()
+    return memo[key]
+
+
+def _result_types() -> tuple:
     from .layout import Layout
     from .plan import PlannedTiles, TileLists
+    return Layout, PlannedTiles, TileLists
+
+
+def share_result(obj, tensors: list, memo: dict | None = None):
+    """A copy of a setup result's objects whose tensors are new tensor objects (``detach``) on the same
+    memory, appended to ``tensors``. Views of one memory the same way share one new tensor. Lazy state set
+    on the copy later (a layout's transposed lists) stays with the copy."""
     memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.dtype)
+        key = _view_key(obj)
         if key not in memo:
-            memo[key] = obj.clone()
+            memo[key] = obj.detach()
+            tensors.append(memo[key])
         return memo[key]
     if isinstance(obj, dict):
-        return {k: clone_result(v, memo) for k, v in obj.items()}
+        return {k: share_result(v, tensors, memo) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(clone_result(v, memo) for v in obj)
-    if isinstance(obj, (Layout, PlannedTiles, TileLists)):
+        return type(obj)(share_result(v, tensors, memo) for v in obj)
+    if isinstance(obj, _result_types()):
         new = copy.copy(obj)
         for name, value in vars(obj).items():
-            object.__setattr__(new, name, clone_result(value, memo))
+            object.__setattr__(new, name, share_result(value, tensors, memo))
         return new
     return obj
+
+
+def _objects(obj) -> list:
+    """The Layout / PlannedTiles / TileLists objects of a result (to find their fields again later)."""
+    if isinstance(obj, dict):
+        return [o for v in obj.values() for o in _objects(v)]
+    if isinstance(obj, (list, tuple)):
+        return [o for v in obj for o in _objects(v)]
+    if isinstance(obj, _result_types()):
+        return [obj] + [o for v in vars(obj).values() for o in _objects(v)]
+    return []
+
+
+def _tensors(obj) -> list:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    if isinstance(obj, _result_types()):
+        return [t for v in vars(obj).values() for t in _tensors(v)]
+    return []
+
+
+def _privatize_fields(obj, memory: set, memo: dict, seen: set | None = None) -> None:
+    """Replace, in the fields of a result object and of the result objects, dicts, lists and tuples below
+    them, every tensor on the graph's ``memory`` with a copy."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+
+    def fix(value):
+        if isinstance(value, torch.Tensor):
+            return _private(value, memo) if value.untyped_storage().data_ptr() in memory else value
+        if isinstance(value, dict):
+            fixed = {k: fix(v) for k, v in value.items()}
+            return value if all(fixed[k] is v for k, v in value.items()) else fixed
+        if isinstance(value, (list, tuple)):
+            fixed = [fix(v) for v in value]
+            return value if all(a is b for a, b in zip(fixed, value)) else type(value)(fixed)
+        if isinstance(value, _result_types()):
+            _privatize_fields(value, memory, memo, seen)
+        return value
+    for name, value in list(vars(obj).items()):
+        fixed = fix(value)
+        if fixed is not value:
+            object.__setattr__(obj, name, fixed)

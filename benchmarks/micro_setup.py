@@ -47,7 +47,7 @@ def main():
         def status():
             return device_setup.plan_tiles(module, kern.ir, transform, shape=setup_shape(kern.ir, B, H), batch=B,
                                            heads=H, n_q=n, n_k=n, block_m=cfg.block_m, block_n=cfg.block_n,
-                                           sizes=sizes, inputs=inputs, device=torch.device("cuda"))[0]
+                                           sizes=sizes, inputs=inputs, device=torch.device("cuda"))[0].status
         st = status()
         print(f"{name} N={n}: status {tuple(st.shape)}, tiles {cfg.block_m}x{cfg.block_n}", flush=True)
         rows = []

@@ -85,10 +85,13 @@ def test_radix_sort_offsets_over_many_chunks():
 
 @pytest.mark.parametrize("span,dtype", [(8, torch.uint8), (100, torch.int8), (1000, torch.int16),
                                         (10 ** 6, torch.int32), (2 ** 40, torch.int64)])
-def test_bucket_sorts_take_16_bit_keys_and_agree(span, dtype):
+def test_bucket_sorts_take_16_bit_keys_and_agree(span, dtype, monkeypatch):
     """Bucket ids become 16-bit sort keys, clamped to [-1, 65534]: ids in that range sort exactly, ids past
     it share the end keys and stay in position order. Ties keep position order; the permutations and
-    tiles equal the torch setup's, whatever the ids' dtype."""
+    tiles equal the torch setup's, whatever the ids' dtype. (Small groups of query blocks per classifier and
+    list program, so that the key-block ranges differ between groups.)"""
+    monkeypatch.setattr(device_setup, "CLASSIFY_GROUP", 2)
+    monkeypatch.setattr(device_setup, "LIST_GROUP", 4)
     g = torch.Generator().manual_seed(span % 1000)
     lo = 0 if dtype == torch.uint8 else -span // 2
     qb = torch.randint(lo, lo + span, (2, 2, 150), generator=g).to(dtype)
@@ -103,6 +106,29 @@ def test_bucket_sorts_take_16_bit_keys_and_agree(span, dtype):
     assert torch.equal(want.q_perm, got.q_perm) and torch.equal(want.k_perm, got.k_perm)
     assert torch.equal(want.status, got.status)
     assert not got.q_identity and not got.k_identity
+    # Keys sorted by bucket: the classifier evaluated each group of query blocks only over the key blocks
+    # whose (clamped) ids overlap the group's, and the forward lists read only those.
+    ranges = got.tiles.ranges
+    k_ids = torch.where(got.k_perm < 150, torch.gather(kb.to(torch.int64).clamp(-1, 65534), -1,
+                                                       got.k_perm.clamp(max=149)), -2).view(2, 2, -1, 16)
+    q_ids = torch.where(got.q_perm < 150, torch.gather(ids, -1, got.q_perm.clamp(max=149)), -2).view(2, 2, -1, 16)
+    group = device_setup.CLASSIFY_GROUP
+    for b in range(2):
+        for h in range(2):
+            for g0 in range(0, q_ids.shape[2], group):
+                qi = q_ids[b, h, g0:g0 + group]
+                qi = qi[qi > -2]
+                overlap = [j for j in range(k_ids.shape[2]) if len(qi)
+                           and ((k_ids[b, h, j] >= qi.min()) & (k_ids[b, h, j] <= qi.max())).any()]
+                for m in range(g0, min(g0 + group, q_ids.shape[2])):
+                    first, last = ranges[b, h, m].tolist()
+                    if not overlap:                                  # blocks of padding only
+                        assert first >= last and not got.status[b, h, m].any()
+                        continue
+                    assert overlap == list(range(overlap[0], overlap[-1] + 1))   # key blocks in id order
+                    assert (first, last) == (overlap[0], overlap[-1] + 1)
+                    assert not got.status[b, h, m, :first].any() and not got.status[b, h, m, last:].any()
+    same_lists(want.lists(False), got.lists(False), "forward lists")
 
 
 @pytest.mark.parametrize("n", [1, 64, 150])

@@ -244,7 +244,8 @@ def test_which_rows_the_kernels_compute_or_read_in_order():
 def test_setup_graphs_replay_per_call_inputs(source, kind, monkeypatch):
     """On a GPU the setup of a known call shape is a CUDA graph (attnc.setup_graphs): the second call of a
     shape captures it, later ones replay it with their own inputs. Outputs and gradients equal the eager
-    setup's, also for a call whose backward runs after later calls have replayed the same graph."""
+    setup's, also for a call whose backward runs after later calls have replayed the same graph, and for
+    forward-only calls whose inputs are dropped at once (lent results, never copied)."""
     import os
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("run with TRITON_INTERPRET=0 so the compiled kernels run")
@@ -274,8 +275,18 @@ def test_setup_graphs_replay_per_call_inputs(source, kind, monkeypatch):
     assert any(isinstance(state, _Captured) for state in graphs.values())
     for leaves, out in [runs[0], runs[2], runs[3], runs[1]]:
         out.backward(dout)
+    # Forward only, each call's inputs dropped at once: the replays lend their results and copy nothing.
+    served = []
+    with torch.no_grad():
+        for _ in range(3):
+            ins = inputs()
+            served.append((kern(*qkv, **ins), {n: t.cpu() for n, t in ins.items()}))
+            del ins
     monkeypatch.setenv("ATTNC_SETUP_GRAPHS", "0")
     kern.__dict__.pop("_setup_cache", None)
+    with torch.no_grad():
+        for out, ins in served:
+            assert torch.equal(out, kern(*qkv, **{n: t.cuda() for n, t in ins.items()}))
     for (leaves, out), ins in zip(runs, calls):
         ref_leaves, ref_out = run(ins)
         ref_out.backward(dout)
@@ -284,11 +295,15 @@ def test_setup_graphs_replay_per_call_inputs(source, kind, monkeypatch):
             assert torch.equal(got.grad, want.grad)
 
 
-def test_setup_result_clones_are_independent_and_equal():
-    """attnc.setup_graphs.clone_result: a graphed setup's result is handed out as clones (the next replay
-    overwrites the graph's tensors): equal values, no shared memory, views of one table cloned once."""
+def test_setup_result_is_lent_and_reclaimed_only_while_held():
+    """attnc.setup_graphs: a graphed setup's result is lent (new tensor objects on the graph's memory, no copy);
+    before the next replay, what is still referenced of it gets private copies in place (equal values, its own
+    memory, views of one memory the same way copied once), including tensors made later on that memory inside
+    lent objects (a transposed table); what nobody holds costs nothing."""
     from attnc.plan import layout_transform
-    from attnc.setup_graphs import clone_result
+    import dataclasses
+
+    from attnc.setup_graphs import _Captured
     from attnc.validate import check_inputs
     kern = attnc.compile(HASH)
     g = torch.Generator().manual_seed(30)
@@ -298,18 +313,26 @@ def test_setup_result_clones_are_independent_and_equal():
                                        inputs, torch.device("cpu"))
     layout.lists(False)
     layout.__dict__["alias"] = layout.q_perm.view(-1)         # a second view of one tensor's memory
-    copy = clone_result(layout)
-    assert type(copy) is type(layout) and copy is not layout
-    for name in ("q_perm", "k_perm"):
-        a, b = getattr(layout, name), getattr(copy, name)
-        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
-    got, want = copy.lists(False), layout.lists(False)
-    assert got is not want
-    for name in ("full_run", "full_idx", "full_cnt", "part_idx", "part_cnt", "status"):
-        assert torch.equal(getattr(got, name), getattr(want, name))
-        assert getattr(got, name).data_ptr() != getattr(want, name).data_ptr()
-    assert got.status is copy.tiles.status                   # one tensor, one clone
-    assert copy.__dict__["alias"].data_ptr() != copy.q_perm.data_ptr()   # another view: its own clone
+    state = _Captured(None, {n: t.clone() for n, t in inputs.items()}, layout)
+    lent = state.lend()
+    assert type(lent) is type(layout) and lent is not layout and lent.tiles is not layout.tiles
+    assert lent.q_perm is not layout.q_perm and lent.q_perm.data_ptr() == layout.q_perm.data_ptr()
+    assert lent.lists(False).status is lent.tiles.status          # one view, one lent tensor
+    perm = lent.q_perm                                          # a bare tensor held
+    lent.tiles._lists[True] = dataclasses.replace(lent.lists(False), status=lent.status.transpose(-1, -2))
+    transposed = lent.lists(True)                               # made later, a view of the graph's memory
+    want_perm, want_full = layout.q_perm.clone(), layout.lists(False).full_idx.clone()
+    assert state.reclaim() > 0
+    layout.q_perm.fill_(-1)                                     # the next replay overwrites the graph's memory
+    layout.lists(False).full_idx.fill_(-1)
+    layout.status.fill_(-1)
+    assert torch.equal(perm, want_perm) and perm is lent.q_perm and perm.data_ptr() != layout.q_perm.data_ptr()
+    assert torch.equal(lent.lists(False).full_idx, want_full)
+    assert (transposed.status >= 0).all() and lent.lists(True) is transposed
+    assert lent.__dict__["alias"].data_ptr() != lent.q_perm.data_ptr()   # another view: its own copy
+    del lent, perm, transposed
+    state.lend()                                                # dropped at once: nothing to copy
+    assert state.reclaim() == 0
 
 
 class _FakeGraph:
@@ -343,8 +366,8 @@ class _FakeGraph:
 def test_setup_graphs_capture_on_the_second_call_and_replay_later(monkeypatch):
     """The state machine of attnc.setup_graphs on CPU with a stand-in graph: a shape's first call runs its
     setup eagerly, the second captures it (reading static copies of the inputs), and every call from the
-    second on copies its inputs in, replays and gets clones, each equal to an eager setup of its own
-    inputs. A shape whose setup synchronized with the host stays eager; at most MAX_SHAPES are kept."""
+    second on copies its inputs in, replays and lends its result; results held across later replays stay
+    equal to an eager setup of their own inputs. A shape whose setup synchronized with the host stays eager; at most MAX_SHAPES are kept."""
     import contextlib
 
     from attnc import setup_graphs
@@ -391,7 +414,9 @@ def test_setup_graphs_capture_on_the_second_call_and_replay_later(monkeypatch):
         want = materialize(build(ins))
         assert torch.equal(got.q_perm, want.q_perm) and torch.equal(got.k_perm, want.k_perm)
         assert torch.equal(got.status, want.status)
-        assert got.q_perm.data_ptr() != state.result.q_perm.data_ptr()   # a clone, not the graph's tensor
+    # Every held result but the last was copied before a replay; the last still lends the graph's memory.
+    assert all(got.q_perm.data_ptr() != state.result.q_perm.data_ptr() for got in results[:-1])
+    assert results[-1].q_perm.data_ptr() == state.result.q_perm.data_ptr()
     # A shape whose first setup synchronized with the host is never captured.
     from attnc import device_setup
 
