@@ -181,27 +181,29 @@ def share_result(obj, tensors: list, memo: dict | None = None):
     return obj
 
 
+def _parts(obj):
+    """The tensors and the Layout / PlannedTiles / TileLists objects of a setup result, depth first."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _parts(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _parts(value)
+    elif isinstance(obj, _result_types()):
+        yield obj
+        for value in vars(obj).values():
+            yield from _parts(value)
+
+
 def _objects(obj) -> list:
-    """The Layout / PlannedTiles / TileLists objects of a result (to find their fields again later)."""
-    if isinstance(obj, dict):
-        return [o for v in obj.values() for o in _objects(v)]
-    if isinstance(obj, (list, tuple)):
-        return [o for v in obj for o in _objects(v)]
-    if isinstance(obj, _result_types()):
-        return [obj] + [o for v in vars(obj).values() for o in _objects(v)]
-    return []
+    """The result objects of a setup result (to find their fields again before a replay)."""
+    return [o for o in _parts(obj) if not isinstance(o, torch.Tensor)]
 
 
 def _tensors(obj) -> list:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    if isinstance(obj, _result_types()):
-        return [t for v in vars(obj).values() for t in _tensors(v)]
-    return []
+    return [t for t in _parts(obj) if isinstance(t, torch.Tensor)]
 
 
 def _privatize_fields(obj, memory: set, memo: dict, seen: set | None = None) -> None:
