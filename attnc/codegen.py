@@ -262,7 +262,7 @@ def _side_context(pir: PatternIR, code: ClassifierCode, side: str) -> dict:
         if key.kind == "keep":
             value = f"({var} == 0)"                                      # kept rows first
         else:
-            value = f"tl.minimum(tl.maximum(({var}).to(tl.int64), -1), {BUCKET_KEY_MAX - 1}) + 1"
+            value = f"_clamped_id({var}) + 1"
         keys.append(dict(text=ir.to_text(key.node) + (" (0: kept)" if key.kind == "keep" else " (clamped to 16 bits)"),
                          lines=kp.em.lines, value=value))
     return dict(name=side, slots=summary_slots(code, side), lines=printer.em.lines, summary_values=values,
@@ -275,7 +275,8 @@ def render_setup(pir: PatternIR) -> str:
     code = classifier_code(pir)
     context = template_context(pir)
     context.update(classify_lines=code.lines, status_expr=code.status_expr, setup_reads=code.reads,
-                   modulus=code.modulus, bucket=code.bucket, bucket_key_max=BUCKET_KEY_MAX, sides=[_side_context(pir, code, side) for side in "qk"])
+                   modulus=code.modulus, bucket=code.bucket, bucket_key_max=BUCKET_KEY_MAX,
+                   sides=[_side_context(pir, code, side) for side in "qk"])
     return _environment().get_template("attn_setup.py.j2").render(**context)
 
 

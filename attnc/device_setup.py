@@ -433,8 +433,9 @@ def classify(module, code, *, shape: tuple, n_q: int, n_k: int, block_m: int, bl
 def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, n_q: int, n_k: int, block_m: int,
                block_n: int, sizes: dict, inputs: dict, device):
     """The whole device setup of a call up to the tile classes: sorts (``transform``, None for list-mode
-    patterns), bucket padding (attnc.plan.padded_sides), block summaries, classification. Returns (status,
-    q_perm, k_perm, q_pos32, k_pos32, in_place): perms None where a side is not sorted; in_place (int32 [1]) 1
+    patterns), bucket padding (attnc.plan.padded_sides), block summaries, classification. Returns (tiles,
+    q_perm, k_perm, q_pos32, k_pos32, in_place): tiles a PlannedTiles on the device (the classes and each query
+    block's key-block range, see :func:`classify`); perms None where a side is not sorted; in_place (int32 [1]) 1
     while no position of either side moved (not set for padded sides)."""
     from .codegen import classifier_code, mirrored_summaries
     from .launch import input_launch_args
