@@ -18,8 +18,8 @@ from .analyze import PatternIR
 from .evaluate import OPS
 from .interval import Emitter, IntervalEvaluator, Sym, TritonOps
 from .parse import _resource_text
-from .plan import (BUCKET_KEY_MAX, RangeProgram, block_ranges, layout_transform, mirrored_reads, range_program,
-                   summarized_side)
+from .plan import (BUCKET_KEY_MAX, RangeProgram, block_ranges, layout_transform, mirrored_reads, padded_sides,
+                   range_program, summarized_side)
 
 # How the element-wise code names the index variables and sizes inside a tile.
 LEAF_NAMES = {"q": "q_pos", "k": "k_pos", "b": "off_b", "h": "off_h",
@@ -207,11 +207,9 @@ def classifier_code(pir: PatternIR) -> ClassifierCode:
     return code
 
 
-def bucket_pair(pir: PatternIR, reads: list) -> tuple | None:
-    """(query read, key read) indices of ``reads`` when the layout sorts keys by a bucket id y[.., k] first
-    and the mask has the conjunct x[.., q] == y[.., k] (coefficients 1 and -1, no constant). Key blocks are
-    then in order of their (clamped) ids, so the blocks whose ids overlap a query block's are one range,
-    and every tile outside it is empty."""
+def bucket_conjunct(pir: PatternIR) -> ir.Node | None:
+    """The mask's conjunct x[.., q] == y[.., k] (coefficients 1 and -1, no constant) when the layout sorts
+    keys by the bucket id y first and queries by x; None otherwise."""
     transform = layout_transform(pir.mask)
     if transform is None or not transform.key_keys or transform.key_keys[0].kind != "bucket":
         return None
@@ -223,11 +221,37 @@ def bucket_pair(pir: PatternIR, reads: list) -> tuple | None:
             continue
         terms, const = ir.linear(atom.args[0])
         if const == 0 and set(terms) == {q_node, k_node} and terms[q_node] == -terms[k_node] and abs(terms[q_node]) == 1:
-            qi = next((r.index for r in reads if r.node == q_node and r.side == "q"), None)
-            ki = next((r.index for r in reads if r.node == k_node and r.side == "k"), None)
-            if qi is not None and ki is not None:
-                return qi, ki
+            return atom
     return None
+
+
+def bucket_pair(pir: PatternIR, reads: list) -> tuple | None:
+    """(query read, key read) indices of ``reads`` for the :func:`bucket_conjunct` x[.., q] == y[.., k]. Key
+    blocks are then in order of their (clamped) ids, so the blocks whose ids overlap a query block's are one
+    range, and every tile outside it is empty."""
+    atom = bucket_conjunct(pir)
+    if atom is None:
+        return None
+    transform = layout_transform(pir.mask)
+    k_node = transform.key_keys[0].node
+    q_node = next(key.node for key in transform.query_keys if key.kind == "bucket")
+    qi = next((r.index for r in reads if r.node == q_node and r.side == "q"), None)
+    ki = next((r.index for r in reads if r.node == k_node and r.side == "k"), None)
+    return (qi, ki) if qi is not None and ki is not None else None
+
+
+def pure_bucket_mask(pir: PatternIR) -> ir.Node | None:
+    """The mask without its :func:`bucket_conjunct`, for tiles of a sorted layout in which every block holds
+    rows of one bucket id only (a device flag, attnc.layout.Layout.pure, says so per call): on every tile
+    the classifier lists, the two blocks' ids are then equal, so the conjunct is true on the whole tile
+    and the partial tiles (the causal diagonal inside a bucket) need only the rest. None when the mask has
+    no such conjunct, or when the sort does not pad buckets to whole blocks (documents: their blocks hold
+    several ids as a rule, so the flag would not be set)."""
+    atom = bucket_conjunct(pir)
+    if atom is None or classifier_code(pir).bucket is None or not all(padded_sides(layout_transform(pir.mask))):
+        return None      # (the flag is cleared by the summaries of the ids classifier_code reads)
+    rest = [a for a in (pir.mask.args if pir.mask.op == "and" else (pir.mask,)) if a is not atom]
+    return ir.and_(*rest)
 
 
 def mirrored_summaries(code: ClassifierCode) -> bool:
@@ -265,8 +289,14 @@ def _side_context(pir: PatternIR, code: ClassifierCode, side: str) -> dict:
             value = f"_clamped_id({var}) + 1"
         keys.append(dict(text=ir.to_text(key.node) + (" (0: kept)" if key.kind == "keep" else " (clamped to 16 bits)"),
                          lines=kp.em.lines, value=value))
+    pure_value = None
+    if pure_bucket_mask(pir) is not None:
+        # The summary value of the bucket id this side is sorted by: a block whose smallest and largest id
+        # differ clears the flag that lets the kernels leave the bucket test out (pure_bucket_mask).
+        read = code.reads[code.bucket[0 if side == "q" else 1]]
+        pure_value = values.index(printer(read.node))
     return dict(name=side, slots=summary_slots(code, side), lines=printer.em.lines, summary_values=values,
-                sort_keys=keys)
+                sort_keys=keys, pure_value=pure_value)
 
 
 def render_setup(pir: PatternIR) -> str:
@@ -321,6 +351,11 @@ def template_context(pir: PatternIR, mode: str | None = None) -> dict:
         tile_mask = without_residue(pir.mask, modulus)
         mode = "ranges"
     mask_var = mask_printer(tile_mask)
+    pure_mask = pure_bucket_mask(pir) if mode == "permuted" else None
+    pure_printer = ElementwisePrinter("pm")
+    # A mask of the bucket conjunct alone leaves nothing to test: a broadcastable all-true column.
+    pure_var = (pure_printer(pure_mask) if pure_mask is not None and pure_mask.op != "const"
+                else "(q_pos == q_pos)")
     score_lines, score_var, dscore_lines, dscore_var = [], "s", [], "1.0"
     if pir.score is not None:
         score_printer = ElementwisePrinter("sc")
@@ -342,6 +377,10 @@ def template_context(pir: PatternIR, mode: str | None = None) -> dict:
         score_text=ir.to_text(pir.score) if pir.score is not None else None,
         mask_lines=mask_printer.em.lines,
         mask_var=mask_var,
+        bucket_pure=pure_mask is not None,     # partial tiles also come without the bucket conjunct
+        pure_mask_text=ir.to_text(pure_mask) if pure_mask is not None else "",
+        pure_mask_lines=pure_printer.em.lines,
+        pure_mask_var=pure_var,
         score_lines=score_lines,
         score_var=score_var,
         dscore_lines=dscore_lines,

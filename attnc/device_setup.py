@@ -365,10 +365,11 @@ def _sort_keys(module, side: str, keys: tuple, *, shape: tuple, dims: tuple, inp
 
 
 def summarize_side(module, code, side: str, perm, *, shape: tuple, dims: tuple, block: int, input_args: list,
-                   flag: torch.Tensor, padded: bool = False):
+                   flag: torch.Tensor, pure: torch.Tensor, padded: bool = False):
     """Summarize one side's blocks for the classifier: (pos32, summary, count). summary (2 * slots, B', H',
     blocks) int64 holds the min / max per block of :func:`attnc.codegen.summary_slots`; pos32 is perm's int32
-    copy (None when the rows are in order). ``flag`` (int32, one element) is cleared when a position moved.
+    copy (None when the rows are in order). ``flag`` (int32, one element) is cleared when a position moved;
+    ``pure`` (the same) when a block holds two bucket ids (patterns with attnc.codegen.pure_bucket_mask).
     ``padded``: perm holds padding rows (position n), left out of the summaries; count (B', H', blocks)
     int32 is then each block's number of real rows (else None)."""
     Bp, Hp, n = shape + dims[:1]
@@ -386,7 +387,7 @@ def summarize_side(module, code, side: str, perm, *, shape: tuple, dims: tuple, 
     block_p = triton.next_power_of_2(block)
     group = max(1, 1024 // block_p)
     getattr(module, f"attnc_summarize_{side}")[(Bp * Hp, triton.cdiv(n_blocks, group))](
-        summary, perm if perm is not None else summary, pos32 if pos32 is not None else summary, flag,
+        summary, perm if perm is not None else summary, pos32 if pos32 is not None else summary, flag, pure,
         count if padded else flag, rows, n, Hp, n_blocks, *dims[2:], *input_args, BLOCK=block, BLOCK_P=block_p,
         GROUP=group, PERMUTED=perm is not None, PADDED=padded)
     return pos32, summary, count
@@ -434,20 +435,22 @@ def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, 
                block_n: int, sizes: dict, inputs: dict, device):
     """The whole device setup of a call up to the tile classes: sorts (``transform``, None for list-mode
     patterns), bucket padding (attnc.plan.padded_sides), block summaries, classification. Returns (tiles,
-    q_perm, k_perm, q_pos32, k_pos32, in_place): tiles a PlannedTiles on the device (the classes and each query
-    block's key-block range, see :func:`classify`); perms None where a side is not sorted; in_place (int32 [1]) 1
-    while no position of either side moved (not set for padded sides)."""
+    q_perm, k_perm, q_pos32, k_pos32, in_place, pure): tiles a PlannedTiles on the device (the classes and each
+    query block's key-block range, see :func:`classify`); perms None where a side is not sorted; in_place
+    (int32 [1]) 1 while no position of either side moved (not set for padded sides); pure (int32 [1]) 1 while
+    every block holds one bucket id (meaningful for patterns with attnc.codegen.pure_bucket_mask only)."""
     from .codegen import classifier_code, mirrored_summaries
     from .launch import input_launch_args
     code = classifier_code(pir)
     sizes = {**sizes, "batch": batch, "heads": heads, "n_q": n_q, "n_k": n_k}
     input_args = input_launch_args(pir, inputs)
     keys = {"q": transform.query_keys if transform else (), "k": transform.key_keys if transform else ()}
-    # One allocation: the "in place" flag (cleared by either side's summaries when a position moved), then
-    # each sort key's maximum (folded in by the sort-key kernels; starting at 1 is harmless).
-    state = torch.ones(1 + len(keys["q"]) + len(keys["k"]), dtype=torch.int32, device=device)
-    in_place = state[:1]
-    key_max = {"q": state[1:1 + len(keys["q"])], "k": state[1 + len(keys["q"]):]}
+    # One allocation: the "in place" flag (cleared by either side's summaries when a position moved), the
+    # "one bucket id per block" flag (cleared by them when a block holds two), then each sort key's maximum
+    # (folded in by the sort-key kernels; starting at 1 is harmless).
+    state = torch.ones(2 + len(keys["q"]) + len(keys["k"]), dtype=torch.int32, device=device)
+    in_place, pure = state[:1], state[1:2]
+    key_max = {"q": state[2:2 + len(keys["q"])], "k": state[2 + len(keys["q"]):]}
     n = {"q": n_q, "k": n_k}
     pad = dict(zip("qk", padded_sides(transform)))
     block = {"q": block_m, "k": block_n}
@@ -464,7 +467,7 @@ def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, 
                                 device=device, key_max=key_max[side], pad_block=block[side] if pad[side] else 0)
     q_pos, q_summary, q_count = summarize_side(module, code, "q", perm["q"], shape=shape, dims=dims["q"],
                                                block=block_m, input_args=input_args, flag=in_place,
-                                               padded=pad["q"])
+                                               pure=pure, padded=pad["q"])
     if mirrored and block_m == block_n and not pad["k"] and mirrored_summaries(code):
         # The same order, blocks and reads on both sides (documents): the key blocks' summaries are the
         # query blocks'.
@@ -472,10 +475,10 @@ def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, 
     else:
         k_pos, k_summary, k_count = summarize_side(module, code, "k", perm["k"], shape=shape, dims=dims["k"],
                                                    block=block_n, input_args=input_args, flag=in_place,
-                                                   padded=pad["k"])
+                                                   pure=pure, padded=pad["k"])
     q_perm, k_perm = perm["q"], perm["k"]
     rows = tuple(p.shape[-1] if p is not None else n[side] for side, p in zip("qk", (q_perm, k_perm)))
     status, ranges = classify(module, code, shape=shape, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n,
                               sizes=sizes, q_summary=q_summary, k_summary=k_summary, q_sorted=q_perm is not None,
                               k_sorted=k_perm is not None, rows=rows, counts=(q_count, k_count))
-    return PlannedTiles(status, on_device=True, ranges=ranges), q_perm, k_perm, q_pos, k_pos, in_place
+    return PlannedTiles(status, on_device=True, ranges=ranges), q_perm, k_perm, q_pos, k_pos, in_place, pure

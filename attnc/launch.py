@@ -375,8 +375,19 @@ def padded(layout, n_q: int, n_k: int) -> bool:
 
 def position_args(layout) -> list:
     """Kernel arguments of a permuted launch: the original positions of the sorted rows per (batch, query
-    head) and how many sorted rows each side has (more than Nq, Nk where buckets are padded)."""
-    return [layout.qpos, layout.kpos, layout.rows_q, layout.rows_k]
+    head), how many sorted rows each side has (more than Nq, Nk where buckets are padded), and the flag
+    "every block holds one bucket id" (``Layout.pure``; read only when the launch passes
+    BUCKET_PURE >= 0, see :func:`pure_variants`)."""
+    pure = layout.pure if layout.pure is not None else layout.qpos
+    return [layout.qpos, layout.kpos, layout.rows_q, layout.rows_k, pure]
+
+
+def pure_variants(layout) -> tuple:
+    """BUCKET_PURE of the permuted kernels launched on ``layout``: (-1,), the bucket test in every partial
+    tile; or, for a pattern with a bucket conjunct whose setup made the flag ``Layout.pure``, (0, 1): the
+    kernel is launched with the test (0) and without it (1), each running only where the flag holds its
+    value (the host never reads it; the other launch's programs return at once)."""
+    return (0, 1) if layout is not None and layout.pure is not None else (-1,)
 
 
 def residue_ranges(kern, n_q: int, n_k: int, *configs: FwdConfig) -> int:
@@ -404,7 +415,7 @@ def _computed_positions(device: torch.device, n_q: int, n_k: int) -> list:
     the position tables are never read, so a one-element placeholder stands in for both."""
     if device not in _POSITIONS:
         _POSITIONS[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return [_POSITIONS[device], _POSITIONS[device], n_q, n_k]
+    return [_POSITIONS[device], _POSITIONS[device], n_q, n_k, _POSITIONS[device]]
 
 
 def variants(layout) -> list[tuple[bool, int]]:
@@ -423,21 +434,21 @@ def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdCon
     """The forward's per-call setup: tile lists (runtime-input patterns) or the layout transform, cached
     per shape and input tensors by the kernel. Returns (layout, launches): one launch per kernel variant
     to run, each (module, list and position arguments, K, V as the kernel reads them, K/V heads, guard,
-    residue classes, whether keys are gathered through positions)."""
+    residue classes, whether keys are gathered through positions, BUCKET_PURE)."""
     from .codegen import kernel_mode
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     mode = kernel_mode(kern.ir)
     if mode == "ranges":
-        return None, [(kern._forward_module(), [], k, v, Hkv, -1, 0, False)]
+        return None, [(kern._forward_module(), [], k, v, Hkv, -1, 0, False, -1)]
     if mode == "lists":
         lists = kern._tile_lists(Nq, Nk, B, Hq, config.block_m, config.block_n, sizes, inputs, q.device)
-        return None, [(kern._forward_module(), list_args(lists), k, v, Hkv, -1, 0, False)]
+        return None, [(kern._forward_module(), list_args(lists), k, v, Hkv, -1, 0, False, -1)]
     residue = residue_ranges(kern, Nq, Nk, config)
     if residue:
         # Residue classes in closed form: no setup, no lists, rows computed from the sorted index.
         return None, [(kern._forward_module("residue"), _computed_positions(q.device, Nq, Nk), k, v, Hkv, -1, residue,
-                       False)]
+                       False, -1)]
     layout = kern._layout(B, Hq, Hkv, Nq, Nk, config.block_m, config.block_n, sizes, inputs, q.device)
     lists = layout.lists(False)
     launches = []
@@ -445,7 +456,7 @@ def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdCon
         if not permuted:
             # Nothing moved (e.g. documents already contiguous): the plain list kernel, same tile lists.
             launches.append((kern._forward_module("lists"), list_args(lists, layout.in_place), k, v, Hkv, guard, 0,
-                             False))
+                             False, -1))
             continue
         kx, vx = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
         residue = _residue(layout, Nq, Nk, config)
@@ -455,8 +466,9 @@ def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdCon
             # tensor-descriptor load that does not wait for the positions (they only feed the mask).
             kx, vx = layout.sorted_keys(kx), layout.sorted_keys(vx)
             gathered = False
-        launches.append((kern._forward_module(), list_args(lists, layout.in_place) + position_args(layout),
-                         kx, vx, layout.kv_heads(Hq, Hkv), guard, residue, gathered))
+        for pure in pure_variants(layout):
+            launches.append((kern._forward_module(), list_args(lists, layout.in_place) + position_args(layout),
+                             kx, vx, layout.kv_heads(Hq, Hkv), guard, residue, gathered, pure))
     return layout, launches
 
 
@@ -484,7 +496,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     # Query blocks of the sorted order: more than Nq / block_m where buckets are padded to whole blocks.
     grid = (B * Hq, math.ceil((layout.rows_q if layout is not None else Nq) / cfg.block_m))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    for module, extra, kx, vx, heads_kv, guard, residue, gathered in launches:
+    for module, extra, kx, vx, heads_kv, guard, residue, gathered, pure in launches:
         module.attnc_fwd[grid](
             q, kx, vx, out, lse,
             *q.stride(), *kx.stride(), *vx.stride(), *out.stride(),
@@ -494,7 +506,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv,
             REVERSE=True, USE_TMA=_tma_usable(cfg, gathered, kx, vx), WIDE_ROWS=wide_rows(kx, vx), RESIDUE=residue,
             PADDED=padded(layout, Nq, Nk), POS_SCALE=scale > 0,
-            GUARD=guard, DOT_PRECISION=precision,
+            GUARD=guard, DOT_PRECISION=precision, BUCKET_PURE=pure,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out, lse, layout
@@ -529,6 +541,7 @@ class _BackwardLaunch(NamedTuple):
     full_runs: bool = False
     sorted_rows: bool = False   # both kernels walk one order of the query rows (the identity for kernels that
                                 # read rows in order): lse2 and delta are kept in it, a block's values contiguous
+    pure: tuple = ((-1,), (-1,))  # BUCKET_PURE launches of the dQ and of the dK/dV kernel (see pure_variants)
 
 
 def _backward_variants(launches):
@@ -647,7 +660,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             launches.append(_BackwardLaunch(
                 module, fwd_extra + position_args(layout), bwd_extra + position_args(layout2), pcfg,
                 kx, vx, q, dout, layout.kv_heads(Hq, Hkv), guard, residue, residue2, copy_k, copy_q, gathered_k,
-                gathered_q, dkx, dvx, sorted_rows=layout2 is layout))
+                gathered_q, dkx, dvx, sorted_rows=layout2 is layout, pure=(pure_variants(layout), pure_variants(layout2))))
     nqb, nkb = math.ceil(rows_q / cfg.block_m), math.ceil(rows_k / cfg2.block_n)
     # Written by the dQ kernel, read by the dK/dV kernel: log2-domain lse and rowsum(dO * O) - dlse, per row
     # in the order both kernels walk (sorted_rows), else at its position. Rows of a multiple of 16 bytes, so
@@ -667,29 +680,31 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             copies["q"] = layout.sorted_queries(variant.q), layout.sorted_queries(variant.dout)
         k_tiles, v_tiles = copies["k"] if variant.copy_k else (variant.k, variant.v)
         q_tiles, do_tiles = copies["q"] if variant.copy_q else (variant.q, variant.dout)
-        variant.module.attnc_bwd_dq[(B * Hq, nqb)](
-            variant.q, k_tiles, v_tiles, variant.dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
-            *variant.q.stride(), *k_tiles.stride(), *v_tiles.stride(), *variant.dout.stride(), *dq.stride(),
-            *out.stride(),
-            B, Hq, variant.heads_kv, Nq, Nk, scale, lse_stride, *variant.fwd_extra, *input_args,
-            BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, num_warps=c1.num_warps, num_stages=c1.num_stages,
-            HAS_DLSE=dlse is not None, USE_TMA=_tma_usable(c1, variant.gathered_k, k_tiles, v_tiles),
-            WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=variant.residue, PADDED=padded(layout, Nq, Nk),
-            GUARD=variant.guard,
-            FULL_RUNS=variant.full_runs, SORTED_ROWS=variant.sorted_rows,
-            **common)
+        for pure in variant.pure[0]:
+            variant.module.attnc_bwd_dq[(B * Hq, nqb)](
+                variant.q, k_tiles, v_tiles, variant.dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
+                *variant.q.stride(), *k_tiles.stride(), *v_tiles.stride(), *variant.dout.stride(), *dq.stride(),
+                *out.stride(),
+                B, Hq, variant.heads_kv, Nq, Nk, scale, lse_stride, *variant.fwd_extra, *input_args,
+                BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, num_warps=c1.num_warps, num_stages=c1.num_stages,
+                HAS_DLSE=dlse is not None, USE_TMA=_tma_usable(c1, variant.gathered_k, k_tiles, v_tiles),
+                WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=variant.residue, PADDED=padded(layout, Nq, Nk),
+                GUARD=variant.guard,
+                FULL_RUNS=variant.full_runs, SORTED_ROWS=variant.sorted_rows, BUCKET_PURE=pure,
+                **common)
         tma_q = _tma_usable(c2, variant.gathered_q, q_tiles, do_tiles)
-        variant.module.attnc_bwd_dkdv[(B * variant.heads_kv, nkb)](
-            q_tiles, variant.k, variant.v, do_tiles, variant.dk, variant.dv, lse2, delta,
-            *q_tiles.stride(), *variant.k.stride(), *variant.v.stride(), *do_tiles.stride(), *variant.dk.stride(),
-            *variant.dv.stride(),
-            B, Hq, variant.heads_kv, Nq, Nk, scale, lse_stride, math.ceil(rows_q2 / c2.block_m), *variant.bwd_extra,
-            *input_args,
-            BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, num_warps=c2.num_warps, num_stages=c2.num_stages,
-            USE_TMA=tma_q, ROW_TMA=variant.sorted_rows and _tma_available(c2, q.device),
-            SORTED_ROWS=variant.sorted_rows, WIDE_ROWS=wide_rows(q_tiles, do_tiles),
-            RESIDUE=variant.residue2, PADDED=padded(layout2, Nq, Nk), GUARD=variant.guard, FULL_RUNS=variant.full_runs,
-            **common)
+        for pure in variant.pure[1]:
+            variant.module.attnc_bwd_dkdv[(B * variant.heads_kv, nkb)](
+                q_tiles, variant.k, variant.v, do_tiles, variant.dk, variant.dv, lse2, delta,
+                *q_tiles.stride(), *variant.k.stride(), *variant.v.stride(), *do_tiles.stride(), *variant.dk.stride(),
+                *variant.dv.stride(),
+                B, Hq, variant.heads_kv, Nq, Nk, scale, lse_stride, math.ceil(rows_q2 / c2.block_m), *variant.bwd_extra,
+                *input_args,
+                BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, num_warps=c2.num_warps, num_stages=c2.num_stages,
+                USE_TMA=tma_q, ROW_TMA=variant.sorted_rows and _tma_available(c2, q.device),
+                SORTED_ROWS=variant.sorted_rows, WIDE_ROWS=wide_rows(q_tiles, do_tiles),
+                RESIDUE=variant.residue2, PADDED=padded(layout2, Nq, Nk), GUARD=variant.guard, FULL_RUNS=variant.full_runs,
+                BUCKET_PURE=pure, **common)
         dk, dv = variant.dk, variant.dv
     if layout is not None:
         dk, dv = layout.reduce_kv_heads(dk, Hkv), layout.reduce_kv_heads(dv, Hkv)

@@ -39,6 +39,10 @@ class Layout:
     # another): int32 [1], 1 when no row of either side moved. The host never reads it; the kernels'
     # two variants are launched, each guarded by it (attnc.launch). None: identity is known on the host.
     in_place: torch.Tensor | None = None
+    # Patterns whose mask has a bucket conjunct (attnc.codegen.pure_bucket_mask): int32 [1] on the device, 1
+    # when every sorted block holds one bucket id, so the permuted kernels may leave the bucket test out of
+    # partial tiles (they read the flag; the host never does). None: the kernels always test it.
+    pure: torch.Tensor | None = None
 
     # The kernels index positions per (batch, query head), as int32: made on first use (a layout whose
     # positions stayed in place runs the plain list kernels and never needs them).
@@ -124,7 +128,8 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     Bp, Hp = setup_shape(pir, B, Hq)
     if classifier is not None:
         from .device_setup import plan_tiles
-        tiles, q_perm, k_perm, q_pos, k_pos, moved = plan_tiles(
+        from .codegen import pure_bucket_mask
+        tiles, q_perm, k_perm, q_pos, k_pos, moved, pure = plan_tiles(
             classifier, pir, transform, shape=(Bp, Hp), batch=B, heads=Hq, n_q=n_q, n_k=n_k, block_m=block_m,
             block_n=block_n, sizes=sizes, inputs=inputs, device=device)
         # Nothing is read on the host: a sorted side counts as moved, keys sorted per head under GQA are
@@ -137,7 +142,7 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
                            and all(key.kind == "bucket" for key in transform.query_keys + transform.key_keys))
         in_place = moved if may_be_in_order and not expand else None
         return Layout(transform, q_perm, k_perm, B, Hq, expand, not q_sorted, not k_sorted, tiles, q_pos, k_pos,
-                      in_place)
+                      in_place, pure if pure_bucket_mask(pir) is not None else None)
     env = {name: value for name, value in sizes.items()}
     env.update(inputs)
     env["b"] = torch.arange(Bp, device=device).view(Bp, 1, 1)

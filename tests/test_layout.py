@@ -79,14 +79,18 @@ def test_residue_permutation(n):
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
-@pytest.mark.parametrize("case", ["padded", "q_only_buckets", "allowance_too_small"])
+@pytest.mark.parametrize("case", ["padded", "q_only_buckets", "allowance_too_small", "negative_ids_share_a_key"])
 def test_padded_buckets_forward_and_backward(case, tma, monkeypatch):
     """Buckets started on block boundaries (attnc.plan.padded_rows): padding query rows are computed
     without effect and never stored, padding keys are masked, every real row is written once (GQA, a
     length that is no multiple of the tiles, buckets only one side holds: rows without keys). With no
     allowance for the padding the sorted order stays and the same results come out. With tensor
     descriptors (tma) the dK/dV kernel reads lse2 and delta of sorted blocks, padding rows included,
-    through them."""
+    through them.
+
+    Padded blocks hold one bucket id each, so the setup's flag lets the kernels leave the bucket test out
+    of partial tiles (Layout.pure = 1); blocks of two ids (no allowance, or negative ids, which share the
+    sort key -1 and so one padded run) clear it, and the kernels test it."""
     monkeypatch.setattr(attnc.plan, "PAD_SLACK", 0.0 if case == "allowance_too_small" else 1.0)
     if tma:
         cfg = attnc.launch.FwdConfig(32, 32, 4, 1, tma=True)
@@ -98,6 +102,9 @@ def test_padded_buckets_forward_and_backward(case, tma, monkeypatch):
     kb = torch.randint(0, buckets, (B, Hq, N), generator=g)
     if case == "q_only_buckets":
         qb[..., ::7] = 5                              # bucket 5 has queries and no keys
+    elif case == "negative_ids_share_a_key":
+        qb, kb = qb - 3 * (qb % 2), kb - 3 * (kb % 2)   # ids 0, -2, 2: -2 joins the clamped run of -1
+        qb[..., ::5], kb[..., ::4] = -1, -1
     layouts = []
     real_build = attnc.layout.build_layout
     monkeypatch.setattr(attnc.layout, "build_layout", lambda *a, **k: layouts.append(real_build(*a, **k)) or layouts[-1])
@@ -108,6 +115,29 @@ def test_padded_buckets_forward_and_backward(case, tma, monkeypatch):
         padded = (layout.q_perm[..., :N] != torch.sort(qb, dim=-1, stable=True).indices[..., :N]).any()
         assert bool(padded) == (case != "allowance_too_small")
         assert int(real.sum()) == N * Hq * B
+        assert int(layout.pure) == (case in ("padded", "q_only_buckets"))
+
+
+def test_the_bucket_flag_picks_the_partial_tiles_mask(monkeypatch):
+    """The kernels read Layout.pure: forced to 1 on blocks holding two bucket ids, the partial tiles lose
+    the bucket test and the output goes wrong (so the checks above run the flag's loop, not only one)."""
+    g = torch.Generator().manual_seed(21)
+    qb, kb = torch.randint(-3, 2, (1, 2, 96), generator=g), torch.randint(-3, 2, (1, 2, 96), generator=g)
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=g) for _ in range(3))
+    kern = attnc.compile(HASH)
+    ref = kern.reference(q, k, v, qb=qb, kb=kb)
+    assert torch.allclose(kern(q, k, v, qb=qb, kb=kb), ref, atol=1e-5)
+    real_build = attnc.layout.build_layout
+
+    def forced(*a, **k):
+        layout = real_build(*a, **k)
+        assert int(layout.pure) == 0            # ids -3..-1 share the sort key -1: one run of three ids
+        layout.pure.fill_(1)
+        return layout
+
+    monkeypatch.setattr(attnc.layout, "build_layout", forced)
+    qb, kb = qb.clone(), kb.clone()             # new inputs: planned again
+    assert not torch.allclose(kern(q, k, v, qb=qb, kb=kb), ref, atol=1e-3)
 
 
 def test_tile_fractions_meet_the_issue_bounds():
