@@ -163,6 +163,13 @@ def _ensure_allocator(device_type: str) -> None:
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device_type))
 
 
+@functools.lru_cache(maxsize=None)
+def _major(device: torch.device) -> int:
+    """The CUDA device's compute capability major, looked up once per device: torch asks the driver for all
+    its properties on every call (~17 us), and a forward+backward asked up to ten times (RESULTS run 72)."""
+    return torch.cuda.get_device_capability(device)[0]
+
+
 def _tma_usable(cfg: FwdConfig, gathered: bool, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Tensor descriptors need rows addressed in order or in residue classes (not ``gathered`` through
     loaded positions), a unit last stride, and 16-byte aligned base and strides; anything else falls
@@ -180,7 +187,7 @@ def _tma_available(cfg: FwdConfig, device: torch.device) -> bool:
     """Whether a kernel of configuration ``cfg`` may make tensor descriptors on ``device``: the configuration
     takes them and the GPU has them (Hopper or later; the interpreter emulates them). Sets Triton's
     allocator for the descriptors' scratch."""
-    if not cfg.tma or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9):
+    if not cfg.tma or (device.type == "cuda" and _major(device) < 9):
         return False
     _ensure_allocator(device.type)
     return True
@@ -191,7 +198,7 @@ def _copies_enabled(device: torch.device) -> bool:
     (Hopper or the interpreter), unless ATTNC_SORTED_KV=0."""
     if os.environ.get("ATTNC_SORTED_KV", "1") == "0":
         return False
-    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type != "cuda" or _major(device) >= 9
 
 
 SORTED_COPY_MIN_ROWS = 8192    # rows of full tiles per program before a sorted copy pays (RESULTS run 11)
@@ -261,7 +268,7 @@ def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: 
     chosen = _chosen_config("fwd", head_dim, head_dim_v, device, dtype, key, seq)
     if chosen is not None:
         return chosen
-    return forward_table(head_dim, head_dim_v, dtype, torch.cuda.get_device_capability(device)[0], sparse)
+    return forward_table(head_dim, head_dim_v, dtype, _major(device), sparse)
 
 
 def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int, sparse: bool) -> FwdConfig:
@@ -569,7 +576,7 @@ def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype:
     d = max(head_dim, head_dim_v)
     if dtype == torch.float32:
         return FwdConfig(32, 32, 4, 1)
-    major, _ = torch.cuda.get_device_capability(device)
+    major = _major(device)
     if d > 128:
         # D=256 on Hopper: 64x64 with 8 warps measured 1.83x faster than 32x32 (autotune, H200), and
         # tensor descriptors another 7% (RESULTS.md run 10).

@@ -292,6 +292,7 @@ def test_backward_defaults_pipeline_gathered_rows_deeper(tune_dir, kern, monkeyp
     dK/dV: queries) gets 3 stages; descriptor-fed kernels keep 2; tiles never change (the layout is
     built for them); a tuned entry wins regardless."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(attnc.launch, "_major", lambda device: 9)       # (the launcher caches the lookup)
     plain = backward_config(128, 128, CUDA, torch.bfloat16)
     assert plain == FwdConfig(64, 64, 4, 2, tma=True)
     both = backward_config(128, 128, CUDA, torch.bfloat16, gathered=(True, True))
@@ -307,6 +308,7 @@ def test_backward_defaults_pipeline_gathered_rows_deeper(tune_dir, kern, monkeyp
 
 def test_forward_and_backward_config_honour_tuned_entries(tune_dir, kern, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(attnc.launch, "_major", lambda device: 9)       # (the launcher caches the lookup)
     default_fwd = forward_config(128, 128, CUDA, torch.bfloat16)
     default_bwd = backward_config(128, 128, CUDA, torch.bfloat16)
     assert forward_config(128, 128, CUDA, torch.bfloat16, key=kern, seq=4096) == default_fwd
