@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from bench_all import SPEC_BY_NAME, bench_call  # noqa: E402
+from profile_bwd import kernel_times  # noqa: E402
 
 from attnc.bench import _flex  # noqa: E402
 
@@ -55,18 +56,21 @@ def host_ms(fn, calls: int) -> float:
 
 
 def device_ms(fn, iters: int = 10) -> float:
-    """Device milliseconds per call of the kernels ``fn`` launches (profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-    for _ in range(3):
+    """Device milliseconds per call of the kernels ``fn`` launches (profiler; see profile_bwd.py)."""
+    return sum(kernel_times(fn, iters).values()) / 1e3
+
+
+def write_cprofile(fn, calls: int, path: Path, sort: str, lines: int) -> None:
+    """A cProfile of ``calls`` calls of ``fn`` (then synchronized), its top ``lines`` functions by ``sort``."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    total = sum(e.device_time_total for e in prof.key_averages() if e.device_time_total > 0
-                and not e.key.startswith("cudaDeviceSynchronize"))
-    return total / 1e3 / iters
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats(sort).print_stats(lines)
+    path.write_text(text.getvalue())
 
 
 def issue_and_gpu_ms(fn, reps: int = 30) -> tuple[float, float]:
@@ -134,30 +138,14 @@ def main() -> None:
             if args.profile_only:
                 for what, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
                     host_ms(fn, 20)
-                    prof = cProfile.Profile()
-                    prof.enable()
-                    for _ in range(args.calls):
-                        fn()
-                    torch.cuda.synchronize()
-                    prof.disable()
-                    text = io.StringIO()
-                    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
-                    (out / f"host_profile_{name}_{what}.txt").write_text(text.getvalue())
+                    write_cprofile(fn, args.calls, out / f"host_profile_{name}_{what}.txt", "tottime", 40)
                     row[f"host_{what}_profiled_ms"] = host_ms(fn, args.calls)
                 break
             if n == args.small:
                 row.update(host_fwd_ms=host_ms(fwd, args.calls), host_fwdbwd_ms=host_ms(fwdbwd, args.calls),
                            flex_host_fwd_ms=host_ms(flex_fwd, args.calls),
                            flex_host_fwdbwd_ms=host_ms(flex_fwdbwd, args.calls))
-                prof = cProfile.Profile()
-                prof.enable()
-                for _ in range(args.calls):
-                    fwd()
-                torch.cuda.synchronize()
-                prof.disable()
-                text = io.StringIO()
-                pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
-                (out / f"host_profile_{name}.txt").write_text(text.getvalue())
+                write_cprofile(fwd, args.calls, out / f"host_profile_{name}.txt", "cumulative", 45)
             else:
                 with torch.no_grad():
                     row.update(bench_fwd_ms=do_bench(fwd, warmup=100, rep=300), device_fwd_ms=device_ms(fwd),
