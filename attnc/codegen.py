@@ -208,20 +208,17 @@ def classifier_code(pir: PatternIR) -> ClassifierCode:
 
 
 def bucket_conjunct(pir: PatternIR) -> ir.Node | None:
-    """The mask's conjunct x[.., q] == y[.., k] (coefficients 1 and -1, no constant) when the layout sorts
-    keys by the bucket id y first and queries by x; None otherwise."""
+    """The conjunct x[.., q] == y[.., k] the layout's bucket sort comes from (``LayoutTransform.bucket_atom``)
+    when keys are sorted by y first and it has coefficients 1 and -1 and no constant, so that the two ids are
+    equal, not merely related; None otherwise."""
     transform = layout_transform(pir.mask)
-    if transform is None or not transform.key_keys or transform.key_keys[0].kind != "bucket":
+    if transform is None or transform.bucket_atom is None or transform.key_keys[0].kind != "bucket":
         return None
+    q_node = next(key.node for key in transform.query_keys if key.kind == "bucket")
     k_node = transform.key_keys[0].node
-    q_node = next((key.node for key in transform.query_keys if key.kind == "bucket"), None)
-    conjuncts = list(pir.mask.args) if pir.mask.op == "and" else [pir.mask]
-    for atom in conjuncts:
-        if ir.atom_kind(atom) != "tensor-eq" or atom.op != "eq" or atom.args[1].value != 0:
-            continue
-        terms, const = ir.linear(atom.args[0])
-        if const == 0 and set(terms) == {q_node, k_node} and terms[q_node] == -terms[k_node] and abs(terms[q_node]) == 1:
-            return atom
+    terms, const = ir.linear(transform.bucket_atom.args[0])
+    if const == 0 and terms[q_node] == -terms[k_node] and abs(terms[q_node]) == 1:
+        return transform.bucket_atom
     return None
 
 

@@ -503,6 +503,7 @@ class LayoutTransform:
     query_keys: tuple
     key_keys: tuple
     names: tuple
+    bucket_atom: ir.Node | None = None      # the conjunct x[.., q] == y[.., k] the bucket keys come from
 
     @property
     def per_head_keys(self) -> bool:
@@ -586,7 +587,7 @@ def layout_transform(mask: ir.Node) -> LayoutTransform | None:
     """
     conjuncts = list(mask.args) if mask.op == "and" else [mask]
     qk, kk, names = [], [], []
-    residue = None
+    residue = bucket_atom = None
     for atom in conjuncts:
         kind = ir.atom_kind(atom)
         if kind == "tensor-eq" and atom.op == "eq" and atom.args[1].value == 0:
@@ -598,6 +599,7 @@ def layout_transform(mask: ir.Node) -> LayoutTransform | None:
                     qk.append(SortKey("bucket", sides["q"]))
                     kk.append(SortKey("bucket", sides["k"]))
                     names.append("bucket sort")
+                    bucket_atom = atom
         elif kind == "tensor-bool" and atom.op == "read":
             side = _position_var(atom)
             if side == "k" and not any(k.kind == "keep" for k in kk):
@@ -614,7 +616,7 @@ def layout_transform(mask: ir.Node) -> LayoutTransform | None:
         names.append(f"residue permutation (mod {residue})")
     if not names:
         return None
-    return LayoutTransform(tuple(qk), tuple(kk), tuple(names))
+    return LayoutTransform(tuple(qk), tuple(kk), tuple(names), bucket_atom)
 
 
 @functools.lru_cache(maxsize=256)
