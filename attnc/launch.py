@@ -18,6 +18,7 @@ import torch
 
 from .analyze import PatternIR
 from .errors import InputError
+from .flags import known
 
 KERNEL_FORMAT = 2    # bump when the generated code's calling convention changes
 
@@ -393,8 +394,12 @@ def pure_variants(layout) -> tuple:
     """BUCKET_PURE of the permuted kernels launched on ``layout``: (-1,), the bucket test in every partial
     tile; or, for a pattern with a bucket conjunct whose setup made the flag ``Layout.pure``, (0, 1): the
     kernel is launched with the test (0) and without it (1), each running only where the flag holds its
-    value (the host never reads it; the other launch's programs return at once)."""
-    return (0, 1) if layout is not None and layout.pure is not None else (-1,)
+    value (the other launch's programs return at once); or only the one the flag picks, once the host
+    knows its value (attnc.flags)."""
+    if layout is None or layout.pure is None:
+        return (-1,)
+    value = known(layout.pure)
+    return (value,) if value in (0, 1) else (0, 1)
 
 
 def residue_ranges(kern, n_q: int, n_k: int, *configs: FwdConfig) -> int:
@@ -425,14 +430,18 @@ def _computed_positions(device: torch.device, n_q: int, n_k: int) -> list:
     return [_POSITIONS[device], _POSITIONS[device], n_q, n_k, _POSITIONS[device]]
 
 
-def variants(layout) -> list[tuple[bool, int]]:
+def variants(layout, resolve: bool = True) -> list[tuple[bool, int]]:
     """The kernels a permuted-mode call launches, as (permuted, guard): the permuted kernel alone (guard
     -1); or, when the device setup could not tell the host whether any row moved (``layout.in_place``),
     both the plain list kernel and the permuted one, each returning at once unless the flag holds its
-    guard value (1: nothing moved; 0: rows moved). The skipped variant costs a launch of empty programs."""
+    guard value (1: nothing moved; 0: rows moved). The skipped variant costs a launch of empty programs,
+    so once the host knows the flag (attnc.flags; ``resolve``), only the one it picks runs, unguarded."""
     if layout.identity:
         return [(False, -1)]
     if layout.in_place is not None:
+        moved = known(layout.in_place) if resolve else None
+        if moved in (0, 1):
+            return [(moved == 0, -1)]
         return [(False, 1), (True, 0)]
     return [(True, -1)]
 
@@ -519,10 +528,20 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     return out, lse, layout
 
 
-def _rest_flag(*lists) -> torch.Tensor:
-    """int32 [1] on the device: 2 when a row of these lists has full tiles past its leading run, else 0
-    (bit 1 of the backward kernels' guard flag; bit 0 is the layout's "nothing moved")."""
-    return (torch.cat([t.rest_max for t in lists]).amax() > 0).to(torch.int32).view(1) * 2
+def _guard_flag(fwd_lists, bwd_lists, in_place: torch.Tensor | None) -> torch.Tensor:
+    """The backward kernels' guard flag, int32 [1] on the device: bit 1 set when a row of either lists has
+    full tiles past its leading run, bit 0 the layout's "nothing moved" (``in_place``, if any). Made once per
+    pair of lists and kept with the (cached) transposed ones, so later calls neither remake it nor meet a new
+    flag the host has not seen (attnc.flags)."""
+    made = bwd_lists.__dict__.setdefault("_guard_flags", [])
+    for lists, moved, flag in made:
+        if lists is fwd_lists and moved is in_place:
+            return flag
+    flag = (torch.maximum(fwd_lists.rest_max, bwd_lists.rest_max) > 0).to(torch.int32) * 2
+    if in_place is not None:
+        flag = flag + in_place
+    made.append((fwd_lists, in_place, flag))
+    return flag
 
 
 class _BackwardLaunch(NamedTuple):
@@ -551,16 +570,22 @@ class _BackwardLaunch(NamedTuple):
     pure: tuple = ((-1,), (-1,))  # BUCKET_PURE launches of the dQ and of the dK/dV kernel (see pure_variants)
 
 
-def _backward_variants(launches):
+def _backward_variants(launches, flag: torch.Tensor | None):
     """Each backward launch of ``launches`` (guard -1: the only one; >= 0: its "nothing moved" bit) as the
     variants to run: list kernels go twice, FULL_RUNS (every row's full tiles are its run: counted, not
-    loaded) and not, each guarded by bit 1 of the flag (no host synchronization decides it)."""
+    loaded) and not, each guarded by bit 1 of the guard ``flag``. Once the host knows the flag's value
+    (attnc.flags), only the variant it picks runs, unguarded."""
+    value = known(flag)
     for launch in launches:
         if launch.guard < 0:
             yield launch
             continue
         for runs in (True, False):
-            yield launch._replace(guard=launch.guard + (0 if runs else 2), full_runs=runs)
+            guard = launch.guard + (0 if runs else 2)
+            if value is None:
+                yield launch._replace(guard=guard, full_runs=runs)
+            elif value == guard:
+                yield launch._replace(guard=-1, full_runs=runs)
 
 
 def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
@@ -617,15 +642,15 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     mode = kernel_mode(pir)
     input_args = input_launch_args(pir, inputs)
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision)
-    layout = layout2 = None
+    layout = layout2 = guard_flag = None
     if mode != "permuted":
         fwd_extra = bwd_extra = []
         if mode == "lists":
             fwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
             bwd_lists = kern._tile_lists(Nq, Nk, B, Hq, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device,
                                          transposed=True)
-            flag = _rest_flag(fwd_lists, bwd_lists)
-            fwd_extra, bwd_extra = list_args(fwd_lists, flag), list_args(bwd_lists, flag)
+            guard_flag = _guard_flag(fwd_lists, bwd_lists, None)
+            fwd_extra, bwd_extra = list_args(fwd_lists, guard_flag), list_args(bwd_lists, guard_flag)
         launches = [_BackwardLaunch(module, fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv,
                                     0 if mode == "lists" else -1, 0, 0, False, False, False, False, dk, dv,
                                     sorted_rows=True)]
@@ -640,12 +665,10 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                    kern._layout(B, Hq, Hkv, Nq, Nk, cfg2.block_m, cfg2.block_n, sizes, inputs, q.device))
         fwd_lists, bwd_lists = layout.lists(False), layout2.lists(True)
         rows_q, rows_k, rows_q2 = layout.rows_q, layout2.rows_k, layout2.rows_q
-        guard_flag = _rest_flag(fwd_lists, bwd_lists)
-        if layout.in_place is not None:
-            guard_flag = guard_flag + layout.in_place
+        guard_flag = _guard_flag(fwd_lists, bwd_lists, layout.in_place)
         fwd_extra, bwd_extra = list_args(fwd_lists, guard_flag), list_args(bwd_lists, guard_flag)
         launches = []
-        for permuted, guard in variants(layout):
+        for permuted, guard in variants(layout, resolve=False):
             guard = max(guard, 0)           # the "nothing moved" bit; _backward_variants adds the runs bit
             if not permuted:
                 launches.append(_BackwardLaunch(kern._backward_module("lists"), fwd_extra, bwd_extra, cfg, k, v, q,
@@ -676,7 +699,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     lse2 = torch.empty(B, Hq, lse_stride, device=q.device, dtype=torch.float32)
     delta = torch.empty(B, Hq, lse_stride, device=q.device, dtype=torch.float32)
     copies = {}
-    for variant in _backward_variants(launches):
+    for variant in _backward_variants(launches, guard_flag):
         c1, c2 = variant.config, variant.config.dkdv_config
         # The dQ kernel streams K, V tiles; the dK/dV kernel Q, dO tiles. Rows a transform moved are read
         # through positions, or from copies in sorted order with tensor descriptors (as in the forward);
@@ -719,13 +742,14 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
 
 
 def attention(kern, q, k, v, *, scale, return_lse, inputs):
-    """The kernel path of ``kern(q, k, v)``: validation, then the kernel's torch custom op (``attnc.ops``),
-    which carries autograd (into q, k, v and float score inputs) and is traceable by ``torch.compile``."""
+    """The kernel path of ``kern(q, k, v)``: validation, then ``attnc.ops.attention_op``, which carries autograd
+    (into q, k, v and float score inputs): the kernel's torch custom op where ``torch.compile`` or another
+    tracer is at work, the same launchers under an autograd.Function in eager mode."""
     from .ops import attention_op
     from .validate import check_inputs, check_qkv
     shapes = check_qkv(q, k, v, kernel_dims=True)
-    check_inputs(kern.ir, inputs, batch=shapes.batch, heads=shapes.heads_q, n_q=shapes.n_q, n_k=shapes.n_k,
-                 device=q.device)
+    sizes = check_inputs(kern.ir, inputs, batch=shapes.batch, heads=shapes.heads_q, n_q=shapes.n_q,
+                         n_k=shapes.n_k, device=q.device)
     scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
-    out, lse = attention_op(kern, q, k, v, [inputs[n] for n in kern.ir.inputs], scale)
+    out, lse = attention_op(kern, q, k, v, [inputs[n] for n in kern.ir.inputs], scale, sizes)
     return (out, lse) if return_lse else out

@@ -16,6 +16,14 @@ implementations return empty tensors of the right shapes and dtypes and never re
 FakeTensor tracing, AOTAutograd and dynamic shapes see through the kernels. The operators are
 registered once per process, on first use; kernels with one source key share them.
 
+Eager calls. Outside ``torch.compile`` and other tracers, ``kern(q, k, v)`` runs the same launchers under a
+plain ``torch.autograd.Function`` (``_EagerAttention``) instead of dispatching the operators: the
+dispatcher, the operators' autograd wrapper and the layout checks cost the host ~0.5-0.75 ms per
+forward+backward on an H200 (benchmarks/RESULTS.md run 74), as much as a sparse pattern's kernels at 8k.
+The eager path is taken only for plain tensors with no torch dispatch mode, no functorch transform and no
+Dynamo tracing active (``_eager``); anything else (FakeTensor, ``make_fx``, ``torch.func``, subclasses)
+goes through the operators. Both paths compute with the same functions and give the same numbers.
+
 Gradients. ``q``, ``k`` and ``v`` get theirs from the Triton backward kernels (deterministic, no
 atomics). Float runtime inputs read by the ``score`` expression (ALiBi slopes ``s[h]``, a relative
 bias table ``bias[h, q - k + c]``, ...) get theirs from a plain-torch path, ``score_input_grads``:
@@ -91,13 +99,94 @@ def ops_for(kern) -> KernelOps:
     return ops
 
 
-def attention_op(kern, q, k, v, values: list, scale: float):
-    """(out, lse) of ``kern`` through its custom operator; differentiable in q, k, v and float inputs.
+def attention_op(kern, q, k, v, values: list, scale: float, sizes: dict | None = None):
+    """(out, lse) of ``kern``; differentiable in q, k, v and float inputs. ``sizes``: the call's sizes if the
+    caller has checked the inputs already.
 
-    The operator was registered when the kernel was built (``Kernel._op_name``), so tracing this
-    under torch.compile reads a string attribute and never hashes or registers anything."""
+    In eager mode (``_eager``) through ``_EagerAttention``; otherwise through the custom operator, which
+    was registered when the kernel was built (``Kernel._op_name``), so tracing this under torch.compile
+    reads a string attribute and never hashes or registers anything."""
+    if _eager(q, k, v, values):
+        if sizes is None:
+            sizes = _call_sizes(kern, q, k, v, dict(zip(kern.ir.inputs, values)))
+        return _EagerAttention.apply(kern, scale, sizes, q, k, v, *values)
     forward = getattr(getattr(torch.ops, NAMESPACE), kern._op_name)
     return forward(q, k, v, list(values), scale)
+
+
+def _eager(q, k, v, values) -> bool:
+    """Whether a call may skip the dispatcher: not traced by Dynamo, plain tensors only (no FakeTensor,
+    functional or other subclass), and no torch dispatch mode or functorch transform active. Where this
+    torch lacks one of the checks, the operators are used."""
+    if torch.compiler.is_compiling():
+        return False
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return False
+    if any(type(t) is not torch.Tensor for t in values):
+        return False
+    try:
+        return (torch._C._len_torch_dispatch_stack() == 0
+                and torch._C._functorch.peek_interpreter_stack() is None)
+    except AttributeError:
+        return False
+
+
+def _qkv_grads(kern, q, k, v, out, lse, dout, dlse, scale: float, named: dict, sizes: dict | None = None):
+    """dq, dk, dv from the Triton backward kernels."""
+    if sizes is None:
+        sizes = _call_sizes(kern, q, k, v, named)
+    return launch_backward(kern, q, k, v, out, lse, dout, dlse, scale=scale, sizes=sizes, inputs=named)
+
+
+def _input_grads(kern, q, k, v, out, lse, dout, dlse, scale: float, named: dict, which, sizes: dict | None = None):
+    """Gradients of the runtime inputs numbered in ``which`` (declaration order), see score_input_grads."""
+    names = tuple(kern.ir.inputs)
+    wanted = [names[i] for i in which]
+    if sizes is None:
+        sizes = _call_sizes(kern, q, k, v, named)
+    grads = score_input_grads(kern, q, k, v, out, lse, dout, dlse, scale=scale, sizes=sizes, inputs=named,
+                              wanted=wanted)
+    return [grads[n] for n in wanted]
+
+
+def _float_inputs_wanted(needs: tuple, values) -> list[int]:
+    """The runtime inputs (numbered) whose gradients autograd asks for: float ones only."""
+    return [i for i, (need, t) in enumerate(zip(needs, values)) if need and t.is_floating_point()]
+
+
+class _EagerAttention(torch.autograd.Function):
+    """``kern(q, k, v)`` in eager mode: the operators' forward and backward without the dispatcher.
+
+    Grads of unused outputs are not materialized: a call whose lse is not used runs the backward without
+    reading a dlse (the operators' autograd gets a tensor of zeros there)."""
+
+    @staticmethod
+    def forward(ctx, kern, scale, sizes, q, k, v, *values):
+        named = dict(zip(kern.ir.inputs, values))
+        out, lse, _ = launch_forward(kern, q, k, v, scale=scale, sizes=sizes, inputs=named)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, out, lse, *values)
+        ctx.call = (kern, scale, sizes)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        kern, scale, sizes = ctx.call
+        q, k, v, out, lse, *values = ctx.saved_tensors
+        named = dict(zip(kern.ir.inputs, values))
+        if dout is None:
+            dout = torch.zeros_like(out)
+        need_q, need_k, need_v, *need_inputs = ctx.needs_input_grad[3:]
+        dq = dk = dv = None
+        if need_q or need_k or need_v:
+            dq, dk, dv = _qkv_grads(kern, q, k, v, out, lse, dout, dlse, scale, named, sizes)
+        dvalues = [None] * len(values)
+        which = _float_inputs_wanted(need_inputs, values)
+        if which:
+            for i, g in zip(which, _input_grads(kern, q, k, v, out, lse, dout, dlse, scale, named, which, sizes)):
+                dvalues[i] = g
+        return (None, None, None, dq if need_q else None, dk if need_k else None, dv if need_v else None,
+                *dvalues)
 
 
 def _register(kern, key: str) -> KernelOps:
@@ -116,21 +205,16 @@ def _register(kern, key: str) -> KernelOps:
         return out, q.new_empty((B, Hq, Nq), dtype=torch.float32)
 
     def backward(q, k, v, out, lse, dout, dlse, inputs, scale):
-        named = dict(zip(names, inputs))
-        grads = launch_backward(kern, q, k, v, out, lse, dout, dlse, scale=scale,
-                                sizes=_call_sizes(kern, q, k, v, named), inputs=named)
+        grads = _qkv_grads(kern, q, k, v, out, lse, dout, dlse, scale, dict(zip(names, inputs)))
         return tuple(_laid_out_like(g, x) for g, x in zip(grads, (q, k, v)))
 
     def backward_fake(q, k, v, out, lse, dout, dlse, inputs, scale):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def input_grads(q, k, v, out, lse, dout, dlse, inputs, scale, which):
-        named = dict(zip(names, inputs))
-        wanted = [names[i] for i in which]
-        grads = score_input_grads(kern, q, k, v, out, lse, dout, dlse, scale=scale,
-                                  sizes=_call_sizes(kern, q, k, v, named), inputs=named, wanted=wanted)
+        grads = _input_grads(kern, q, k, v, out, lse, dout, dlse, scale, dict(zip(names, inputs)), which)
         # Fresh tensors laid out like the inputs, as the fake implementation promises.
-        return [_laid_out_like(grads[n], named[n]) for n in wanted]
+        return [_laid_out_like(g, inputs[i]) for g, i in zip(grads, which)]
 
     def input_grads_fake(q, k, v, out, lse, dout, dlse, inputs, scale, which):
         return [torch.empty_like(inputs[i]) for i in which]
@@ -157,7 +241,7 @@ def _register(kern, key: str) -> KernelOps:
         if need_q or need_k or need_v:
             dq, dk, dv = bwd(q, k, v, out, lse, dout, dlse, values, ctx.scale)
         dvalues = [None] * len(values)
-        which = [i for i, (need, t) in enumerate(zip(need_inputs, values)) if need and t.is_floating_point()]
+        which = _float_inputs_wanted(need_inputs, values)
         if which:
             grads = dinputs(q, k, v, out, lse, dout, dlse, values, ctx.scale, which)
             for i, g in zip(which, grads):

@@ -16,6 +16,15 @@ GPU is kept busy (``torch.cuda._sleep`` queued before it, so the host never wait
 same call (events around it, its launches all queued before the GPU reaches them). Issue time above GPU time
 means the call is bound by the host.
 
+``--breakdown`` splits the host time of a forward+backward at the tiny length, one head and one sequence (the GPU's
+work far below the host's, so calls back to back measure the host as do_bench drives it; no Flex): through ``kern(...).backward`` (custom operator and
+autograd), under a plain ``torch.autograd.Function`` around the launchers, the autograd engine alone (a Function
+without kernels), each custom operator beside its launcher called directly (``launch_forward``,
+``launch_backward``), the direct calls with Triton's ``JITFunction.run`` stubbed out (what is left is attnc's own
+Python and the torch operations it issues), and the time spent inside ``JITFunction.run``. A cProfile of the
+direct calls (no custom operator, so no frames on the autograd thread or behind Dynamo's disable wrapper) goes to
+``OUT/host_direct_*.txt``.
+
 At the benchmark's length it also prints the forward's do_bench median beside its kernels' device time from the
 profiler: the difference is what the host adds to the measured forward.
 """
@@ -94,6 +103,103 @@ def issue_and_gpu_ms(fn, reps: int = 30) -> tuple[float, float]:
     return sorted(issue)[reps // 2], sorted(gpu)[reps // 2]
 
 
+def steady_ms(fn, calls: int = 300, repeats: int = 3) -> float:
+    """Host milliseconds per call, back to back as do_bench calls them, on a problem so small that the GPU's
+    work never fills the launch queue: the least of ``repeats`` means over ``calls`` calls."""
+    return min(host_ms(fn, calls) for _ in range(repeats))
+
+
+def breakdown(name: str, n: int, out: Path) -> dict:
+    """Host milliseconds per forward+backward at length ``n`` (one head, one sequence), split as the module
+    docstring says."""
+    import math
+
+    import triton.runtime.jit as jit
+
+    from attnc.launch import launch_backward, launch_forward
+    from attnc.ops import _call_sizes, ops_for
+    c = bench_call(SPEC_BY_NAME[name], n, n, 1, 128)
+    q, k, v, dout = (t.detach() for t in (c.q, c.k, c.v, c.dout))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    sizes = _call_sizes(c.kern, q, k, v, c.inputs)
+    ops = ops_for(c.kern)
+    values = [c.inputs[name] for name in c.kern.ir.inputs]
+    out0, lse0, _ = launch_forward(c.kern, q, k, v, scale=scale, sizes=sizes, inputs=c.inputs)
+
+    def forward():
+        return launch_forward(c.kern, q, k, v, scale=scale, sizes=sizes, inputs=c.inputs)
+
+    def backward(o=out0, lse=lse0, do=dout, qkv=(q, k, v)):
+        return launch_backward(c.kern, *qkv, o, lse, do, None, scale=scale, sizes=sizes, inputs=c.inputs)
+
+    class Direct(torch.autograd.Function):
+        """The launchers under a plain autograd.Function (no custom operator)."""
+        @staticmethod
+        def forward(ctx, q, k, v):
+            o, lse, _ = launch_forward(c.kern, q, k, v, scale=scale, sizes=sizes, inputs=c.inputs)
+            ctx.save_for_backward(q, k, v, o, lse)
+            return o
+
+        @staticmethod
+        def backward(ctx, do):
+            q, k, v, o, lse = ctx.saved_tensors
+            return backward(o, lse, do, (q, k, v))
+
+    class Empty(torch.autograd.Function):
+        """The autograd engine's own cost: no kernels, empty allocations."""
+        @staticmethod
+        def forward(ctx, q, k, v):
+            return torch.empty_like(q)
+
+        @staticmethod
+        def backward(ctx, do):
+            return torch.empty_like(do), torch.empty_like(do), torch.empty_like(do)
+
+    def fresh(fn):
+        def call():
+            c.q.grad = c.k.grad = c.v.grad = None
+            fn()
+        return call
+
+    def direct_fb():
+        o, lse, _ = forward()
+        backward(o, lse)
+
+    row = {"pattern": name, "N": n,
+           "kern_fb_ms": steady_ms(lambda: c.kern(c.q, c.k, c.v, **c.inputs).backward(c.dout)),
+           "kern_fb_fresh_grads_ms": steady_ms(fresh(lambda: c.kern(c.q, c.k, c.v, **c.inputs).backward(c.dout))),
+           "function_fb_ms": steady_ms(fresh(lambda: Direct.apply(c.q, c.k, c.v).backward(c.dout))),
+           "engine_only_fb_ms": steady_ms(fresh(lambda: Empty.apply(c.q, c.k, c.v).backward(c.dout))),
+           "kern_fwd_ms": steady_ms(lambda: c.kern(q, k, v, **c.inputs)),
+           "op_fwd_ms": steady_ms(lambda: ops.forward(q, k, v, values, scale)),
+           "direct_fwd_ms": steady_ms(forward),
+           "op_bwd_ms": steady_ms(lambda: ops.backward(q, k, v, out0, lse0, dout, None, values, scale)),
+           "direct_bwd_ms": steady_ms(backward),
+           "direct_fb_ms": steady_ms(direct_fb)}
+    original = jit.JITFunction.run
+    spent = [0.0, 0]
+
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t0
+            spent[1] += 1
+
+    try:
+        jit.JITFunction.run = timed
+        for _ in range(50):
+            direct_fb()
+        row["triton_run_ms"], row["triton_launches"] = spent[0] * 1e3 / 50, spent[1] / 50
+        jit.JITFunction.run = lambda self, *args, **kwargs: None
+        row["direct_fb_no_triton_ms"] = steady_ms(direct_fb)
+    finally:
+        jit.JITFunction.run = original
+    write_cprofile(direct_fb, 100, out / f"host_direct_{name}.txt", "tottime", 45)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patterns", default="causal,hash8_causal,keep50_causal")
@@ -103,6 +209,8 @@ def main() -> None:
     ap.add_argument("--out", default="./host_out")
     ap.add_argument("--issue", action="store_true",
                     help="only the host issue time of a forward+backward at --seq beside its GPU time")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only the split of a forward+backward's host time at the tiny length (see above)")
     ap.add_argument("--profile-only", action="store_true",
                     help="only the cProfiles (forward and forward+backward) at the tiny length, no Flex")
     args = ap.parse_args()
@@ -114,6 +222,16 @@ def main() -> None:
             c = bench_call(SPEC_BY_NAME[name], args.seq, 32768, 16, 128)
             issue, gpu = issue_and_gpu_ms(lambda: c.kern(c.q, c.k, c.v, **c.inputs).backward(c.dout))
             print(f"{name}: host issue per f+b {issue:.3f} ms, GPU f+b (queued ahead) {gpu:.3f} ms")
+        return
+    if args.breakdown:
+        for name in args.patterns.split(","):
+            row = breakdown(name, args.small, out)
+            with open(out / "host_overhead.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{name}: host issue of a f+b {row['kern_fb_ms']:.3f} ms through kern(), {row['direct_fb_ms']:.3f} "
+                  f"calling the launchers, {row['direct_fb_no_triton_ms']:.3f} without Triton launches; inside "
+                  f"JITFunction.run {row['triton_run_ms']:.3f} ms ({row['triton_launches']:.1f} launches)")
+            print("   " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("_ms")))
         return
     rows = []
     for name in args.patterns.split(","):

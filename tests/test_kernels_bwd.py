@@ -1,5 +1,7 @@
 """Backward kernels (dQ, dK/dV) under the interpreter against float64 autograd of the reference."""
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -273,12 +275,14 @@ def _check_kernel_gradients(kern, shape, kind, seed=0):
 
 
 @pytest.mark.parametrize("flag,writes", [(None, True), (0, True), (5, False)])
-def test_backward_variants_run_only_on_their_flag_value(flag, writes):
+def test_backward_variants_run_only_on_their_flag_value(flag, writes, monkeypatch):
     """The backward of documents launches four variants of each kernel (plain or permuted rows, FULL_RUNS or
     not), each returning at once unless the device flag (bit 0: nothing moved; bit 1: some row lists full tiles
     past its run) holds its value. The setup's own flag (None) and a forced "rows moved" (0) give the reference
-    gradients; a value no variant holds leaves the poisoned dQ, dK, dV unwritten."""
-    from attnc import launch
+    gradients; a value no variant holds leaves the poisoned dQ, dK, dV unwritten. (The host never learns the
+    flag here: attnc.flags.RESOLVE is off.)"""
+    from attnc import flags, launch
+    monkeypatch.setattr(flags, "RESOLVE", False)
     from attnc.validate import check_inputs
     kern = attnc.compile(CASES["documents"][0])
     B, H, N, D = 2, 2, 96, 16
@@ -301,6 +305,36 @@ def test_backward_variants_run_only_on_their_flag_value(flag, writes):
     (kern.reference(*leaves, **inputs) * dout.double()).sum().backward()
     for got, leaf in zip(grads, leaves):
         assert (got.double() - leaf.grad).norm() / leaf.grad.norm() < 1e-4
+
+
+@pytest.mark.parametrize("case", ["documents", "alternating_docs"])
+def test_a_known_guard_flag_launches_one_variant_per_kernel(case):
+    """The backward's guard flag is made once per cached setup; from its third use on, the host knows it
+    (attnc.flags) and launches one variant of each kernel instead of four (documents: plain or permuted rows,
+    FULL_RUNS or not) or two (tile lists: FULL_RUNS or not), unguarded; same gradients."""
+    from attnc import launch
+    from attnc.validate import check_inputs
+    source, kind = CASES[case]
+    kern = attnc.compile(source)
+    B, H, N, D = 2, 2, 96, 16
+    g = torch.Generator().manual_seed(9)
+    q, k, v, dout = (torch.randn(B, H, N, D, generator=g) for _ in range(4))
+    inputs = _inputs(kind, B, H, N, g) if kind else {}
+    sizes = check_inputs(kern.ir, inputs, batch=B, heads=H, n_q=N, n_k=N)
+    cfg = launch.FwdConfig(32, 32, 4, 1)
+    out, lse, _ = launch.launch_forward(kern, q, k, v, scale=D ** -0.5, sizes=sizes, inputs=inputs, config=cfg)
+    grads, runs = [], []
+    real = launch._backward_variants
+    for _ in range(3):
+        with mock.patch.object(launch, "_backward_variants", lambda *a: runs.append(list(real(*a))) or runs[-1]):
+            grads.append(launch.launch_backward(kern, q, k, v, out, lse, dout, None, scale=D ** -0.5, sizes=sizes,
+                                                inputs=inputs, config=cfg))
+    for guarded in runs[:2]:
+        assert len(guarded) == (4 if case == "documents" else 2) and all(r.guard >= 0 for r in guarded)
+    assert len(runs[2]) == 1 and runs[2][0].guard == -1
+    for later in grads[1:]:
+        for a, b in zip(grads[0], later):
+            assert torch.equal(a, b)
 
 
 def test_lists_past_the_memory_bound_take_one_synchronization():

@@ -621,12 +621,14 @@ def test_runtime_inputs_change_the_result():
     check_against_reference(kern, q, k, v, out_b, lse_b, **b)
 
 
-def test_guarded_variants_run_only_on_their_flag_value():
+def test_guarded_variants_run_only_on_their_flag_value(monkeypatch):
     """Documents may come in order, which the host is not told (no synchronization): the forward launches the
     plain list kernel and the permuted kernel, each returning at once unless the device's "nothing moved" flag
     holds its value. Flag 1: the plain kernel writes; 0: the permuted one (both exact for documents in order);
-    any other value: neither, and the output keeps its poison."""
-    from attnc import launch
+    any other value: neither, and the output keeps its poison. (The host never learns the flag here:
+    attnc.flags.RESOLVE is off.)"""
+    from attnc import flags, launch
+    monkeypatch.setattr(flags, "RESOLVE", False)
     kern = case_by_id("documents-sorted").compile()
     B, H, N, D = 2, 2, 67, 32
     q, k, v = make_qkv(B, H, H, N, N, D)
@@ -645,6 +647,32 @@ def test_guarded_variants_run_only_on_their_flag_value():
             check_against_reference(kern, q, k, v, got, lse, **inputs)
         else:
             assert torch.isnan(got).all(), value
+
+
+def test_a_known_flag_launches_only_its_variant():
+    """Once the host has the setup's "nothing moved" flag (attnc.flags: copied on the second sight, known from
+    the third), a call on the cached setup launches only the variant that flag picks, unguarded, with the same
+    output; calls that cannot know it yet launch both."""
+    from attnc import launch
+    kern = case_by_id("documents-sorted").compile()
+    B, H, N, D = 2, 2, 67, 32
+    q, k, v = make_qkv(B, H, H, N, N, D)
+    inputs = sorted_docs(B, H, N, N, torch.Generator().manual_seed(4))
+    sizes = _sizes(kern, B, H, N, N, inputs)
+    cfg = launch.FwdConfig(32, 32, 4, 1)
+    outs = []
+    with returns_of(launch, "forward_launches") as planned:
+        for _ in range(3):
+            outs.append(launch.launch_forward(kern, q, k, v, scale=D ** -0.5, sizes=sizes, inputs=inputs,
+                                              config=cfg)[:2])
+    first, second, third = (launches for _, launches in planned)
+    assert [guard for _, _, _, _, _, guard, *_ in first] == [1, 0]
+    assert [guard for _, _, _, _, _, guard, *_ in second] == [1, 0]      # the host's copy starts now
+    assert [guard for _, _, _, _, _, guard, *_ in third] == [-1]         # the plain list kernel: nothing moved
+    assert third[0][0] is kern._forward_module("lists")
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+    check_against_reference(kern, q, k, v, *outs[2], **inputs)
 
 
 def test_runtime_input_modified_in_place():
@@ -695,8 +723,9 @@ def test_empty_query_length():
     ("causal", (67, 67), "transposed"),                  # unit last stride, other strides aligned: still TMA
     ("causal", (67, 67), "strided-last"),                # last stride 2: falls back to pointer loads
 ])
-def test_tma_variant_matches_pointer_loads(case_id, size, how):
-    from attnc import launch
+def test_tma_variant_matches_pointer_loads(case_id, size, how, monkeypatch):
+    from attnc import flags, launch
+    monkeypatch.setattr(flags, "RESOLVE", False)        # both documents variants on the cached setup too
     kern, inputs, (q, k, v) = case_problem(case_id, size, 3)
     if how:
         q, k, v = (noncontiguous(t, how) for t in (q, k, v))
@@ -715,11 +744,13 @@ def test_tma_variant_matches_pointer_loads(case_id, size, how):
 
 @pytest.mark.parametrize("case_id,heads_kv", [("hash_buckets-random", None), ("hash_buckets-random", 1),
                                               ("dropped_keys", None), ("dilated_window-w9-d3", None)])
-def test_sorted_key_copies_with_descriptors(case_id, heads_kv):
+def test_sorted_key_copies_with_descriptors(case_id, heads_kv, monkeypatch):
     """Keys moved by a sort or compaction are copied into sorted order for tensor-descriptor loads; the
     result equals the gathered pointer loads. (Dilation by 3 at 67 keys is not block aligned: its classes
-    are gathered, so it copies too.)"""
-    from attnc import launch
+    are gathered, so it copies too.) The calls reuse one setup, whose flags the host would learn by the
+    third (attnc.flags): not resolved here, so every call launches the same variants."""
+    from attnc import flags, launch
+    monkeypatch.setattr(flags, "RESOLVE", False)
     from attnc.layout import Layout
     case = case_by_id(case_id)
     kern = case.compile()

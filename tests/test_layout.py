@@ -7,6 +7,11 @@ import attnc
 import attnc.layout
 from attnc.plan import layout_transform
 
+try:
+    from tests.spies import returns_of
+except ImportError:                          # tests/ itself on sys.path
+    from spies import returns_of
+
 HASH = "examples/hash_buckets.attn"
 KEEP = "examples/dropped_keys.attn"
 QKEEP = "examples/dropped_queries.attn"
@@ -460,3 +465,36 @@ def test_setup_graphs_capture_on_the_second_call_and_replay_later(monkeypatch):
     for i in range(setup_graphs.MAX_SHAPES + 2):
         graphs.run(("other", i), calls[0], build, materialize)
     assert len(graphs._shapes) == setup_graphs.MAX_SHAPES
+
+
+def test_flags_are_known_from_the_call_after_the_first_sight(monkeypatch):
+    """attnc.flags.known: None on the first two sights (at the second, the copy to the host is started), the
+    value from then on; None always when resolving is off (the tests that force a flag's value)."""
+    from attnc import flags
+    flag = torch.tensor([1], dtype=torch.int32)
+    assert flags.known(None) is None
+    assert flags.known(flag) is None and flags.known(flag) is None
+    assert flags.known(flag) == 1 and flags.known(flag) == 1
+    other = torch.tensor([0], dtype=torch.int32)
+    monkeypatch.setattr(flags, "RESOLVE", False)
+    assert flags.known(other) is None and flags.known(other) is None and flags.known(flag) is None
+
+
+def test_hash_buckets_launch_one_pure_variant_once_the_flag_is_known(monkeypatch):
+    """The bucket flag (Layout.pure) resolved on the host: the third call on a cached setup launches the
+    permuted forward once, with the bucket test left out where every block holds one id; same output."""
+    from attnc import launch
+    monkeypatch.setattr(attnc.plan, "PAD_SLACK", 1.0)
+    g = torch.Generator().manual_seed(22)
+    qb = torch.randint(0, 3, (1, 2, 128), generator=g)
+    q, k, v = (torch.randn(1, 2, 128, 16, generator=g) for _ in range(3))
+    kern = attnc.compile(HASH)
+    outs = []
+    with returns_of(launch, "forward_launches") as planned:
+        for _ in range(3):
+            outs.append(kern(q, k, v, qb=qb, kb=qb))
+    layout = planned[0][0]
+    assert int(layout.pure) == 1
+    assert [[variant[-1] for variant in launches] for _, launches in planned] == [[0, 1], [0, 1], [1]]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert torch.allclose(outs[2], kern.reference(q, k, v, qb=qb, kb=qb), atol=1e-5)

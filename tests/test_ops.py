@@ -131,6 +131,72 @@ def test_input_gradients_alone_and_mixed_with_int_inputs():
     assert out.grad_fn is None
 
 
+def test_eager_calls_match_the_operators_without_reading_unused_grads(monkeypatch):
+    """Eager calls run the launchers under an autograd.Function, the operators' work without the dispatcher:
+    the same outputs and gradients, bit for bit, as the operator path; and where the lse is unused, the
+    backward gets no dlse at all (the operators' autograd hands it a tensor of zeros)."""
+    g = torch.Generator().manual_seed(6)
+    kern = attnc.compile(ALIBI)
+    q, k, v = _qkv(1, 2, 1, 37, 41, 16, g)
+    slopes = (torch.rand(2, generator=g) * 0.5).requires_grad_()
+    dout = torch.randn(1, 2, 37, 16, generator=g)
+    leaves = (q, k, v, slopes)
+    dlse_seen = []
+    real = attnc_ops.launch_backward
+
+    def spy(*args, **kwargs):
+        dlse_seen.append(args[7])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attnc_ops, "launch_backward", spy)
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(attnc_ops, "_eager", lambda *a, eager=eager: eager)
+        for t in leaves:
+            t.grad = None
+        out = kern(q, k, v, slopes=slopes)
+        assert (type(out.grad_fn).__name__ == "_EagerAttentionBackward") == eager
+        (out * dout).sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    assert dlse_seen[0] is None and dlse_seen[1] is not None and not dlse_seen[1].any()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_eager_call_with_only_the_lse_used():
+    """A loss of the lse alone: the eager backward gets no dO and runs with zeros there."""
+    g = torch.Generator().manual_seed(7)
+    kern = attnc.compile(REL_BIAS)
+    q, k, v = _qkv(1, 3, 1, 30, 30, 16, g)
+    bias = torch.randn(3, 129, generator=g).requires_grad_()
+    _, lse = kern(q, k, v, return_lse=True, bias=bias)
+    weight = torch.randn(lse.shape, generator=g)
+    (lse.nan_to_num(0.0, 0.0, 0.0) * weight).sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    _, rl = kern.reference(*ref[:3], return_lse=True, bias=ref[3])
+    (rl.nan_to_num(0.0, 0.0, 0.0) * weight.double()).sum().backward()
+    assert ref[2].grad is None and not v.grad.any()      # the lse does not depend on v
+    for got, want in zip((q, k, bias), (ref[0], ref[1], ref[3])):
+        assert _rel_err(got.grad, want.grad) < 1e-4
+
+
+def test_tracers_get_the_operators(monkeypatch):
+    """The eager path is for plain tensors in plain eager mode: FakeTensors, torch.func transforms, Dynamo's
+    tracing and dispatch modes get the custom operators."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, k, v = (torch.randn(1, 1, 8, 16) for _ in range(3))
+    assert attnc_ops._eager(q, k, v, [])
+    assert not attnc_ops._eager(q, k, v, [torch.nn.Parameter(torch.ones(1))])   # a subclass among the inputs
+    with FakeTensorMode() as mode:
+        fq = mode.from_tensor(q)
+        assert not attnc_ops._eager(fq, fq, fq, [])
+    seen = []
+    torch.func.grad(lambda x: seen.append(attnc_ops._eager(x, k, v, [])) or x.sum())(q)
+    assert seen == [False]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not attnc_ops._eager(q, k, v, [])
+
+
 def test_torch_compile_fullgraph_dynamic_lengths():
     from torch._dynamo.testing import CompileCounterWithBackend
     kern = attnc.compile(ALIBI)
