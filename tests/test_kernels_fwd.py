@@ -621,6 +621,17 @@ def test_runtime_inputs_change_the_result():
     check_against_reference(kern, q, k, v, out_b, lse_b, **b)
 
 
+def _documents_in_order():
+    """Documents one after another (their sort moves no row): kernel, q/k/v (2 x 2 heads, 67 rows, D=32),
+    inputs, sizes and a 32 x 32 configuration."""
+    from attnc import launch
+    kern = case_by_id("documents-sorted").compile()
+    B, H, N, D = 2, 2, 67, 32
+    q, k, v = make_qkv(B, H, H, N, N, D)
+    inputs = sorted_docs(B, H, N, N, torch.Generator().manual_seed(4))
+    return kern, (q, k, v), inputs, _sizes(kern, B, H, N, N, inputs), launch.FwdConfig(32, 32, 4, 1)
+
+
 def test_guarded_variants_run_only_on_their_flag_value(monkeypatch):
     """Documents may come in order, which the host is not told (no synchronization): the forward launches the
     plain list kernel and the permuted kernel, each returning at once unless the device's "nothing moved" flag
@@ -629,12 +640,8 @@ def test_guarded_variants_run_only_on_their_flag_value(monkeypatch):
     attnc.flags.RESOLVE is off.)"""
     from attnc import flags, launch
     monkeypatch.setattr(flags, "RESOLVE", False)
-    kern = case_by_id("documents-sorted").compile()
-    B, H, N, D = 2, 2, 67, 32
-    q, k, v = make_qkv(B, H, H, N, N, D)
-    inputs = sorted_docs(B, H, N, N, torch.Generator().manual_seed(4))
-    sizes = _sizes(kern, B, H, N, N, inputs)
-    cfg = launch.FwdConfig(32, 32, 4, 1)
+    kern, (q, k, v), inputs, sizes, cfg = _documents_in_order()
+    B, H, N, D = q.shape
     layout = kern._layout(B, H, H, N, N, 32, 32, sizes, inputs, q.device)
     assert layout.in_place.tolist() == [1] and launch.variants(layout) == [(False, 1), (True, 0)]
     for value, writes in ((1, True), (0, True), (5, False)):
@@ -654,12 +661,8 @@ def test_a_known_flag_launches_only_its_variant():
     the third), a call on the cached setup launches only the variant that flag picks, unguarded, with the same
     output; calls that cannot know it yet launch both."""
     from attnc import launch
-    kern = case_by_id("documents-sorted").compile()
-    B, H, N, D = 2, 2, 67, 32
-    q, k, v = make_qkv(B, H, H, N, N, D)
-    inputs = sorted_docs(B, H, N, N, torch.Generator().manual_seed(4))
-    sizes = _sizes(kern, B, H, N, N, inputs)
-    cfg = launch.FwdConfig(32, 32, 4, 1)
+    kern, (q, k, v), inputs, sizes, cfg = _documents_in_order()
+    D = q.shape[-1]
     outs = []
     with returns_of(launch, "forward_launches") as planned:
         for _ in range(3):
