@@ -690,7 +690,8 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             launches.append(_BackwardLaunch(
                 module, fwd_extra + position_args(layout), bwd_extra + position_args(layout2), pcfg,
                 kx, vx, q, dout, layout.kv_heads(Hq, Hkv), guard, residue, residue2, copy_k, copy_q, gathered_k,
-                gathered_q, dkx, dvx, sorted_rows=layout2 is layout, pure=(pure_variants(layout), pure_variants(layout2))))
+                gathered_q, dkx, dvx, sorted_rows=layout2 is layout,
+                pure=(pure_variants(layout), pure_variants(layout2))))
     nqb, nkb = math.ceil(rows_q / cfg.block_m), math.ceil(rows_k / cfg2.block_n)
     # Written by the dQ kernel, read by the dK/dV kernel: log2-domain lse and rowsum(dO * O) - dlse, per row
     # in the order both kernels walk (sorted_rows), else at its position. Rows of a multiple of 16 bytes, so
@@ -733,8 +734,8 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                 BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, num_warps=c2.num_warps, num_stages=c2.num_stages,
                 USE_TMA=tma_q, ROW_TMA=variant.sorted_rows and _tma_available(c2, q.device),
                 SORTED_ROWS=variant.sorted_rows, WIDE_ROWS=wide_rows(q_tiles, do_tiles),
-                RESIDUE=variant.residue2, PADDED=padded(layout2, Nq, Nk), GUARD=variant.guard, FULL_RUNS=variant.full_runs,
-                BUCKET_PURE=pure, **common)
+                RESIDUE=variant.residue2, PADDED=padded(layout2, Nq, Nk), GUARD=variant.guard,
+                FULL_RUNS=variant.full_runs, BUCKET_PURE=pure, **common)
         dk, dv = variant.dk, variant.dv
     if layout is not None:
         dk, dv = layout.reduce_kv_heads(dk, Hkv), layout.reduce_kv_heads(dv, Hkv)

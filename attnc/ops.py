@@ -149,9 +149,18 @@ def _input_grads(kern, q, k, v, out, lse, dout, dlse, scale: float, named: dict,
     return [grads[n] for n in wanted]
 
 
-def _float_inputs_wanted(needs: tuple, values) -> list[int]:
-    """The runtime inputs (numbered) whose gradients autograd asks for: float ones only."""
-    return [i for i, (need, t) in enumerate(zip(needs, values)) if need and t.is_floating_point()]
+def _wanted_grads(need_qkv, need_inputs, values, qkv_grads, input_grads):
+    """What a backward formula returns for q, k, v (a tuple) and the runtime inputs (a list), given which of
+    them autograd asks for: ``qkv_grads()`` gives dq, dk, dv; ``input_grads(which)`` the gradients of the float
+    inputs numbered in ``which`` (int and bool inputs get none). Shared by the operators' autograd and
+    ``_EagerAttention``, which differ only in how they compute the two."""
+    dqkv = qkv_grads() if any(need_qkv) else (None, None, None)
+    dvalues = [None] * len(values)
+    which = [i for i, (need, t) in enumerate(zip(need_inputs, values)) if need and t.is_floating_point()]
+    if which:
+        for i, g in zip(which, input_grads(which)):
+            dvalues[i] = g
+    return tuple(g if need else None for g, need in zip(dqkv, need_qkv)), dvalues
 
 
 class _EagerAttention(torch.autograd.Function):
@@ -176,17 +185,12 @@ class _EagerAttention(torch.autograd.Function):
         named = dict(zip(kern.ir.inputs, values))
         if dout is None:
             dout = torch.zeros_like(out)
-        need_q, need_k, need_v, *need_inputs = ctx.needs_input_grad[3:]
-        dq = dk = dv = None
-        if need_q or need_k or need_v:
-            dq, dk, dv = _qkv_grads(kern, q, k, v, out, lse, dout, dlse, scale, named, sizes)
-        dvalues = [None] * len(values)
-        which = _float_inputs_wanted(need_inputs, values)
-        if which:
-            for i, g in zip(which, _input_grads(kern, q, k, v, out, lse, dout, dlse, scale, named, which, sizes)):
-                dvalues[i] = g
-        return (None, None, None, dq if need_q else None, dk if need_k else None, dv if need_v else None,
-                *dvalues)
+        needs = ctx.needs_input_grad[3:]
+        dqkv, dvalues = _wanted_grads(
+            needs[:3], needs[3:], values,
+            lambda: _qkv_grads(kern, q, k, v, out, lse, dout, dlse, scale, named, sizes),
+            lambda which: _input_grads(kern, q, k, v, out, lse, dout, dlse, scale, named, which, sizes))
+        return (None, None, None, *dqkv, *dvalues)
 
 
 def _register(kern, key: str) -> KernelOps:
@@ -237,16 +241,11 @@ def _register(kern, key: str) -> KernelOps:
     def backward_formula(ctx, dout, dlse):
         q, k, v, out, lse, *values = ctx.saved_tensors
         need_q, need_k, need_v, need_inputs, _ = ctx.needs_input_grad
-        dq = dk = dv = None
-        if need_q or need_k or need_v:
-            dq, dk, dv = bwd(q, k, v, out, lse, dout, dlse, values, ctx.scale)
-        dvalues = [None] * len(values)
-        which = _float_inputs_wanted(need_inputs, values)
-        if which:
-            grads = dinputs(q, k, v, out, lse, dout, dlse, values, ctx.scale, which)
-            for i, g in zip(which, grads):
-                dvalues[i] = g
-        return (dq if need_q else None, dk if need_k else None, dv if need_v else None, dvalues, None)
+        dqkv, dvalues = _wanted_grads(
+            (need_q, need_k, need_v), need_inputs, values,
+            lambda: bwd(q, k, v, out, lse, dout, dlse, values, ctx.scale),
+            lambda which: dinputs(q, k, v, out, lse, dout, dlse, values, ctx.scale, which))
+        return (*dqkv, dvalues, None)
 
     fwd.register_autograd(backward_formula, setup_context=setup_context)
     return KernelOps(key, fwd_overload, bwd, dinputs)

@@ -16,14 +16,15 @@ GPU is kept busy (``torch.cuda._sleep`` queued before it, so the host never wait
 same call (events around it, its launches all queued before the GPU reaches them). Issue time above GPU time
 means the call is bound by the host.
 
-``--breakdown`` splits the host time of a forward+backward at the tiny length, one head and one sequence (the GPU's
-work far below the host's, so calls back to back measure the host as do_bench drives it; no Flex): through ``kern(...).backward`` (custom operator and
-autograd), under a plain ``torch.autograd.Function`` around the launchers, the autograd engine alone (a Function
-without kernels), each custom operator beside its launcher called directly (``launch_forward``,
-``launch_backward``), the direct calls with Triton's ``JITFunction.run`` stubbed out (what is left is attnc's own
-Python and the torch operations it issues), and the time spent inside ``JITFunction.run``. A cProfile of the
-direct calls (no custom operator, so no frames on the autograd thread or behind Dynamo's disable wrapper) goes to
-``OUT/host_direct_*.txt``.
+``--breakdown`` splits the host time of a forward+backward at the tiny length, one head and one sequence (the
+GPU's work far below the host's, so calls back to back measure the host as do_bench drives it; no Flex):
+through ``kern(...).backward`` (eager calls run ``attnc.ops._EagerAttention``; before RESULTS run 75 they went
+through the custom operators), under a plain ``torch.autograd.Function`` around the launchers, the autograd
+engine alone (a Function without kernels), each custom operator beside its launcher called directly
+(``launch_forward``, ``launch_backward``), the direct calls with Triton's ``JITFunction.run`` stubbed out (what
+is left is attnc's own Python and the torch operations it issues), and the time spent inside
+``JITFunction.run``. A cProfile of the direct calls (no custom operator, so no frames on the autograd thread or
+behind Dynamo's disable wrapper) goes to ``OUT/host_direct_*.txt``.
 
 At the benchmark's length it also prints the forward's do_bench median beside its kernels' device time from the
 profiler: the difference is what the host adds to the measured forward.
