@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fastlaunch import launch as launch_kernel
 from .plan import PlannedTiles, TileLists, mirrored_keys, pad_sorted, padded_rows, padded_sides
 
 
@@ -129,24 +130,80 @@ def tile_lists(status: torch.Tensor, transposed: bool = False, sync: bool | None
     stats = torch.zeros(3, dtype=torch.int32, device=device)     # widths; the longest rest (set by FILL)
     if sync:
         if status.numel():
-            _tile_lists_kernel[grid](status, n_rows * n_cols, s_row, s_col, n_rows, n_cols, full_run, full_cnt,
-                                     part_cnt, stats, full_cnt, part_cnt, 1, 1, ranges if ranged else stats,
-                                     GROUP=group, BLOCK_J=block_j, FILL=False, RANGED=ranged, num_warps=LIST_WARPS)
+            launch_kernel(_tile_lists_kernel, grid, status, n_rows * n_cols, s_row, s_col, n_rows, n_cols,
+                          full_run, full_cnt, part_cnt, stats, full_cnt, part_cnt, 1, 1, ranges if ranged else stats,
+                          GROUP=group, BLOCK_J=block_j, FILL=False, RANGED=ranged, num_warps=LIST_WARPS)
         global HOST_SYNCS
         HOST_SYNCS += 1
         width_full, width_part = (max(w, 1) for w in stats[:2].tolist())       # the host synchronization
     full_idx = torch.empty(Bp, Hp, n_rows, width_full, dtype=torch.int32, device=device)
     part_idx = torch.empty(Bp, Hp, n_rows, width_part, dtype=torch.int32, device=device)
     if status.numel():
-        _tile_lists_kernel[grid](status, n_rows * n_cols, s_row, s_col, n_rows, n_cols, full_run, full_cnt,
-                                 part_cnt, stats, full_idx, part_idx, width_full, width_part,
-                                 ranges if ranged else stats, GROUP=group, BLOCK_J=block_j, FILL=True, RANGED=ranged,
-                                 num_warps=LIST_WARPS)
+        launch_kernel(_tile_lists_kernel, grid, status, n_rows * n_cols, s_row, s_col, n_rows, n_cols, full_run,
+                      full_cnt, part_cnt, stats, full_idx, part_idx, width_full, width_part,
+                      ranges if ranged else stats, GROUP=group, BLOCK_J=block_j, FILL=True, RANGED=ranged,
+                      num_warps=LIST_WARPS)
     else:                   # no tiles (no rows, or no columns: every count is 0)
         full_run.zero_()
         full_cnt.zero_()
         part_cnt.zero_()
     return TileLists(full_run, full_idx, full_cnt, part_idx, part_cnt, lists_status, stats[2:])
+
+
+COPY_ROWS = 32       # rows per program of the sorted-copy kernel
+
+
+@triton.jit
+def _copy_rows_kernel(x_ptr, out_ptr, perm_ptr, need_ptr, heads, n_src, rows, block,
+                      s_xb, s_xh, s_xn, s_ob, s_oh, s_on, s_pb, s_ph, s_nb, s_nh,
+                      ROWS: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr, NEED: tl.constexpr):
+    # One program per (batch x head, ROWS sorted rows): out[b, h, i] = x[b, h, perm[b, h, i]]. NEED: only
+    # rows of key blocks (``block`` rows each) that some tile of the plan reads; the other rows are left as
+    # they are (never read).
+    bh = tl.program_id(0)
+    b = bh // heads
+    h = bh % heads
+    i = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    if NEED:
+        if tl.load(need_ptr + b.to(tl.int64) * s_nb + h * s_nh + tl.program_id(1) * ROWS // block) == 0:
+            return
+    ok = i < rows
+    src = tl.load(perm_ptr + b.to(tl.int64) * s_pb + h * s_ph + i, mask=ok, other=0)
+    src = tl.minimum(src, n_src - 1)            # padding rows (position n) copy the last row
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    tile = tl.load(x_ptr + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + src[:, None].to(tl.int64) * s_xn
+                   + d[None, :], mask=ok[:, None] & d_ok[None, :])
+    tl.store(out_ptr + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + i[:, None].to(tl.int64) * s_on + d[None, :],
+             tile, mask=ok[:, None] & d_ok[None, :])
+
+
+def copy_rows(x: torch.Tensor, perm: torch.Tensor, need: torch.Tensor | None = None, block: int = 1) -> torch.Tensor:
+    """x (B, H, N, D), last dimension contiguous, with each (b, h)'s rows in the order ``perm`` (B or 1,
+    H or 1, rows): a (B, H, rows, D) copy, one pass over the rows read. ``need`` (B or 1, H or 1,
+    ceil(rows / block)), if given, says which blocks of ``block`` sorted rows are read later; the rows of
+    the others are not copied and hold whatever the new tensor held (NaN under the interpreter, so that a
+    test reading one fails). ``block`` must be a multiple of COPY_ROWS when ``need`` is given."""
+    B, H, n_src, D = x.shape
+    rows = perm.shape[-1]
+    if need is not None:
+        assert block % COPY_ROWS == 0, block
+    if x.device.type == "cuda":
+        out = torch.empty(B, H, rows, D, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.full((B, H, rows, D), float("nan"), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    perm = perm.expand(B, H, rows)
+    need_v = need.expand(B, H, need.shape[-1]) if need is not None else perm
+    grid = (B * H, triton.cdiv(rows, COPY_ROWS))
+    launch_kernel(_copy_rows_kernel, grid, x, out, perm, need_v, H, n_src, rows, max(block, 1),
+                  x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                  perm.stride(0), perm.stride(1), need_v.stride(0), need_v.stride(1),
+                  ROWS=COPY_ROWS, BLOCK_D=triton.next_power_of_2(D), D=D, NEED=need is not None, num_warps=4)
+    return out
 
 
 ROWS = 1024          # rows per program of the sort-key kernels
@@ -315,14 +372,14 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
         pad_pass = 0 if pad is None else 1 if shift == 0 else 2        # the scatter kernel's PAD
         out = result if pad is not None else torch.empty(keys.shape, dtype=torch.int64, device=keys.device)
         src = perm if perm is not None else out
-        _radix_histogram_kernel[grid](keys, src, hist, top, n, n_chunks, shift, CHUNK=chunk, RADIX=RADIX,
-                                      PERMUTED=perm is not None, HAS_MAX=key_max is not None)
-        _radix_offsets_kernel[(rows_bh,)](hist, base, top, n_chunks, shift, block, rows, RADIX=RADIX,
-                                          CHUNKS=min(32, triton.next_power_of_2(n_chunks)),
-                                          HAS_MAX=key_max is not None, PAD=pad_pass == 1)
-        _radix_scatter_kernel[grid](keys, src, base, out, tmp if pad_pass == 1 else out, top, n, n_chunks, shift,
-                                    out.shape[-1], CHUNK=chunk, RADIX=RADIX, PERMUTED=perm is not None,
-                                    HAS_MAX=key_max is not None, PAD=pad_pass)
+        launch_kernel(_radix_histogram_kernel, grid, keys, src, hist, top, n, n_chunks, shift, CHUNK=chunk,
+                      RADIX=RADIX, PERMUTED=perm is not None, HAS_MAX=key_max is not None)
+        launch_kernel(_radix_offsets_kernel, (rows_bh,), hist, base, top, n_chunks, shift, block, rows, RADIX=RADIX,
+                      CHUNKS=min(32, triton.next_power_of_2(n_chunks)),
+                      HAS_MAX=key_max is not None, PAD=pad_pass == 1)
+        launch_kernel(_radix_scatter_kernel, grid, keys, src, base, out, tmp if pad_pass == 1 else out, top, n,
+                      n_chunks, shift, out.shape[-1], CHUNK=chunk, RADIX=RADIX, PERMUTED=perm is not None,
+                      HAS_MAX=key_max is not None, PAD=pad_pass)
         perm = tmp if pad is not None else out
     return result if pad is not None else perm
 
@@ -358,7 +415,8 @@ def _sort_keys(module, side: str, keys: tuple, *, shape: tuple, dims: tuple, inp
     perm = None
     for i in reversed(range(len(keys))):
         values = torch.empty(Bp, Hp, n, dtype=torch.int32, device=device)
-        getattr(module, f"attnc_sort_key_{side}{i}")[grid](values, key_max[i:i + 1], *dims, *input_args, BLOCK=ROWS)
+        launch_kernel(getattr(module, f"attnc_sort_key_{side}{i}"), grid, values, key_max[i:i + 1], *dims,
+                      *input_args, BLOCK=ROWS)
         pad = (pad_block, padded_rows(n, pad_block)) if pad_block else None     # one bucket key
         perm = radix_sort_perm(values, key_bits(keys[i]), perm, key_max=key_max[i:i + 1], pad=pad)
     return perm
@@ -386,7 +444,7 @@ def summarize_side(module, code, side: str, perm, *, shape: tuple, dims: tuple, 
     pos32 = torch.empty(Bp, Hp, rows, dtype=torch.int32, device=flag.device) if perm is not None else None
     block_p = triton.next_power_of_2(block)
     group = max(1, 1024 // block_p)
-    getattr(module, f"attnc_summarize_{side}")[(Bp * Hp, triton.cdiv(n_blocks, group))](
+    launch_kernel(getattr(module, f"attnc_summarize_{side}"), (Bp * Hp, triton.cdiv(n_blocks, group)),
         summary, perm if perm is not None else summary, pos32 if pos32 is not None else summary, flag, pure,
         count if padded else flag, rows, n, Hp, n_blocks, *dims[2:], *input_args, BLOCK=block, BLOCK_P=block_p,
         GROUP=group, PERMUTED=perm is not None, PADDED=padded)
@@ -423,7 +481,7 @@ def classify(module, code, *, shape: tuple, n_q: int, n_k: int, block_m: int, bl
         slot[r.side] += 1
     q_count, k_count = counts
     group = CLASSIFY_GROUP
-    module.attnc_classify[(Bp * Hp, triton.cdiv(nqb, group))](
+    launch_kernel(module.attnc_classify, (Bp * Hp, triton.cdiv(nqb, group)),
         status, *args, q_count if q_count is not None else status, k_count if k_count is not None else status,
         ranges if search else status, n_q, n_k, sizes["batch"], sizes["heads"], Hp, nqb, nkb, BLOCK_M=block_m,
         BLOCK_N=block_n, GROUP_M=group, BLOCK_J=_block_j(nkb, CLASSIFY_BLOCK_J), Q_SORTED=q_sorted, K_SORTED=k_sorted,

@@ -18,6 +18,7 @@ import torch
 
 from .analyze import PatternIR
 from .errors import InputError
+from .fastlaunch import launch as launch_kernel
 from .flags import known
 
 KERNEL_FORMAT = 2    # bump when the generated code's calling convention changes
@@ -202,26 +203,27 @@ def _copies_enabled(device: torch.device) -> bool:
     return device.type != "cuda" or _major(device) >= 9
 
 
-SORTED_COPY_MIN_ROWS = 8192    # rows of full tiles per program before a sorted copy pays (RESULTS run 11)
+SORTED_COPY_MIN_KEYS = 8192    # keys (kept or not) from which kept keys are copied (RESULTS runs 11, 38, 79-80)
 
 
 def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor, layout, side: str) -> bool:
     """Whether to copy the rows of ``k``, ``v`` that a layout transform moved into sorted order, for
     tensor-descriptor tiles that need not wait for the positions: K and V (``side`` 'k', streamed by the
-    forward and dQ kernels) or Q and dO ('q', streamed by the dK/dV kernel). The copy costs a pass over the
-    rows; it pays when a program streams many full tiles, at least SORTED_COPY_MIN_ROWS rows. The host
-    does not read the lists, so the rule is on what it knows: compacted keys (kept keys come first, about
-    half of them under a causal mask) when there are 2 x SORTED_COPY_MIN_ROWS keys. Measured: the forward
-    at 32k (runs 11d-11f; not hash buckets at 32k nor anything at 8k), the dQ kernel at 32k (run 38: kept
-    keys f+b +1.5-3.7%). Never Q and dO. ATTNC_SORTED_KV=1 copies whenever descriptors can be used, 0
-    never."""
+    forward and dQ kernels) or Q and dO ('q', streamed by the dK/dV kernel). The copy (Layout.sorted_keys)
+    reads only the key blocks some tile reads, so for compacted keys about half the rows; it pays when the
+    kernels stream many full tiles. The host does not read the lists, so the rule is on what it knows:
+    compacted keys, at least SORTED_COPY_MIN_KEYS of them. Measured: 32k (runs 11d-11f, 38: forward and dQ)
+    and 8k (run 79: the forward kernel 18% faster on copies; runs 11 and 38 had lost at 8k with a
+    torch.gather of every row, 2.5x the copy's time). Not hash buckets (run 11e: many partial tiles at bucket
+    edges, whose positions are loaded anyway). Never Q and dO. ATTNC_SORTED_KV=1 copies whenever
+    descriptors can be used, 0 never."""
     if not cfg.tma or not _copies_enabled(k.device) or k.shape[-1] % 8 or v.shape[-1] % 8:
         return False
     if os.environ.get("ATTNC_SORTED_KV") == "1":
         return True
     keys = layout.transform.key_keys
     return (side == "k" and bool(keys) and all(key.kind == "keep" for key in keys)
-            and k.shape[2] >= 2 * SORTED_COPY_MIN_ROWS)
+            and k.shape[2] >= SORTED_COPY_MIN_KEYS)
 
 
 def wide_rows(*tensors: torch.Tensor) -> bool:
@@ -480,7 +482,7 @@ def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdCon
         if gathered and _sorted_copies(config, kx, vx, layout, "k"):
             # Keys moved by a sort or compaction: copy K and V in sorted order once, so every tile is a
             # tensor-descriptor load that does not wait for the positions (they only feed the mask).
-            kx, vx = layout.sorted_keys(kx), layout.sorted_keys(vx)
+            kx, vx = layout.sorted_keys(kx, config.block_n), layout.sorted_keys(vx, config.block_n)
             gathered = False
         for pure in pure_variants(layout):
             launches.append((kern._forward_module(), list_args(lists, layout.in_place) + position_args(layout),
@@ -513,7 +515,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     grid = (B * Hq, math.ceil((layout.rows_q if layout is not None else Nq) / cfg.block_m))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     for module, extra, kx, vx, heads_kv, guard, residue, gathered, pure in launches:
-        module.attnc_fwd[grid](
+        launch_kernel(module.attnc_fwd, grid,
             q, kx, vx, out, lse,
             *q.stride(), *kx.stride(), *vx.stride(), *out.stride(),
             B, Hq, heads_kv, Nq, Nk, scale, qk_scale,
@@ -706,13 +708,13 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
         # through positions, or from copies in sorted order with tensor descriptors (as in the forward);
         # the copies are made once per launch (its FULL_RUNS variants share them).
         if variant.copy_k and "k" not in copies:
-            copies["k"] = layout.sorted_keys(variant.k), layout.sorted_keys(variant.v)
+            copies["k"] = layout.sorted_keys(variant.k, cfg.block_n), layout.sorted_keys(variant.v, cfg.block_n)
         if variant.copy_q and "q" not in copies:
             copies["q"] = layout.sorted_queries(variant.q), layout.sorted_queries(variant.dout)
         k_tiles, v_tiles = copies["k"] if variant.copy_k else (variant.k, variant.v)
         q_tiles, do_tiles = copies["q"] if variant.copy_q else (variant.q, variant.dout)
         for pure in variant.pure[0]:
-            variant.module.attnc_bwd_dq[(B * Hq, nqb)](
+            launch_kernel(variant.module.attnc_bwd_dq, (B * Hq, nqb),
                 variant.q, k_tiles, v_tiles, variant.dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
                 *variant.q.stride(), *k_tiles.stride(), *v_tiles.stride(), *variant.dout.stride(), *dq.stride(),
                 *out.stride(),
@@ -725,7 +727,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                 **common)
         tma_q = _tma_usable(c2, variant.gathered_q, q_tiles, do_tiles)
         for pure in variant.pure[1]:
-            variant.module.attnc_bwd_dkdv[(B * variant.heads_kv, nkb)](
+            launch_kernel(variant.module.attnc_bwd_dkdv, (B * variant.heads_kv, nkb),
                 q_tiles, variant.k, variant.v, do_tiles, variant.dk, variant.dv, lse2, delta,
                 *q_tiles.stride(), *variant.k.stride(), *variant.v.stride(), *do_tiles.stride(), *variant.dk.stride(),
                 *variant.dv.stride(),

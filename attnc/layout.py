@@ -88,13 +88,23 @@ class Layout:
         d = keys[0].modulus
         return 0 if n_q % (d * block_m) or n_k % (d * block_n) else d
 
-    def sorted_keys(self, x: torch.Tensor) -> torch.Tensor:
+    def sorted_keys(self, x: torch.Tensor, block_n: int | None = None) -> torch.Tensor:
         """K or V (B, H, Nk, D), H its heads as the kernels read them, copied into the keys' sorted order
-        (padding rows get a copy of the last row: the kernels mask them by position)."""
-        perm = self.k_perm.clamp(max=x.shape[2] - 1)
-        if perm.shape[1] not in (1, x.shape[1]):
-            perm = perm[:, ::perm.shape[1] // x.shape[1]]          # heads of a GQA group share one order
-        return _rows_in_order(x, perm)
+        (padding rows get a copy of the last row: the kernels mask them by position). With ``block_n``, the
+        key-block size of this layout's tiles, only blocks that some tile reads are copied (kept keys: about
+        half the rows); the rest of the copy is never read."""
+        from .device_setup import COPY_ROWS, copy_rows
+        perm = self.k_perm
+        group = perm.shape[1] // x.shape[1] if perm.shape[1] not in (1, x.shape[1]) else 1
+        perm = perm[:, ::group]                 # heads of a GQA group share one order
+        need = None
+        status = self.status
+        if block_n and block_n % COPY_ROWS == 0 and status.shape[-1] == -(-self.rows_k // block_n):
+            need = status.ne(0).any(dim=2)      # (B', H', key blocks): read by some query block
+            if group > 1:
+                need = need.view(need.shape[0], x.shape[1], group, need.shape[-1]).any(dim=2)
+            need = need.to(torch.int8)
+        return copy_rows(x, perm, need, block_n or 1)
 
     def sorted_queries(self, x: torch.Tensor) -> torch.Tensor:
         """Q or dO (B, Hq, Nq, D) copied into the queries' sorted order (padding rows as in sorted_keys)."""

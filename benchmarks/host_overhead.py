@@ -16,15 +16,21 @@ GPU is kept busy (``torch.cuda._sleep`` queued before it, so the host never wait
 same call (events around it, its launches all queued before the GPU reaches them). Issue time above GPU time
 means the call is bound by the host.
 
+``--sync-check`` lists, at ``--seq``, every operation of a forward and of a forward+backward that makes the host
+wait for the GPU (torch's sync debug mode), and times the forward three ways: do_bench (an L2 flush before each
+call), calls queued back to back between two events (no flush), and the profiler's device time of its kernels.
+
 ``--breakdown`` splits the host time of a forward+backward at the tiny length, one head and one sequence (the
 GPU's work far below the host's, so calls back to back measure the host as do_bench drives it; no Flex):
 through ``kern(...).backward`` (eager calls run ``attnc.ops._EagerAttention``; before RESULTS run 75 they went
 through the custom operators), under a plain ``torch.autograd.Function`` around the launchers, the autograd
 engine alone (a Function without kernels), each custom operator beside its launcher called directly
-(``launch_forward``, ``launch_backward``), the direct calls with Triton's ``JITFunction.run`` stubbed out (what
-is left is attnc's own Python and the torch operations it issues), and the time spent inside
-``JITFunction.run``. A cProfile of the direct calls (no custom operator, so no frames on the autograd thread or
-behind Dynamo's disable wrapper) goes to ``OUT/host_direct_*.txt``.
+(``launch_forward``, ``launch_backward``), the direct calls with kernel launches stubbed out (what is left is
+attnc's own Python and the torch operations it issues), the time spent inside the launches
+(``attnc.fastlaunch.launch``) and, of that, inside Triton's ``JITFunction.run`` (before RESULTS run 79 every
+launch went through it; now only a signature's first, or all with ``ATTNC_FAST_LAUNCH=0``). A cProfile of the
+direct calls (no custom operator, so no frames on the autograd thread or behind Dynamo's disable wrapper) goes
+to ``OUT/host_direct_*.txt``.
 
 At the benchmark's length it also prints the forward's do_bench median beside its kernels' device time from the
 profiler: the difference is what the host adds to the measured forward.
@@ -104,6 +110,40 @@ def issue_and_gpu_ms(fn, reps: int = 30) -> tuple[float, float]:
     return sorted(issue)[reps // 2], sorted(gpu)[reps // 2]
 
 
+def sync_check(fn, calls: int = 3) -> list[str]:
+    """The distinct messages of torch's sync debug mode over ``calls`` calls of ``fn`` (after warm calls): every
+    operation in them that makes the host wait for the GPU."""
+    import warnings
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(calls):
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sorted({str(w.message).splitlines()[0][:200] for w in caught})
+
+
+def back_to_back_ms(fn, calls: int = 30) -> float:
+    """Milliseconds per call between events around ``calls`` calls queued back to back (no L2 flush between
+    them, unlike do_bench): a host gap inside a call shows here, the flush's cold L2 does not."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 def steady_ms(fn, calls: int = 300, repeats: int = 3) -> float:
     """Host milliseconds per call, back to back as do_bench calls them, on a problem so small that the GPU's
     work never fills the launch queue: the least of ``repeats`` means over ``calls`` calls."""
@@ -177,26 +217,49 @@ def breakdown(name: str, n: int, out: Path) -> dict:
            "op_bwd_ms": steady_ms(lambda: ops.backward(q, k, v, out0, lse0, dout, None, values, scale)),
            "direct_bwd_ms": steady_ms(backward),
            "direct_fb_ms": steady_ms(direct_fb)}
-    original = jit.JITFunction.run
-    spent = [0.0, 0]
+    # Time inside the launches (attnc.fastlaunch.launch: Triton's path or the direct one) and inside Triton's
+    # JITFunction.run (the launches Triton's path still makes), then the direct calls with launches stubbed.
+    import attnc.device_setup as setup_module
+    import attnc.launch as launch_module
+    from attnc import fastlaunch
+    original_launch, original_run = fastlaunch.launch, jit.JITFunction.run
+    spent = {"launch": [0.0, 0], "triton": [0.0, 0]}
 
-    def timed(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - t0
-            spent[1] += 1
+    def timing(fn, slot):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[slot][0] += time.perf_counter() - t0
+                spent[slot][1] += 1
+        return timed
+
+    def install(launch, run):
+        launch_module.launch_kernel = setup_module.launch_kernel = launch
+        jit.JITFunction.run = run
 
     try:
-        jit.JITFunction.run = timed
+        install(timing(original_launch, "launch"), timing(original_run, "triton"))
         for _ in range(50):
             direct_fb()
-        row["triton_run_ms"], row["triton_launches"] = spent[0] * 1e3 / 50, spent[1] / 50
-        jit.JITFunction.run = lambda self, *args, **kwargs: None
-        row["direct_fb_no_triton_ms"] = steady_ms(direct_fb)
+        row["launch_ms"], row["launches"] = spent["launch"][0] * 1e3 / 50, spent["launch"][1] / 50
+        row["triton_run_ms"], row["triton_launches"] = spent["triton"][0] * 1e3 / 50, spent["triton"][1] / 50
+        install(lambda *args, **kwargs: None, original_run)
+        row["direct_fb_no_launch_ms"] = steady_ms(direct_fb)
     finally:
-        jit.JITFunction.run = original
+        install(original_launch, original_run)
+    # The direct launches against Triton's path in this process, alternating (host speed drifts between runs).
+    import os
+    prior = os.environ.get("ATTNC_FAST_LAUNCH")
+    try:
+        for i, mode in enumerate(("1", "0", "1", "0")):
+            os.environ["ATTNC_FAST_LAUNCH"] = mode
+            row[f"direct_fb_{'fast' if mode == '1' else 'triton'}{i // 2 + 1}_ms"] = steady_ms(direct_fb)
+    finally:
+        os.environ.pop("ATTNC_FAST_LAUNCH")
+        if prior is not None:
+            os.environ["ATTNC_FAST_LAUNCH"] = prior
     write_cprofile(direct_fb, 100, out / f"host_direct_{name}.txt", "tottime", 45)
     return row
 
@@ -212,6 +275,9 @@ def main() -> None:
                     help="only the host issue time of a forward+backward at --seq beside its GPU time")
     ap.add_argument("--breakdown", action="store_true",
                     help="only the split of a forward+backward's host time at the tiny length (see above)")
+    ap.add_argument("--sync-check", action="store_true",
+                    help="only, at --seq: the host synchronizations of a forward and a forward+backward (torch's sync "
+                         "debug mode), and the forward timed by do_bench, back to back, and by the profiler")
     ap.add_argument("--profile-only", action="store_true",
                     help="only the cProfiles (forward and forward+backward) at the tiny length, no Flex")
     args = ap.parse_args()
@@ -224,14 +290,34 @@ def main() -> None:
             issue, gpu = issue_and_gpu_ms(lambda: c.kern(c.q, c.k, c.v, **c.inputs).backward(c.dout))
             print(f"{name}: host issue per f+b {issue:.3f} ms, GPU f+b (queued ahead) {gpu:.3f} ms")
         return
+    if args.sync_check:
+        for name in args.patterns.split(","):
+            c = bench_call(SPEC_BY_NAME[name], args.seq, 32768, 16, 128)
+
+            def fwd():
+                return c.kern(c.q, c.k, c.v, **c.inputs)
+
+            row = {"pattern": name, "N": args.seq,
+                   "syncs_fwd": sync_check(fwd),
+                   "syncs_fwdbwd": sync_check(lambda: c.kern(c.q, c.k, c.v, **c.inputs).backward(c.dout))}
+            with torch.no_grad():
+                row.update(bench_fwd_ms=do_bench(fwd, warmup=100, rep=300), back_to_back_fwd_ms=back_to_back_ms(fwd),
+                           device_fwd_ms=device_ms(fwd))
+            with open(out / "host_overhead.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{name} N={args.seq}: forward do_bench {row['bench_fwd_ms']:.4f} ms, back to back "
+                  f"{row['back_to_back_fwd_ms']:.4f}, device {row['device_fwd_ms']:.4f}; host syncs: forward "
+                  f"{row['syncs_fwd'] or 'none'}, forward+backward {row['syncs_fwdbwd'] or 'none'}")
+        return
     if args.breakdown:
         for name in args.patterns.split(","):
             row = breakdown(name, args.small, out)
             with open(out / "host_overhead.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{name}: host issue of a f+b {row['kern_fb_ms']:.3f} ms through kern(), {row['direct_fb_ms']:.3f} "
-                  f"calling the launchers, {row['direct_fb_no_triton_ms']:.3f} without Triton launches; inside "
-                  f"JITFunction.run {row['triton_run_ms']:.3f} ms ({row['triton_launches']:.1f} launches)")
+                  f"calling the launchers, {row['direct_fb_no_launch_ms']:.3f} without launches; inside launches "
+                  f"{row['launch_ms']:.3f} ms ({row['launches']:.1f}), of which in Triton's JITFunction.run "
+                  f"{row['triton_run_ms']:.3f} ms ({row['triton_launches']:.1f})")
             print("   " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("_ms")))
         return
     rows = []

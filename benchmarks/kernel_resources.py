@@ -44,10 +44,12 @@ KERNELS = ("attnc_fwd", "attnc_bwd_dq", "attnc_bwd_dkdv")
 
 def captured_launches(run_call) -> list[tuple]:
     """``(JIT function, positional args, keyword args)`` of each attention kernel launch ``run_call()`` makes,
-    none of them run (Triton's ``JITFunction.run`` is intercepted for attnc's kernels)."""
+    none of them run (Triton's ``JITFunction.run`` is intercepted for attnc's kernels, and attnc.fastlaunch is
+    told to leave every launch to it)."""
     from triton.runtime.jit import JITFunction
     calls = []
     original = JITFunction.run
+    os.environ["ATTNC_FAST_LAUNCH"] = "0"
 
     def run(self, *args, grid, warmup, **kwargs):
         if self.__name__ not in KERNELS:

@@ -356,3 +356,48 @@ def test_padded_layouts_agree_and_pad_where_they_fit(monkeypatch):
     assert kept.tolist() == [[True, False], [False, False]]     # where padding does not fit, the order stays
     assert torch.equal(tight.q_perm, pad_sorted(order, qb, 16, 176))
     assert torch.equal(tight.status, _hash_layout(qb, kb, device=False).status)
+
+
+# ---- sorted copies of K / V (device_setup.copy_rows, Layout.sorted_keys) -------------------------------
+
+@pytest.mark.parametrize("dtype,D,broadcast", [(torch.float32, 16, False), (torch.bfloat16, 24, True)])
+def test_copy_rows_copies_the_needed_blocks_in_sorted_order(dtype, D, broadcast):
+    """Rows of needed blocks equal a gather through the permutation (padding positions past the end copy the
+    last row); rows of other blocks are not written (NaN under the interpreter). A permutation shared by all
+    (batch, head) broadcasts; x may be a strided view."""
+    g = torch.Generator().manual_seed(2)
+    B, H, N, block = 2, 3, 150, 32
+    x = torch.randn(B, N, H, D + 8, generator=g).to(dtype).transpose(1, 2)[..., :D]     # strided rows
+    shape = (1, 1) if broadcast else (B, H)
+    rows = 160                                           # 10 padding rows, position N
+    perm = torch.stack([torch.cat([torch.randperm(N, generator=g), torch.full((rows - N,), N)])
+                        for _ in range(shape[0] * shape[1])]).view(*shape, rows)
+    need = torch.rand(*shape, rows // block, generator=g) < 0.6
+    out = device_setup.copy_rows(x, perm, need.to(torch.int8), block)
+    want = torch.gather(x, 2, perm.clamp(max=N - 1).expand(B, H, rows)[..., None].expand(B, H, rows, D))
+    read = need.repeat_interleave(block, dim=-1).expand(B, H, rows)
+    assert torch.equal(out[read], want[read])
+    assert out[~read].isnan().all()
+    assert torch.equal(device_setup.copy_rows(x, perm), want)          # no flags: every row
+
+
+def test_sorted_keys_copies_blocks_some_tile_reads():
+    """Layout.sorted_keys reads the tile classes: a key block no query block reads is not copied. Under GQA
+    with keys shared by a group (the permutation has query heads, K has fewer), a block is copied when some
+    query head of the group reads it."""
+    from types import SimpleNamespace
+
+    from attnc.layout import Layout
+    g = torch.Generator().manual_seed(4)
+    B, Hq, Hkv, N, block = 1, 4, 2, 128, 32
+    k = torch.randn(B, Hkv, N, 8, generator=g)
+    perm = torch.randperm(N, generator=g).expand(B, Hq, N).contiguous()
+    status = torch.zeros(B, Hq, 3, N // block, dtype=torch.int8)
+    status[0, 1, 2, 0] = 2          # query head 1 (kv head 0) reads key block 0 (a partial tile)
+    status[0, 3, 0, 3] = 1          # query head 3 (kv head 1) reads key block 3 (a full tile)
+    layout = SimpleNamespace(k_perm=perm, status=status, rows_k=N)
+    out = Layout.sorted_keys(layout, k, block)
+    want = torch.gather(k, 2, perm[:, ::2, :, None].expand(B, Hkv, N, 8))
+    assert torch.equal(out[0, 0, :block], want[0, 0, :block]) and out[0, 0, block:].isnan().all()
+    assert torch.equal(out[0, 1, 3 * block:], want[0, 1, 3 * block:]) and out[0, 1, :3 * block].isnan().all()
+    assert torch.equal(Layout.sorted_keys(layout, k), want)             # no block size: every row

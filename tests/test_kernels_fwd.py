@@ -782,9 +782,9 @@ def test_sorted_key_copies_with_descriptors(case_id, heads_kv, monkeypatch):
 
 
 def test_sorted_copies_pay_only_for_long_compacted_keys():
-    """By default K and V are copied in sorted order for compacted keys, from 2 x SORTED_COPY_MIN_ROWS
-    keys (kept keys come first: a program then streams many full tiles; the host reads no tile list to
-    count them), in the forward and for the dQ kernel; never for bucket sorts, and Q and dO (the dK/dV
+    """By default K and V are copied in sorted order for compacted keys, from SORTED_COPY_MIN_KEYS keys
+    (kept keys come first: a program then streams many full tiles; the host reads no tile list to count
+    them), in the forward and for the dQ kernel; never for bucket sorts, and Q and dO (the dK/dV
     kernel's rows) only when ATTNC_SORTED_KV=1."""
     from types import SimpleNamespace
 
@@ -793,8 +793,8 @@ def test_sorted_copies_pay_only_for_long_compacted_keys():
     cfg = launch.FwdConfig(128, 64, 8, 3, tma=True)
     kept, buckets = (SimpleNamespace(transform=SimpleNamespace(key_keys=(SortKey(kind, None),)))
                      for kind in ("keep", "bucket"))
-    long_k = torch.empty(1, 1, 2 * launch.SORTED_COPY_MIN_ROWS, 64, device="meta")
-    short_k = torch.empty(1, 1, 2 * launch.SORTED_COPY_MIN_ROWS - 1, 64, device="meta")
+    long_k = torch.empty(1, 1, launch.SORTED_COPY_MIN_KEYS, 64, device="meta")
+    short_k = torch.empty(1, 1, launch.SORTED_COPY_MIN_KEYS - 1, 64, device="meta")
     with mock.patch.dict("os.environ", {}, clear=False) as env:
         env.pop("ATTNC_SORTED_KV", None)
         assert launch._sorted_copies(cfg, long_k, long_k, kept, "k")
