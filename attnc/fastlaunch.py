@@ -98,7 +98,10 @@ def launch(fn, grid: tuple, *args, **kwargs) -> None:
     sig = signature(args)
     key = None if sig is None else (device, sig, tuple(kwargs.items()))
     table = fn.__dict__.setdefault("_attnc_launches", {})
-    entry = table.get(key) if key is not None else _TRITON
+    try:
+        entry = table.get(key) if key is not None else _TRITON
+    except TypeError:                         # an unhashable keyword value: Triton's path
+        entry = _TRITON
     if entry is None:
         counts["signatures"] += 1
         kernel = fn[grid](*args, **kwargs)

@@ -92,7 +92,8 @@ def test_bools_and_ints_do_not_share_a_signature(fake_gpu):
     assert len(fn.triton_calls) == 2 and fn.compiled.launches == []
 
 
-@pytest.mark.parametrize("case", ["disabled", "hooks", "odd_type", "default_parameter", "old_launcher"])
+@pytest.mark.parametrize("case", ["disabled", "hooks", "odd_type", "unhashable_keyword", "default_parameter",
+                                  "old_launcher"])
 def test_what_the_direct_call_cannot_vouch_for_keeps_triton_s_path(fake_gpu, monkeypatch, case):
     fn, x = _Jit(), torch.zeros(4)
     args, kwargs = [x, 8, 0.5], dict(BLOCK=32)
@@ -104,6 +105,8 @@ def test_what_the_direct_call_cannot_vouch_for_keeps_triton_s_path(fake_gpu, mon
         monkeypatch.setattr(fastlaunch, "_hooks", lambda: (Chain(), None))
     elif case == "odd_type":
         args[1] = (8,)
+    elif case == "unhashable_keyword":
+        kwargs["BLOCK"] = [32]
     elif case == "default_parameter":
         kwargs = {}                     # BLOCK left to a default: Triton's binder would fill it in
     else:
