@@ -93,22 +93,16 @@ class Layout:
         (padding rows get a copy of the last row: the kernels mask them by position). With ``block_n``, the
         key-block size of this layout's tiles, only blocks that some tile reads are copied (kept keys: about
         half the rows); the rest of the copy is never read."""
-        from .device_setup import COPY_ROWS, copy_rows
+        from .device_setup import copy_rows
         perm = self.k_perm
         group = perm.shape[1] // x.shape[1] if perm.shape[1] not in (1, x.shape[1]) else 1
         perm = perm[:, ::group]                 # heads of a GQA group share one order
-        need = None
-        status = self.status
-        if block_n and block_n % COPY_ROWS == 0 and status.shape[-1] == -(-self.rows_k // block_n):
-            need = status.ne(0).any(dim=2)      # (B', H', key blocks): read by some query block
-            if group > 1:
-                need = need.view(need.shape[0], x.shape[1], group, need.shape[-1]).any(dim=2)
-            need = need.to(torch.int8)
-        return copy_rows(x, perm, need, block_n or 1)
+        return copy_rows(x, perm, _needed_key_blocks(self, block_n, group), block_n or 1)
 
     def sorted_queries(self, x: torch.Tensor) -> torch.Tensor:
         """Q or dO (B, Hq, Nq, D) copied into the queries' sorted order (padding rows as in sorted_keys)."""
-        return _rows_in_order(x, self.q_perm.clamp(max=x.shape[2] - 1))
+        from .device_setup import copy_rows
+        return copy_rows(x, self.q_perm)
 
     # ---- the kernels address rows through qpos / kpos, so data stays in the caller's order --------
     def kv_heads(self, heads_q: int, heads_kv: int) -> int:
@@ -178,11 +172,22 @@ def build_layout(pir, transform: LayoutTransform, B: int, Hq: int, Hkv: int, n_q
     return Layout(transform, q_perm, k_perm, B, Hq, expand, identity[0], identity[1], PlannedTiles(status))
 
 
-def _rows_in_order(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """x (B, H, N, D) with each (b, h)'s rows in the order ``perm`` (B' or 1, H' or 1, N)."""
-    B, H, _, D = x.shape
-    N = perm.shape[-1]
-    return torch.gather(x, 2, perm.expand(B, H, N)[..., None].expand(B, H, N, D))
+def _needed_key_blocks(layout, block_n: int | None, group: int) -> torch.Tensor | None:
+    """int8 (B', H' / group, key blocks of ``block_n`` rows): 1 where some query block of ``layout``'s tiles
+    reads the key block (``status != 0``), folded over GQA groups of ``group`` query heads; None when
+    ``block_n`` is not the layout's key-block size (or not a whole number of copy programs): copy every row.
+    Made once per layout, block size and group (K and V, forward and dQ kernel, share it)."""
+    from .device_setup import COPY_ROWS
+    status = layout.status
+    if not block_n or block_n % COPY_ROWS or status.shape[-1] != -(-layout.rows_k // block_n):
+        return None
+    made = layout.__dict__.setdefault("_needed_key_blocks", {})
+    if (block_n, group) not in made:
+        need = status.ne(0).any(dim=2)          # (B', H', key blocks): read by some query block
+        if group > 1:
+            need = need.view(need.shape[0], need.shape[1] // group, group, need.shape[-1]).any(dim=2)
+        made[block_n, group] = need.to(torch.int8)
+    return made[block_n, group]
 
 
 def _arange(n: int, Bp: int, Hp: int, device) -> torch.Tensor:
