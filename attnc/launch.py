@@ -215,7 +215,7 @@ def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor, layout, sid
     compacted keys, at least SORTED_COPY_MIN_KEYS of them. Measured: 32k (runs 11d-11f, 38: forward and dQ)
     and 8k (run 79: the forward kernel 18% faster on copies; runs 11 and 38 had lost at 8k with a
     torch.gather of every row, 2.5x the copy's time). Not hash buckets (run 11e: many partial tiles at bucket
-    edges, whose positions are loaded anyway). Never Q and dO. ATTNC_SORTED_KV=1 copies whenever
+    edges, whose positions are loaded anyway; run 83, with this copy: 8% slower forward at 8k). Never Q and dO. ATTNC_SORTED_KV=1 copies whenever
     descriptors can be used, 0 never."""
     if not cfg.tma or not _copies_enabled(k.device) or k.shape[-1] % 8 or v.shape[-1] % 8:
         return False
@@ -224,6 +224,30 @@ def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor, layout, sid
     keys = layout.transform.key_keys
     return (side == "k" and bool(keys) and all(key.kind == "keep" for key in keys)
             and k.shape[2] >= SORTED_COPY_MIN_KEYS)
+
+
+def head_group(plain_lists: bool = False) -> int:
+    """HEAD_GROUP of the attention kernels, the order their programs start in (`_program_coords` in the
+    templates): 0 starts every head's first block before any head's second; G > 0 starts all blocks of G
+    heads before the next G heads'. Programs of one head read the same K and V (forward, dQ) or Q and dO
+    (dK/dV) rows, so started together they find them in L2. H200, B=4 x 16 heads at 8k (NOTES item 60):
+    G = 1 ran causal, prefix-LM, window, hash buckets and kept keys 2-10% faster than 0, forward and f+b, and
+    causal at 32k 3-4%; documents' plain list kernels (``plain_lists``) ran 2-7% slower, so they keep 0.
+    ATTNC_HEAD_GROUP overrides both."""
+    text = os.environ.get("ATTNC_HEAD_GROUP", "")
+    if not text:
+        return LIST_HEAD_GROUP if plain_lists else HEAD_GROUP
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"ATTNC_HEAD_GROUP must be a whole number of heads >= 0, not {text!r}") from None
+    if value < 0:
+        raise ValueError(f"ATTNC_HEAD_GROUP must be a whole number of heads >= 0, not {text!r}")
+    return value
+
+
+HEAD_GROUP = 1          # one head's blocks at a time
+LIST_HEAD_GROUP = 0     # plain tile-list kernels (documents): every head's first block first
 
 
 def wide_rows(*tensors: torch.Tensor) -> bool:
@@ -448,33 +472,46 @@ def variants(layout, resolve: bool = True) -> list[tuple[bool, int]]:
     return [(True, -1)]
 
 
+class _ForwardLaunch(NamedTuple):
+    """One variant of the forward kernel to launch."""
+    module: object              # the generated forward module
+    extra: list                 # list and position arguments
+    k: torch.Tensor             # K, V as the kernel reads them (expanded per query head, or sorted copies)
+    v: torch.Tensor
+    heads_kv: int
+    guard: int                  # -1: unguarded; else the flag value this variant runs on
+    residue: int                # residue classes of the streamed key rows (0: none)
+    gathered: bool              # keys read through loaded positions (no tensor descriptors)
+    pure: int                   # BUCKET_PURE (see pure_variants)
+    plain_lists: bool           # the plain tile-list kernel (see head_group)
+
+
 def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdConfig):
     """The forward's per-call setup: tile lists (runtime-input patterns) or the layout transform, cached
-    per shape and input tensors by the kernel. Returns (layout, launches): one launch per kernel variant
-    to run, each (module, list and position arguments, K, V as the kernel reads them, K/V heads, guard,
-    residue classes, whether keys are gathered through positions, BUCKET_PURE)."""
+    per shape and input tensors by the kernel. Returns (layout, launches): a _ForwardLaunch per kernel
+    variant to run."""
     from .codegen import kernel_mode
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     mode = kernel_mode(kern.ir)
     if mode == "ranges":
-        return None, [(kern._forward_module(), [], k, v, Hkv, -1, 0, False, -1)]
+        return None, [_ForwardLaunch(kern._forward_module(), [], k, v, Hkv, -1, 0, False, -1, False)]
     if mode == "lists":
         lists = kern._tile_lists(Nq, Nk, B, Hq, config.block_m, config.block_n, sizes, inputs, q.device)
-        return None, [(kern._forward_module(), list_args(lists), k, v, Hkv, -1, 0, False, -1)]
+        return None, [_ForwardLaunch(kern._forward_module(), list_args(lists), k, v, Hkv, -1, 0, False, -1, True)]
     residue = residue_ranges(kern, Nq, Nk, config)
     if residue:
         # Residue classes in closed form: no setup, no lists, rows computed from the sorted index.
-        return None, [(kern._forward_module("residue"), _computed_positions(q.device, Nq, Nk), k, v, Hkv, -1, residue,
-                       False, -1)]
+        return None, [_ForwardLaunch(kern._forward_module("residue"), _computed_positions(q.device, Nq, Nk), k, v,
+                                     Hkv, -1, residue, False, -1, False)]
     layout = kern._layout(B, Hq, Hkv, Nq, Nk, config.block_m, config.block_n, sizes, inputs, q.device)
     lists = layout.lists(False)
     launches = []
     for permuted, guard in variants(layout):
         if not permuted:
             # Nothing moved (e.g. documents already contiguous): the plain list kernel, same tile lists.
-            launches.append((kern._forward_module("lists"), list_args(lists, layout.in_place), k, v, Hkv, guard, 0,
-                             False, -1))
+            launches.append(_ForwardLaunch(kern._forward_module("lists"), list_args(lists, layout.in_place), k, v,
+                                           Hkv, guard, 0, False, -1, True))
             continue
         kx, vx = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
         residue = _residue(layout, Nq, Nk, config)
@@ -485,8 +522,9 @@ def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdCon
             kx, vx = layout.sorted_keys(kx, config.block_n), layout.sorted_keys(vx, config.block_n)
             gathered = False
         for pure in pure_variants(layout):
-            launches.append((kern._forward_module(), list_args(lists, layout.in_place) + position_args(layout),
-                             kx, vx, layout.kv_heads(Hq, Hkv), guard, residue, gathered, pure))
+            launches.append(_ForwardLaunch(kern._forward_module(), list_args(lists, layout.in_place)
+                                           + position_args(layout), kx, vx, layout.kv_heads(Hq, Hkv), guard, residue,
+                                           gathered, pure, False))
     return layout, launches
 
 
@@ -514,7 +552,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     # Query blocks of the sorted order: more than Nq / block_m where buckets are padded to whole blocks.
     grid = (B * Hq, math.ceil((layout.rows_q if layout is not None else Nq) / cfg.block_m))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    for module, extra, kx, vx, heads_kv, guard, residue, gathered, pure in launches:
+    for module, extra, kx, vx, heads_kv, guard, residue, gathered, pure, plain_lists in launches:
         launch_kernel(module.attnc_fwd, grid,
             q, kx, vx, out, lse,
             *q.stride(), *kx.stride(), *vx.stride(), *out.stride(),
@@ -524,7 +562,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv,
             REVERSE=True, USE_TMA=_tma_usable(cfg, gathered, kx, vx), WIDE_ROWS=wide_rows(kx, vx), RESIDUE=residue,
             PADDED=padded(layout, Nq, Nk), POS_SCALE=scale > 0,
-            GUARD=guard, DOT_PRECISION=precision, BUCKET_PURE=pure,
+            GUARD=guard, DOT_PRECISION=precision, BUCKET_PURE=pure, HEAD_GROUP=head_group(plain_lists),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out, lse, layout
@@ -570,6 +608,7 @@ class _BackwardLaunch(NamedTuple):
     sorted_rows: bool = False   # both kernels walk one order of the query rows (the identity for kernels that
                                 # read rows in order): lse2 and delta are kept in it, a block's values contiguous
     pure: tuple = ((-1,), (-1,))  # BUCKET_PURE launches of the dQ and of the dK/dV kernel (see pure_variants)
+    plain_lists: bool = False   # the plain tile-list kernels (see head_group)
 
 
 def _backward_variants(launches, flag: torch.Tensor | None):
@@ -655,7 +694,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             fwd_extra, bwd_extra = list_args(fwd_lists, guard_flag), list_args(bwd_lists, guard_flag)
         launches = [_BackwardLaunch(module, fwd_extra, bwd_extra, cfg, k, v, q, dout, Hkv,
                                     0 if mode == "lists" else -1, 0, 0, False, False, False, False, dk, dv,
-                                    sorted_rows=True)]
+                                    sorted_rows=True, plain_lists=mode == "lists")]
     elif d := residue_ranges(kern, Nq, Nk, cfg, cfg2):
         # Residue classes in closed form (as in the forward): both kernels walk class-local ranges.
         positions = _computed_positions(q.device, Nq, Nk)
@@ -675,7 +714,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             if not permuted:
                 launches.append(_BackwardLaunch(kern._backward_module("lists"), fwd_extra, bwd_extra, cfg, k, v, q,
                                                 dout, Hkv, guard, 0, 0, False, False, False, False, dk, dv,
-                                                sorted_rows=True))
+                                                sorted_rows=True, plain_lists=True))
                 continue
             residue, residue2 = _residue(layout, Nq, Nk, cfg), _residue(layout, Nq, Nk, cfg2)
             kx, vx = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
@@ -704,6 +743,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     copies = {}
     for variant in _backward_variants(launches, guard_flag):
         c1, c2 = variant.config, variant.config.dkdv_config
+        group = head_group(variant.plain_lists)
         # The dQ kernel streams K, V tiles; the dK/dV kernel Q, dO tiles. Rows a transform moved are read
         # through positions, or from copies in sorted order with tensor descriptors (as in the forward);
         # the copies are made once per launch (its FULL_RUNS variants share them).
@@ -724,7 +764,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                 WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=variant.residue, PADDED=padded(layout, Nq, Nk),
                 GUARD=variant.guard,
                 FULL_RUNS=variant.full_runs, SORTED_ROWS=variant.sorted_rows, BUCKET_PURE=pure,
-                **common)
+                HEAD_GROUP=group, **common)
         tma_q = _tma_usable(c2, variant.gathered_q, q_tiles, do_tiles)
         for pure in variant.pure[1]:
             launch_kernel(variant.module.attnc_bwd_dkdv, (B * variant.heads_kv, nkb),
@@ -737,7 +777,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                 USE_TMA=tma_q, ROW_TMA=variant.sorted_rows and _tma_available(c2, q.device),
                 SORTED_ROWS=variant.sorted_rows, WIDE_ROWS=wide_rows(q_tiles, do_tiles),
                 RESIDUE=variant.residue2, PADDED=padded(layout2, Nq, Nk), GUARD=variant.guard,
-                FULL_RUNS=variant.full_runs, BUCKET_PURE=pure, **common)
+                FULL_RUNS=variant.full_runs, BUCKET_PURE=pure, HEAD_GROUP=group, **common)
         dk, dv = variant.dk, variant.dv
     if layout is not None:
         dk, dv = layout.reduce_kv_heads(dk, Hkv), layout.reduce_kv_heads(dv, Hkv)

@@ -5,7 +5,10 @@ FlexAttention in the same process (a manual autotune for NOTES.md experiments).
         --fwd "128,64,8,3;128,64,8,3,tma" --bwd "64,64,4,2;128,64,8,2/64,128,8,2" --out $OUT
 
 A configuration is "block_m,block_n,num_warps,num_stages" with an optional ",tma" (forward K/V tiles
-through tensor descriptors); a backward one may name the dK/dV kernel's own tiles after a "/".
+through tensor descriptors), or "default" (attnc's own choice); a backward one may name the dK/dV kernel's
+own tiles after a "/". ``--env`` runs everything once per environment variant, e.g.
+``--env "ATTNC_HEAD_GROUP=0;ATTNC_HEAD_GROUP=4" --repeat 2`` alternates the two settings twice in one
+process (A/B without a second process's drift).
 Every configuration's output (forward) or gradients (forward+backward) are checked against
 FlexAttention's before it is timed; a failing or crashing configuration is reported, not timed.
 Rows go to ``OUT/sweep.jsonl``; a table is printed last.
@@ -37,6 +40,21 @@ def _run(fn):
         return None, f"{type(exc).__name__}: {str(exc)[:160]}"
 
 
+def _set_config(name: str, cfg: str) -> None:
+    if cfg == "default":
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = cfg
+
+
+def _env_variants(text: str) -> list[dict]:
+    """"A=1,B=2;A=3" -> [{"A": "1", "B": "2"}, {"A": "3"}]; "-" is the unchanged environment."""
+    variants = []
+    for part in (p.strip() for p in text.split(";") if p.strip()):
+        variants.append({} if part == "-" else dict(kv.split("=", 1) for kv in part.split(",")))
+    return variants or [{}]
+
+
 def sweep_one(spec, n: int, args, fwd_cfgs: list, bwd_cfgs: list, emit) -> None:
     call = bench_all.bench_call(spec, n, args.tokens, args.heads, args.dim)
     kern, inputs, mask_mod, bm = call.kern, call.inputs, call.mask_mod, call.block_mask
@@ -66,8 +84,26 @@ def sweep_one(spec, n: int, args, fwd_cfgs: list, bwd_cfgs: list, emit) -> None:
     emit(dict(base, impl="flex", kind="fwd", config="-", ms=flex_fwd, tflops=tflops(flex_fwd, False)))
     emit(dict(base, impl="flex", kind="fwdbwd", config="-", ms=flex_fb, tflops=tflops(flex_fb, True)))
 
+    for rep in range(args.repeat):
+        for env in _env_variants(args.env):
+            saved = {name: os.environ.get(name) for name in env}
+            os.environ.update(env)
+            label = ",".join(f"{k}={v}" for k, v in env.items())
+            _one_env(kern, inputs, q, k, v, dout, qkv, grads, ref_out, ref_grads, flex_fwd, flex_fb, base, tflops,
+                     args, fwd_cfgs, bwd_cfgs, emit, label)
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    torch.cuda.empty_cache()
+
+
+def _one_env(kern, inputs, q, k, v, dout, qkv, grads, ref_out, ref_grads, flex_fwd, flex_fb, base, tflops, args,
+             fwd_cfgs, bwd_cfgs, emit, label) -> None:
+    base = dict(base, env=label)
     for cfg in fwd_cfgs:
-        os.environ["ATTNC_FWD_CONFIG"] = cfg
+        _set_config("ATTNC_FWD_CONFIG", cfg)
         out, err = _run(lambda: kern(q, k, v, **inputs).detach())
         row = dict(base, impl="attnc", kind="fwd", config=cfg)
         if err is None:
@@ -80,9 +116,9 @@ def sweep_one(spec, n: int, args, fwd_cfgs: list, bwd_cfgs: list, emit) -> None:
         else:
             row["error"] = err
         emit(row)
-    os.environ["ATTNC_FWD_CONFIG"] = args.bwd_fwd_config
+    _set_config("ATTNC_FWD_CONFIG", args.bwd_fwd_config)
     for cfg in bwd_cfgs:
-        os.environ["ATTNC_BWD_CONFIG"] = cfg
+        _set_config("ATTNC_BWD_CONFIG", cfg)
         row = dict(base, impl="attnc", kind="fwdbwd", config=f"{args.bwd_fwd_config} | {cfg}")
         for x in qkv:
             x.grad = None                   # timing leaves the last run's gradients behind
@@ -101,7 +137,6 @@ def sweep_one(spec, n: int, args, fwd_cfgs: list, bwd_cfgs: list, emit) -> None:
         emit(row)
     for name in ("ATTNC_FWD_CONFIG", "ATTNC_BWD_CONFIG"):
         os.environ.pop(name, None)
-    torch.cuda.empty_cache()
 
 
 def main():
@@ -116,6 +151,9 @@ def main():
     ap.add_argument("--bwd-fwd-config", default="128,64,8,3", help="forward configuration of the f+b runs")
     ap.add_argument("--warmup", type=float, default=25)
     ap.add_argument("--rep", type=float, default=100)
+    ap.add_argument("--env", default="-", help="environment variants, ';' separated, each 'NAME=VALUE[,...]' "
+                    "or '-' (unchanged)")
+    ap.add_argument("--repeat", type=int, default=1, help="run the environment variants this many times")
     ap.add_argument("--out", default=os.environ.get("OUT") or "./sweep_out")
     args = ap.parse_args()
     out = Path(args.out)
@@ -128,8 +166,8 @@ def main():
         with open(out / "sweep.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         ms = f"{row['ms']:.3f} ms" if row.get("ms") else row.get("error", "")
-        print(f"{row['pattern']:20s} {row['N']:6d} {row['kind']:7s} {row['impl']:5s} {row['config']:34s} {ms}",
-              flush=True)
+        print(f"{row['pattern']:20s} {row['N']:6d} {row['kind']:7s} {row['impl']:5s} {row['config']:34s} "
+              f"{row.get('env', '')[:30]:30s} {ms}", flush=True)
 
     fwd_cfgs = [c for c in args.fwd.split(";") if c]
     bwd_cfgs = [c for c in args.bwd.split(";") if c]
@@ -138,13 +176,14 @@ def main():
         for name in args.patterns.split(","):
             sweep_one(bench_all.SPEC_BY_NAME[name], n, args, fwd_cfgs, bwd_cfgs, emit)
     print(f"\nsweep took {time.time() - t0:.0f} s; x = FlexAttention time / attnc time (same run)")
-    print(f"{'pattern':20s} {'N':>6s} {'kind':7s} {'config':34s} {'ms':>8s} {'TFLOP/s':>8s} {'x flex':>7s}")
+    print(f"{'pattern':20s} {'N':>6s} {'kind':7s} {'config':34s} {'env':30s} {'ms':>8s} {'TFLOP/s':>8s} "
+          f"{'x flex':>7s}")
     for r in rows:
         if r["impl"] == "attnc":
             tf = f"{r['tflops']:8.1f}" if r.get("tflops") else " " * 8
             x = f"{r['vs_flex']:7.2f}" if r.get("vs_flex") else "  error"
             ms = f"{r['ms']:8.3f}" if r.get("ms") else " " * 8
-            print(f"{r['pattern']:20s} {r['N']:6d} {r['kind']:7s} {r['config']:34s} {ms} {tf} {x}")
+            print(f"{r['pattern']:20s} {r['N']:6d} {r['kind']:7s} {r['config']:34s} {r['env'][:30]:30s} {ms} {tf} {x}")
 
 
 if __name__ == "__main__":

@@ -109,6 +109,52 @@ def test_tma_backward_variant(name, copies):
     assert len(query_copies) == (2 if copies and name == "dropped_queries" else 0)  # Q, dO in dK/dV
 
 
+@pytest.mark.parametrize("group", [1, 3, 16])
+@pytest.mark.parametrize("name", ["causal", "documents", "kept_keys", "dilated_window"])
+def test_programs_started_by_head_groups(name, group):
+    """HEAD_GROUP reorders the programs of all three kernels (groups of heads, all blocks of a group before
+    the next): every (batch x head, block) is still computed once, also where the last group has fewer heads
+    (groups of 3 over 2 x 4 query heads in the forward and dQ kernels, over 2 x 2 key/value heads in dK/dV)
+    and where one group holds every head (16). Closed form, tile lists, a sorted layout, residue classes."""
+    with mock.patch.dict("os.environ", {"ATTNC_HEAD_GROUP": str(group)}):
+        check_gradients(name, SHAPES[0])
+
+
+def test_head_group_setting():
+    """One head at a time by default, every head's first block first for plain tile-list kernels (documents);
+    ATTNC_HEAD_GROUP overrides both; anything but a whole number >= 0 is refused by name."""
+    from attnc import launch
+    with mock.patch.dict("os.environ", {"ATTNC_HEAD_GROUP": "4"}):
+        assert launch.head_group() == launch.head_group(plain_lists=True) == 4
+    with mock.patch.dict("os.environ", {"ATTNC_HEAD_GROUP": ""}):
+        assert (launch.head_group(), launch.head_group(plain_lists=True)) == (1, 0)
+    for bad in ("-1", "two"):
+        with mock.patch.dict("os.environ", {"ATTNC_HEAD_GROUP": bad}), pytest.raises(ValueError, match="ATTNC_HEAD"):
+            launch.head_group()
+
+
+@pytest.mark.parametrize("name, want", [("causal", {1}), ("kept_keys", {1}), ("alternating_docs", {0}),
+                                        ("documents", {0, 1})])
+def test_kernels_launched_with_their_head_group(name, want):
+    """Every launch of the three kernels passes HEAD_GROUP: 1 (launch.HEAD_GROUP), 0 for the plain tile-list
+    kernels: alternating documents run only those; documents in sorted order run the plain and the permuted
+    kernels side by side on a first call, each guarded by the setup's "nothing moved" flag."""
+    from attnc import launch
+    seen = []
+    real = launch.launch_kernel
+
+    def spy(fn, grid, *args, **kwargs):
+        seen.append((fn.__name__ if hasattr(fn, "__name__") else fn.fn.__name__, kwargs["HEAD_GROUP"]))
+        return real(fn, grid, *args, **kwargs)
+
+    with mock.patch.dict("os.environ", {"ATTNC_HEAD_GROUP": ""}), mock.patch.object(launch, "launch_kernel", spy):
+        check_gradients(name, SHAPES[0])
+    names = {n for n, _ in seen}
+    assert {"attnc_fwd", "attnc_bwd_dq", "attnc_bwd_dkdv"} <= names
+    groups = {g for n, g in seen if n.startswith("attnc_")}
+    assert groups == want
+
+
 @pytest.mark.parametrize("scale", [-0.5, 0.0])
 def test_gradients_with_nonpositive_scale(scale):
     """A positive scale is folded into one factor per score in the backward (and after the row maximum

@@ -495,6 +495,6 @@ def test_hash_buckets_launch_one_pure_variant_once_the_flag_is_known(monkeypatch
             outs.append(kern(q, k, v, qb=qb, kb=qb))
     layout = planned[0][0]
     assert int(layout.pure) == 1
-    assert [[variant[-1] for variant in launches] for _, launches in planned] == [[0, 1], [0, 1], [1]]
+    assert [[variant.pure for variant in launches] for _, launches in planned] == [[0, 1], [0, 1], [1]]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     assert torch.allclose(outs[2], kern.reference(q, k, v, qb=qb, kb=qb), atol=1e-5)
