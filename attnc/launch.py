@@ -215,7 +215,8 @@ def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor, layout, sid
     compacted keys, at least SORTED_COPY_MIN_KEYS of them. Measured: 32k (runs 11d-11f, 38: forward and dQ)
     and 8k (run 79: the forward kernel 18% faster on copies; runs 11 and 38 had lost at 8k with a
     torch.gather of every row, 2.5x the copy's time). Not hash buckets (run 11e: many partial tiles at bucket
-    edges, whose positions are loaded anyway; run 83, with this copy: 8% slower forward at 8k). Never Q and dO. ATTNC_SORTED_KV=1 copies whenever
+    edges, whose positions are loaded anyway; run 83, with this copy: 8% slower forward at 8k).
+    Never Q and dO. ATTNC_SORTED_KV=1 copies whenever
     descriptors can be used, 0 never."""
     if not cfg.tma or not _copies_enabled(k.device) or k.shape[-1] % 8 or v.shape[-1] % 8:
         return False
@@ -244,6 +245,29 @@ def head_group(plain_lists: bool = False) -> int:
     if value < 0:
         raise ValueError(f"ATTNC_HEAD_GROUP must be a whole number of heads >= 0, not {text!r}")
     return value
+
+
+def tail_programs(device: torch.device) -> int:
+    """TAIL_PROGRAMS of the attention kernels (see `_program_coords`): the last heads start as one group of at
+    least this many programs, so that their longest blocks do not start in the last wave. Two per SM on a
+    GPU: of 0, 264, 528 and 1056 on the H200's 132 SMs, 264 ran causal and prefix-LM at 8k 1-4% faster than 0
+    (forward and f+b), the window within the spread, causal at 32k the same (NOTES item 61). 0 elsewhere.
+    ATTNC_TAIL_PROGRAMS overrides the default."""
+    text = os.environ.get("ATTNC_TAIL_PROGRAMS", "")
+    if not text:
+        return 2 * _multiprocessors(device) if device.type == "cuda" else 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"ATTNC_TAIL_PROGRAMS must be a whole number of programs >= 0, not {text!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 HEAD_GROUP = 1          # one head's blocks at a time
@@ -562,7 +586,8 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv,
             REVERSE=True, USE_TMA=_tma_usable(cfg, gathered, kx, vx), WIDE_ROWS=wide_rows(kx, vx), RESIDUE=residue,
             PADDED=padded(layout, Nq, Nk), POS_SCALE=scale > 0,
-            GUARD=guard, DOT_PRECISION=precision, BUCKET_PURE=pure, HEAD_GROUP=head_group(plain_lists),
+            GUARD=guard, DOT_PRECISION=precision, BUCKET_PURE=pure,
+            HEAD_GROUP=head_group(plain_lists), TAIL_PROGRAMS=tail_programs(q.device),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out, lse, layout
@@ -743,7 +768,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     copies = {}
     for variant in _backward_variants(launches, guard_flag):
         c1, c2 = variant.config, variant.config.dkdv_config
-        group = head_group(variant.plain_lists)
+        group, tail = head_group(variant.plain_lists), tail_programs(q.device)
         # The dQ kernel streams K, V tiles; the dK/dV kernel Q, dO tiles. Rows a transform moved are read
         # through positions, or from copies in sorted order with tensor descriptors (as in the forward);
         # the copies are made once per launch (its FULL_RUNS variants share them).
@@ -764,7 +789,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                 WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=variant.residue, PADDED=padded(layout, Nq, Nk),
                 GUARD=variant.guard,
                 FULL_RUNS=variant.full_runs, SORTED_ROWS=variant.sorted_rows, BUCKET_PURE=pure,
-                HEAD_GROUP=group, **common)
+                HEAD_GROUP=group, TAIL_PROGRAMS=tail, **common)
         tma_q = _tma_usable(c2, variant.gathered_q, q_tiles, do_tiles)
         for pure in variant.pure[1]:
             launch_kernel(variant.module.attnc_bwd_dkdv, (B * variant.heads_kv, nkb),
@@ -777,7 +802,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                 USE_TMA=tma_q, ROW_TMA=variant.sorted_rows and _tma_available(c2, q.device),
                 SORTED_ROWS=variant.sorted_rows, WIDE_ROWS=wide_rows(q_tiles, do_tiles),
                 RESIDUE=variant.residue2, PADDED=padded(layout2, Nq, Nk), GUARD=variant.guard,
-                FULL_RUNS=variant.full_runs, BUCKET_PURE=pure, HEAD_GROUP=group, **common)
+                FULL_RUNS=variant.full_runs, BUCKET_PURE=pure, HEAD_GROUP=group, TAIL_PROGRAMS=tail, **common)
         dk, dv = variant.dk, variant.dv
     if layout is not None:
         dk, dv = layout.reduce_kv_heads(dk, Hkv), layout.reduce_kv_heads(dv, Hkv)

@@ -109,14 +109,16 @@ def test_tma_backward_variant(name, copies):
     assert len(query_copies) == (2 if copies and name == "dropped_queries" else 0)  # Q, dO in dK/dV
 
 
-@pytest.mark.parametrize("group", [1, 3, 16])
+@pytest.mark.parametrize("group, tail", [(1, 0), (3, 0), (16, 0), (1, 100), (3, 7), (2, 1000)])
 @pytest.mark.parametrize("name", ["causal", "documents", "kept_keys", "dilated_window"])
-def test_programs_started_by_head_groups(name, group):
+def test_programs_started_by_head_groups(name, group, tail):
     """HEAD_GROUP reorders the programs of all three kernels (groups of heads, all blocks of a group before
     the next): every (batch x head, block) is still computed once, also where the last group has fewer heads
     (groups of 3 over 2 x 4 query heads in the forward and dQ kernels, over 2 x 2 key/value heads in dK/dV)
-    and where one group holds every head (16). Closed form, tile lists, a sorted layout, residue classes."""
-    with mock.patch.dict("os.environ", {"ATTNC_HEAD_GROUP": str(group)}):
+    and where one group holds every head (16). TAIL_PROGRAMS makes the last heads one group of at least that
+    many programs: 100 of 3 blocks is every head, 7 of 3 blocks three heads (so groups of 3 before them leave
+    a partial one), 1000 more than the grid. Closed form, tile lists, a sorted layout, residue classes."""
+    with mock.patch.dict("os.environ", {"ATTNC_HEAD_GROUP": str(group), "ATTNC_TAIL_PROGRAMS": str(tail)}):
         check_gradients(name, SHAPES[0])
 
 
@@ -131,6 +133,14 @@ def test_head_group_setting():
     for bad in ("-1", "two"):
         with mock.patch.dict("os.environ", {"ATTNC_HEAD_GROUP": bad}), pytest.raises(ValueError, match="ATTNC_HEAD"):
             launch.head_group()
+        with mock.patch.dict("os.environ", {"ATTNC_TAIL_PROGRAMS": bad}), pytest.raises(ValueError, match="ATTNC_TAIL"):
+            launch.tail_programs(torch.device("cpu"))
+    with mock.patch.dict("os.environ", {"ATTNC_TAIL_PROGRAMS": "264"}):
+        assert launch.tail_programs(torch.device("cpu")) == 264
+    with mock.patch.dict("os.environ", {"ATTNC_TAIL_PROGRAMS": ""}):
+        assert launch.tail_programs(torch.device("cpu")) == 0
+        with mock.patch.object(launch, "_multiprocessors", lambda device: 132):
+            assert launch.tail_programs(torch.device("cuda")) == 264      # two per SM on a GPU
 
 
 @pytest.mark.parametrize("name, want", [("causal", {1}), ("kept_keys", {1}), ("alternating_docs", {0}),
