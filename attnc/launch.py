@@ -115,6 +115,7 @@ class FwdConfig:
     num_stages: int
     tma: bool = False        # K/V (forward, dQ) or Q/dO (dK/dV) tiles through tensor descriptors (Hopper)
     dkdv: "FwdConfig | None" = None   # backward: the dK/dV kernel's own tiles (else the same as dQ's)
+    head_group: int | None = None     # HEAD_GROUP of the launches (an autotune result); None: head_group()'s rule
 
     @property
     def dkdv_config(self) -> "FwdConfig":
@@ -227,16 +228,19 @@ def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor, layout, sid
             and k.shape[2] >= SORTED_COPY_MIN_KEYS)
 
 
-def head_group(plain_lists: bool = False) -> int:
+def head_group(plain_lists: bool = False, chosen: int | None = None) -> int:
     """HEAD_GROUP of the attention kernels, the order their programs start in (`_program_coords` in the
     templates): 0 starts every head's first block before any head's second; G > 0 starts all blocks of G
     heads before the next G heads'. Programs of one head read the same K and V (forward, dQ) or Q and dO
     (dK/dV) rows, so started together they find them in L2. H200, B=4 x 16 heads at 8k (NOTES item 60):
     G = 1 ran causal, prefix-LM, window, hash buckets and kept keys 2-10% faster than 0, forward and f+b, and
     causal at 32k 3-4%; documents' plain list kernels (``plain_lists``) ran 2-7% slower, so they keep 0.
-    ATTNC_HEAD_GROUP overrides both."""
+    ``chosen`` (a configuration's ``head_group``, from `attnc autotune`) replaces that rule, and
+    ATTNC_HEAD_GROUP overrides everything."""
     text = os.environ.get("ATTNC_HEAD_GROUP", "")
     if not text:
+        if chosen is not None:
+            return chosen
         return LIST_HEAD_GROUP if plain_lists else HEAD_GROUP
     try:
         value = int(text)
@@ -587,7 +591,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
             REVERSE=True, USE_TMA=_tma_usable(cfg, gathered, kx, vx), WIDE_ROWS=wide_rows(kx, vx), RESIDUE=residue,
             PADDED=padded(layout, Nq, Nk), POS_SCALE=scale > 0,
             GUARD=guard, DOT_PRECISION=precision, BUCKET_PURE=pure,
-            HEAD_GROUP=head_group(plain_lists), TAIL_PROGRAMS=tail_programs(q.device),
+            HEAD_GROUP=head_group(plain_lists, cfg.head_group), TAIL_PROGRAMS=tail_programs(q.device),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out, lse, layout
@@ -768,7 +772,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     copies = {}
     for variant in _backward_variants(launches, guard_flag):
         c1, c2 = variant.config, variant.config.dkdv_config
-        group, tail = head_group(variant.plain_lists), tail_programs(q.device)
+        group, tail = head_group(variant.plain_lists, c1.head_group), tail_programs(q.device)
         # The dQ kernel streams K, V tiles; the dK/dV kernel Q, dO tiles. Rows a transform moved are read
         # through positions, or from copies in sorted order with tensor descriptors (as in the forward);
         # the copies are made once per launch (its FULL_RUNS variants share them).

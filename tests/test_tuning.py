@@ -472,3 +472,56 @@ def test_hopper_forward_table_loads_narrow_tiles_by_pointers():
     assert forward_table(128, 128, torch.bfloat16, 9, sparse=True) == FwdConfig(64, 64, 4, 3)
     assert forward_table(64, 64, torch.float16, 9, sparse=True) == FwdConfig(64, 64, 4, 3)
     assert forward_table(256, 256, torch.bfloat16, 9, sparse=True) == FwdConfig(128, 64, 8, 2, tma=True)
+
+
+def test_program_order_round_trips_and_is_validated():
+    """A tuned program order (``head_group``) is stored with its tiles and shown in the report; a value that is
+    not a whole number >= 0, or one on the dK/dV sub-configuration, makes the entry unreadable."""
+    cfg = FwdConfig(64, 64, 4, 2, tma=True, head_group=2)
+    assert tuning._config_from(json.loads(json.dumps(tuning.config_obj(cfg)))) == cfg
+    assert tuning.config_text(cfg).endswith("order 2")
+    assert "head_group" not in tuning.config_obj(FwdConfig(64, 64, 4, 2))
+    base = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
+    for bad in (-1, True, "2", 1.5):
+        assert tuning._config_from(dict(base, head_group=bad)) is None
+    assert tuning._config_from(dict(base, dkdv=dict(base, head_group=1))) is None
+    assert tuning._config_from(dict(base, head_group=0)) == FwdConfig(64, 64, 4, 2, head_group=0)
+
+
+def test_program_orders_are_timed_on_the_fastest_tiles():
+    """After the tile search, autotune times the fastest configuration once per program order (ORDERS)."""
+    result = tuning.KindResult(kind="fwd", default=FwdConfig(64, 64, 4, 2))
+    assert tuning._order_candidates(result) == []
+    result.timings = [(FwdConfig(64, 64, 4, 2), 2.0, ""), (FwdConfig(128, 128, 8, 3, tma=True), 1.5, ""),
+                      (FwdConfig(128, 64, 8, 3), None, "out of resources")]
+    orders = tuning._order_candidates(result)
+    assert orders == [FwdConfig(128, 128, 8, 3, tma=True, head_group=g) for g in tuning.ORDERS]
+    assert {0, 1} <= set(tuning.ORDERS)          # the two orders the defaults use
+
+
+def test_launches_take_a_configuration_s_program_order(kern):
+    """A configuration's head_group is the HEAD_GROUP of every launch it makes (forward, dQ, dK/dV), in place of
+    the default rule; ATTNC_HEAD_GROUP still overrides it."""
+    from unittest import mock
+
+    from attnc import launch
+    seen = []
+    real = launch.launch_kernel
+
+    def spy(fn, grid, *args, **kwargs):
+        seen.append(kwargs["HEAD_GROUP"])
+        return real(fn, grid, *args, **kwargs)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 3, 40, 16, generator=g) for _ in range(4))
+    sizes = {}
+    for env, want in (("", 3), ("2", 2)):
+        seen.clear()
+        cfg = FwdConfig(32, 32, 4, 1, head_group=3)
+        with mock.patch.dict(os.environ, {"ATTNC_HEAD_GROUP": env}), mock.patch.object(launch, "launch_kernel", spy):
+            out, lse, _ = launch.launch_forward(kern, q, k, v, scale=0.25, sizes=sizes, inputs={}, config=cfg)
+            launch.launch_backward(kern, q, k, v, out, lse, dout, None, scale=0.25, sizes=sizes, inputs={},
+                                   config=cfg)
+        assert seen == [want] * 3
+    want = kern.reference(q, k, v, scale=0.25)
+    assert (out - want).abs().max() < 1e-4
