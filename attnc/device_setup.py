@@ -20,6 +20,8 @@ CPU path (``kern.plan`` on CPU tensors) and the tests' oracle.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -356,8 +358,10 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
     keys = keys.contiguous()
     if chunk is None and keys.is_cuda:
         # Chunks of 1024 rows, or smaller when that leaves the GPU with few programs (one row of keys,
-        # e.g. documents shared by every head): smaller sorts, more of them.
-        chunk = next((c for c in (CHUNK, CHUNK // 2) if rows_bh * triton.cdiv(n, c) >= MIN_PROGRAMS), CHUNK // 4)
+        # e.g. documents shared by every head): smaller sorts, more of them. ATTNC_RADIX_CHUNK sets the
+        # size for experiments (a setup captured as a CUDA graph keeps the size it was captured with).
+        chunk = _chunk_setting() or next((c for c in (CHUNK, CHUNK // 2)
+                                          if rows_bh * triton.cdiv(n, c) >= MIN_PROGRAMS), CHUNK // 4)
     chunk = chunk or CHUNK_INTERPRETED
     n_chunks = triton.cdiv(n, chunk)
     hist = torch.empty(rows_bh, n_chunks, RADIX, dtype=torch.int32, device=keys.device)
@@ -382,6 +386,17 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
                       HAS_MAX=key_max is not None, PAD=pad_pass)
         perm = tmp if pad is not None else out
     return result if pad is not None else perm
+
+
+def _chunk_setting() -> int | None:
+    """ATTNC_RADIX_CHUNK: rows per radix-pass program, a power of two from 16 to 4096 (None: unset)."""
+    text = os.environ.get("ATTNC_RADIX_CHUNK", "")
+    if not text:
+        return None
+    value = int(text) if text.isdigit() else 0
+    if not 16 <= value <= 4096 or value & (value - 1):
+        raise ValueError(f"ATTNC_RADIX_CHUNK must be a power of two from 16 to 4096, not {text!r}")
+    return value
 
 
 def key_bits(key) -> int:

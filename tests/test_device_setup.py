@@ -401,3 +401,16 @@ def test_sorted_keys_copies_blocks_some_tile_reads():
     assert torch.equal(out[0, 0, :block], want[0, 0, :block]) and out[0, 0, block:].isnan().all()
     assert torch.equal(out[0, 1, 3 * block:], want[0, 1, 3 * block:]) and out[0, 1, :3 * block].isnan().all()
     assert torch.equal(Layout.sorted_keys(layout, k), want)             # no block size: every row
+
+
+def test_radix_chunk_setting(monkeypatch):
+    """ATTNC_RADIX_CHUNK (an experiment switch for the GPU's radix passes): a power of two from 16 to 4096,
+    anything else refused by name; unset leaves the size to the rule."""
+    monkeypatch.delenv("ATTNC_RADIX_CHUNK", raising=False)
+    assert device_setup._chunk_setting() is None
+    monkeypatch.setenv("ATTNC_RADIX_CHUNK", "512")
+    assert device_setup._chunk_setting() == 512
+    for bad in ("8", "8192", "300", "-512", "big"):
+        monkeypatch.setenv("ATTNC_RADIX_CHUNK", bad)
+        with pytest.raises(ValueError, match="ATTNC_RADIX_CHUNK"):
+            device_setup._chunk_setting()
