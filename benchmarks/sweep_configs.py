@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -84,59 +85,48 @@ def sweep_one(spec, n: int, args, fwd_cfgs: list, bwd_cfgs: list, emit) -> None:
     emit(dict(base, impl="flex", kind="fwd", config="-", ms=flex_fwd, tflops=tflops(flex_fwd, False)))
     emit(dict(base, impl="flex", kind="fwdbwd", config="-", ms=flex_fb, tflops=tflops(flex_fb, True)))
 
-    for rep in range(args.repeat):
+    def configs(label: str) -> None:
+        row_base = dict(base, env=label)
+        for cfg in fwd_cfgs:
+            _set_config("ATTNC_FWD_CONFIG", cfg)
+            out, err = _run(lambda: kern(q, k, v, **inputs).detach())
+            row = dict(row_base, impl="attnc", kind="fwd", config=cfg)
+            if err is None:
+                row["rel_err"] = relative_error(out, ref_out)
+                if not row["rel_err"] <= 1e-2:
+                    err = f"wrong output: relative error {row['rel_err']:.2e}"
+            if err is None:
+                ms = time_ms(lambda: kern(q, k, v, **inputs), warmup=args.warmup, rep=args.rep)
+                row.update(ms=ms, tflops=tflops(ms, False), vs_flex=flex_fwd / ms)
+            else:
+                row["error"] = err
+            emit(row)
+        _set_config("ATTNC_FWD_CONFIG", args.bwd_fwd_config)
+        for cfg in bwd_cfgs:
+            _set_config("ATTNC_BWD_CONFIG", cfg)
+            row = dict(row_base, impl="attnc", kind="fwdbwd", config=f"{args.bwd_fwd_config} | {cfg}")
+            for x in qkv:
+                x.grad = None                   # timing leaves the last run's gradients behind
+            _, err = _run(lambda: kern(q, k, v, **inputs).backward(dout))
+            if err is None:
+                got = grads()
+                row["rel_err"] = max(relative_error(a, r) for a, r in zip(got, ref_grads))
+                if not row["rel_err"] <= 3e-2:
+                    err = f"wrong gradients: relative error {row['rel_err']:.2e}"
+            if err is None:
+                ms = time_ms(lambda: kern(q, k, v, **inputs).backward(dout), warmup=args.warmup, rep=args.rep,
+                             grad_to_none=qkv)
+                row.update(ms=ms, tflops=tflops(ms, True), vs_flex=flex_fb / ms)
+            else:
+                row["error"] = err
+            emit(row)
+
+    for _ in range(args.repeat):
         for env in _env_variants(args.env):
-            saved = {name: os.environ.get(name) for name in env}
-            os.environ.update(env)
-            label = ",".join(f"{k}={v}" for k, v in env.items())
-            _one_env(kern, inputs, q, k, v, dout, qkv, grads, ref_out, ref_grads, flex_fwd, flex_fb, base, tflops,
-                     args, fwd_cfgs, bwd_cfgs, emit, label)
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+            # The variant's settings, and the configurations set for it, are undone when it ends.
+            with mock.patch.dict(os.environ, env):
+                configs(",".join(f"{name}={value}" for name, value in env.items()))
     torch.cuda.empty_cache()
-
-
-def _one_env(kern, inputs, q, k, v, dout, qkv, grads, ref_out, ref_grads, flex_fwd, flex_fb, base, tflops, args,
-             fwd_cfgs, bwd_cfgs, emit, label) -> None:
-    base = dict(base, env=label)
-    for cfg in fwd_cfgs:
-        _set_config("ATTNC_FWD_CONFIG", cfg)
-        out, err = _run(lambda: kern(q, k, v, **inputs).detach())
-        row = dict(base, impl="attnc", kind="fwd", config=cfg)
-        if err is None:
-            row["rel_err"] = relative_error(out, ref_out)
-            if not row["rel_err"] <= 1e-2:
-                err = f"wrong output: relative error {row['rel_err']:.2e}"
-        if err is None:
-            ms = time_ms(lambda: kern(q, k, v, **inputs), warmup=args.warmup, rep=args.rep)
-            row.update(ms=ms, tflops=tflops(ms, False), vs_flex=flex_fwd / ms)
-        else:
-            row["error"] = err
-        emit(row)
-    _set_config("ATTNC_FWD_CONFIG", args.bwd_fwd_config)
-    for cfg in bwd_cfgs:
-        _set_config("ATTNC_BWD_CONFIG", cfg)
-        row = dict(base, impl="attnc", kind="fwdbwd", config=f"{args.bwd_fwd_config} | {cfg}")
-        for x in qkv:
-            x.grad = None                   # timing leaves the last run's gradients behind
-        _, err = _run(lambda: kern(q, k, v, **inputs).backward(dout))
-        if err is None:
-            got = grads()
-            row["rel_err"] = max(relative_error(a, r) for a, r in zip(got, ref_grads))
-            if not row["rel_err"] <= 3e-2:
-                err = f"wrong gradients: relative error {row['rel_err']:.2e}"
-        if err is None:
-            ms = time_ms(lambda: kern(q, k, v, **inputs).backward(dout), warmup=args.warmup, rep=args.rep,
-                         grad_to_none=qkv)
-            row.update(ms=ms, tflops=tflops(ms, True), vs_flex=flex_fb / ms)
-        else:
-            row["error"] = err
-        emit(row)
-    for name in ("ATTNC_FWD_CONFIG", "ATTNC_BWD_CONFIG"):
-        os.environ.pop(name, None)
 
 
 def main():
