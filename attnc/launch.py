@@ -233,22 +233,16 @@ def head_group(plain_lists: bool = False, chosen: int | None = None) -> int:
     templates): 0 starts every head's first block before any head's second; G > 0 starts all blocks of G
     heads before the next G heads'. Programs of one head read the same K and V (forward, dQ) or Q and dO
     (dK/dV) rows, so started together they find them in L2. H200, B=4 x 16 heads at 8k (NOTES item 60):
-    G = 1 ran causal, prefix-LM, window, hash buckets and kept keys 2-10% faster than 0, forward and f+b, and
+    G = 1 ran causal, prefix-LM, window, hash buckets and kept keys 2-15% faster than 0, forward and f+b, and
     causal at 32k 3-4%; documents' plain list kernels (``plain_lists``) ran 2-7% slower, so they keep 0.
     ``chosen`` (a configuration's ``head_group``, from `attnc autotune`) replaces that rule, and
     ATTNC_HEAD_GROUP overrides everything."""
-    text = os.environ.get("ATTNC_HEAD_GROUP", "")
-    if not text:
-        if chosen is not None:
-            return chosen
-        return LIST_HEAD_GROUP if plain_lists else HEAD_GROUP
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"ATTNC_HEAD_GROUP must be a whole number of heads >= 0, not {text!r}") from None
-    if value < 0:
-        raise ValueError(f"ATTNC_HEAD_GROUP must be a whole number of heads >= 0, not {text!r}")
-    return value
+    value = _env_count("ATTNC_HEAD_GROUP", "heads")
+    if value is not None:
+        return value
+    if chosen is not None:
+        return chosen
+    return LIST_HEAD_GROUP if plain_lists else HEAD_GROUP
 
 
 def tail_programs(device: torch.device) -> int:
@@ -257,15 +251,23 @@ def tail_programs(device: torch.device) -> int:
     GPU: of 0, 264, 528 and 1056 on the H200's 132 SMs, 264 ran causal and prefix-LM at 8k 1-4% faster than 0
     (forward and f+b), the window within the spread, causal at 32k the same (NOTES item 61). 0 elsewhere.
     ATTNC_TAIL_PROGRAMS overrides the default."""
-    text = os.environ.get("ATTNC_TAIL_PROGRAMS", "")
+    value = _env_count("ATTNC_TAIL_PROGRAMS", "programs")
+    if value is not None:
+        return value
+    return 2 * _multiprocessors(device) if device.type == "cuda" else 0
+
+
+def _env_count(name: str, unit: str) -> int | None:
+    """The whole number >= 0 that environment variable ``name`` holds, None when unset or empty."""
+    text = os.environ.get(name, "")
     if not text:
-        return 2 * _multiprocessors(device) if device.type == "cuda" else 0
+        return None
     try:
         value = int(text)
     except ValueError:
         value = -1
     if value < 0:
-        raise ValueError(f"ATTNC_TAIL_PROGRAMS must be a whole number of programs >= 0, not {text!r}")
+        raise ValueError(f"{name} must be a whole number of {unit} >= 0, not {text!r}")
     return value
 
 
@@ -580,6 +582,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
     # Query blocks of the sorted order: more than Nq / block_m where buckets are padded to whole blocks.
     grid = (B * Hq, math.ceil((layout.rows_q if layout is not None else Nq) / cfg.block_m))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    tail = tail_programs(q.device)
     for module, extra, kx, vx, heads_kv, guard, residue, gathered, pure, plain_lists in launches:
         launch_kernel(module.attnc_fwd, grid,
             q, kx, vx, out, lse,
@@ -591,7 +594,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
             REVERSE=True, USE_TMA=_tma_usable(cfg, gathered, kx, vx), WIDE_ROWS=wide_rows(kx, vx), RESIDUE=residue,
             PADDED=padded(layout, Nq, Nk), POS_SCALE=scale > 0,
             GUARD=guard, DOT_PRECISION=precision, BUCKET_PURE=pure,
-            HEAD_GROUP=head_group(plain_lists, cfg.head_group), TAIL_PROGRAMS=tail_programs(q.device),
+            HEAD_GROUP=head_group(plain_lists, cfg.head_group), TAIL_PROGRAMS=tail,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out, lse, layout
@@ -770,9 +773,10 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     lse2 = torch.empty(B, Hq, lse_stride, device=q.device, dtype=torch.float32)
     delta = torch.empty(B, Hq, lse_stride, device=q.device, dtype=torch.float32)
     copies = {}
+    tail = tail_programs(q.device)
     for variant in _backward_variants(launches, guard_flag):
         c1, c2 = variant.config, variant.config.dkdv_config
-        group, tail = head_group(variant.plain_lists, c1.head_group), tail_programs(q.device)
+        group = head_group(variant.plain_lists, c1.head_group)
         # The dQ kernel streams K, V tiles; the dK/dV kernel Q, dO tiles. Rows a transform moved are read
         # through positions, or from copies in sorted order with tensor descriptors (as in the forward);
         # the copies are made once per launch (its FULL_RUNS variants share them).
