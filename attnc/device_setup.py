@@ -209,8 +209,10 @@ def copy_rows(x: torch.Tensor, perm: torch.Tensor, need: torch.Tensor | None = N
 
 
 ROWS = 1024          # rows per program of the sort-key kernels
-CHUNK = 1024         # rows per program of a radix pass (the GPU's; Triton's interpreter sorts 64 at a time,
-CHUNK_INTERPRETED = 64   # its tl.sort of 1024 rows takes seconds)
+CHUNK = 512          # rows per program of a radix pass (the GPU's: 512 sorted 16 x 32k bucket keys in 28 us,
+                     # 1024 in 34, NOTES item 63; Triton's interpreter sorts 64 at a time,
+CHUNK_INTERPRETED = 64   # its tl.sort of 512 rows takes seconds)
+SORT_WARPS = 4       # warps per program of the radix scatter
 RADIX = 256          # one byte of the key per pass
 MIN_PROGRAMS = 256   # programs per radix pass below which the chunks shrink
 
@@ -357,11 +359,11 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
         return torch.full(keys.shape[:-1] + (rows,), n, dtype=torch.int64, device=keys.device)
     keys = keys.contiguous()
     if chunk is None and keys.is_cuda:
-        # Chunks of 1024 rows, or smaller when that leaves the GPU with few programs (one row of keys,
+        # Chunks of CHUNK rows, or smaller when that leaves the GPU with few programs (one row of keys,
         # e.g. documents shared by every head): smaller sorts, more of them. ATTNC_RADIX_CHUNK sets the
         # size for experiments (a setup captured as a CUDA graph keeps the size it was captured with).
         chunk = _chunk_setting() or next((c for c in (CHUNK, CHUNK // 2)
-                                          if rows_bh * triton.cdiv(n, c) >= MIN_PROGRAMS), CHUNK // 4)
+                                          if rows_bh * triton.cdiv(n, c) >= MIN_PROGRAMS), CHUNK // 2)
     chunk = chunk or CHUNK_INTERPRETED
     n_chunks = triton.cdiv(n, chunk)
     hist = torch.empty(rows_bh, n_chunks, RADIX, dtype=torch.int32, device=keys.device)
@@ -383,7 +385,7 @@ def radix_sort_perm(keys: torch.Tensor, bits: int, perm: torch.Tensor | None = N
                       HAS_MAX=key_max is not None, PAD=pad_pass == 1)
         launch_kernel(_radix_scatter_kernel, grid, keys, src, base, out, tmp if pad_pass == 1 else out, top, n,
                       n_chunks, shift, out.shape[-1], CHUNK=chunk, RADIX=RADIX, PERMUTED=perm is not None,
-                      HAS_MAX=key_max is not None, PAD=pad_pass)
+                      HAS_MAX=key_max is not None, PAD=pad_pass, num_warps=SORT_WARPS)
         perm = tmp if pad is not None else out
     return result if pad is not None else perm
 
