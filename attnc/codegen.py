@@ -126,6 +126,43 @@ class ElementwisePrinter:
         return load
 
 
+def grad_inputs(pir: PatternIR) -> list[str]:
+    """The float runtime inputs the score reads only at indices over b, h and sizes (ALiBi slopes ``s[h]``),
+    in declaration order: the dQ kernel sums their gradients per tile and adds them atomically
+    (``_input_grads_tile`` in the backward template). Inputs read at q or k positions (a relative bias
+    ``bias[h, q - k + c]``) take the torch recompute, ``attnc.ops.score_input_grads``: per-element atomic adds
+    ran out of shared memory on the H200, and per-row ones are not yet checked there (NOTES item 64)."""
+    if pir.score is None:
+        return []
+    reads = [n for n in ir.postorder([pir.score]) if n.op == "read" and n.type == "float"]
+    tiled = {n.attr for n in reads if any(ir.free_vars(a) & {"q", "k"} for a in n.args)}
+    read = {n.attr for n in reads}
+    return [name for name, d in pir.inputs.items() if d.dtype == "float" and name in read and name not in tiled]
+
+
+def _grad_context(pir: PatternIR) -> list[dict]:
+    """Per float input of :func:`grad_inputs`, per read of it in the score: the printed derivative of the
+    score by that read (``ir.derivative``: the read is the variable) and where its gradient goes (an offset
+    into the input's float32 gradient, with the gradient's own strides; indices clamped, and a check that
+    zeroes reads out of range)."""
+    out = []
+    for i, name in enumerate(grad_inputs(pir)):
+        reads = [n for n in ir.postorder([pir.score]) if n.op == "read" and n.attr == name]
+        entries = []
+        for j, node in enumerate(reads):
+            printer = ElementwisePrinter(f"g{i}r{j}_")
+            value = printer(ir.derivative(pir.score, node))
+            offsets, checks = [], []
+            for d, index in enumerate(node.args):
+                a = printer(index)
+                checks.append(f"({a} >= 0) & ({a} < {name}_d{d})")
+                offsets.append(f"tl.minimum(tl.maximum({a}, 0), {name}_d{d} - 1).to(tl.int64) * {name}_gs{d}")
+            entries.append(dict(text=ir.to_text(node), lines=printer.em.lines, value=value,
+                                offset=" + ".join(offsets) or "0", scalar_ok=" & ".join(checks)))
+        out.append(dict(name=name, ndim=len(pir.inputs[name].dims), reads=entries))
+    return out
+
+
 def _range_code(program: RangeProgram) -> tuple[list[str], int]:
     """Scalar Triton code computing, per disjunct i, key-block ranges lo_i, hi_i, flo_i, fhi_i."""
     em = Emitter("r")
@@ -365,6 +402,7 @@ def template_context(pir: PatternIR, mode: str | None = None) -> dict:
     t_range_lines, t_n_parts = (_range_code(range_program(ir.swap_query_key(range_mask))) if mode == "ranges"
                                 else ([], 0))
     inputs = [InputArg(d.name, d.dtype, len(d.dims)) for d in pir.inputs.values()]
+    grads = _grad_context(pir)
     return dict(
         pattern=pir.name,
         params=", ".join(f"{k}={v!r}" for k, v in pir.params.items()) or "none",
@@ -398,6 +436,11 @@ def template_context(pir: PatternIR, mode: str | None = None) -> dict:
         t_pieces=_masked_pieces(t_n_parts),
         input_params=[p for a in inputs for p in a.params],
         inputs=inputs,
+        grad_inputs=grads,
+        # The dQ kernel's parameters for them: the gradient's pointer and strides, and whether it is wanted.
+        grad_params=[p for gi in grads for p in [f"{gi['name']}_g_ptr"]
+                     + [f"{gi['name']}_gs{d}" for d in range(gi["ndim"])]],
+        grad_flags=[f"{gi['name']}_want" for gi in grads],
     )
 
 

@@ -603,8 +603,8 @@ def _derivative_step(n: Node, wrt: Node, d) -> Node:
     zero, one = const(0.0), const(1.0)
     if n is wrt:
         return one
-    if n.type != "float" or n.op in ("const", "read", "tofloat", "var", "size"):
-        return zero
+    if n.type != "float" or n.op in ("const", "read", "tofloat", "var", "size", "score"):
+        return zero                                      # (the score and reads are leaves: wrt is one of them)
     a = n.args
     if n.op == "add":
         return add(d(a[0]), d(a[1]))

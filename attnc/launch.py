@@ -688,12 +688,17 @@ def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype:
 
 
 def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes: dict, inputs: dict,
-                    config: FwdConfig | None = None):
-    """dq, dk, dv from the two backward kernels (no atomics)."""
-    from .codegen import kernel_mode
+                    config: FwdConfig | None = None, input_grads: dict | None = None, dq_only: bool = False):
+    """dq, dk, dv from the two backward kernels (no atomics on them).
+
+    ``input_grads``: float32 tensors shaped like some of the float runtime inputs the score reads, by name
+    (:func:`attnc.codegen.grad_inputs`); the dQ kernel adds those inputs' gradients into them (atomic adds).
+    ``dq_only``: launch only the dQ kernel (dk and dv are then returned unwritten)."""
+    from .codegen import grad_inputs, kernel_mode
     if q.device.type != "cuda" and q.dtype == torch.bfloat16:
         grads = launch_backward(kern, q.float(), k.float(), v.float(), out.float(), lse, dout.float(), dlse,
-                                scale=scale, sizes=sizes, inputs=inputs, config=config)
+                                scale=scale, sizes=sizes, inputs=inputs, config=config, input_grads=input_grads,
+                                dq_only=dq_only)
         return tuple(g.to(torch.bfloat16) for g in grads)
     pir = kern.ir
     B, Hq, Nq, D = q.shape
@@ -714,6 +719,13 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     rows_q, rows_k, rows_q2 = Nq, Nk, Nq      # sorted rows: dQ kernel's queries, dK/dV kernel's keys and queries
     mode = kernel_mode(pir)
     input_args = input_launch_args(pir, inputs)
+    grad_args, grad_flags = [], {}
+    for name in grad_inputs(pir):
+        # An input whose gradient is not wanted passes itself in its gradient's place (never written).
+        target = (input_grads or {}).get(name)
+        grad_flags[f"{name}_want"] = target is not None
+        target = inputs[name] if target is None else target
+        grad_args += [target, *target.stride()]
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=precision)
     layout = layout2 = guard_flag = None
     if mode != "permuted":
@@ -791,13 +803,15 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                 variant.q, k_tiles, v_tiles, variant.dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
                 *variant.q.stride(), *k_tiles.stride(), *v_tiles.stride(), *variant.dout.stride(), *dq.stride(),
                 *out.stride(),
-                B, Hq, variant.heads_kv, Nq, Nk, scale, lse_stride, *variant.fwd_extra, *input_args,
+                B, Hq, variant.heads_kv, Nq, Nk, scale, lse_stride, *variant.fwd_extra, *input_args, *grad_args,
                 BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, num_warps=c1.num_warps, num_stages=c1.num_stages,
                 HAS_DLSE=dlse is not None, USE_TMA=_tma_usable(c1, variant.gathered_k, k_tiles, v_tiles),
                 WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=variant.residue, PADDED=padded(layout, Nq, Nk),
                 GUARD=variant.guard,
                 FULL_RUNS=variant.full_runs, SORTED_ROWS=variant.sorted_rows, BUCKET_PURE=pure,
-                HEAD_GROUP=group, TAIL_PROGRAMS=tail, **common)
+                HEAD_GROUP=group, TAIL_PROGRAMS=tail, **grad_flags, **common)
+        if dq_only:
+            continue
         tma_q = _tma_usable(c2, variant.gathered_q, q_tiles, do_tiles)
         for pure in variant.pure[1]:
             launch_kernel(variant.module.attnc_bwd_dkdv, (B * variant.heads_kv, nkb),

@@ -25,15 +25,26 @@ Dynamo tracing active (``_eager``); anything else (FakeTensor, ``make_fx``, ``to
 goes through the operators. Both paths compute with the same functions and give the same numbers.
 
 Gradients. ``q``, ``k`` and ``v`` get theirs from the Triton backward kernels (deterministic, no
-atomics). Float runtime inputs read by the ``score`` expression (ALiBi slopes ``s[h]``, a relative
-bias table ``bias[h, q - k + c]``, ...) get theirs from a plain-torch path, ``score_input_grads``:
-the score is recomputed in row chunks with the reference evaluator, ``P = exp(score - lse)``,
-``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O) - dlse``, and ``dS`` is carried back
-through the score expression to the inputs by reverse-mode autograd (``torch.func.vjp``), summed
-over the chunks. That path is deterministic and exact for any score expression, also one that reads
-the same tensor several times, but it costs O(Nq x Nk) compute in float32 (float64 for float64
-inputs) and O(chunk x Nk) memory, a chunk being bounded like ``kern.reference``'s. Inputs read only
-by the mask get zero gradients; int and bool inputs get none.
+atomics). Float runtime inputs read by the ``score`` expression get theirs in one of two ways:
+
+- read only at indices over b, h and sizes (ALiBi slopes ``s[h]``, a per-head temperature;
+  ``attnc.codegen.grad_inputs``): the dQ kernel multiplies each tile's d(loss)/d(score) by the symbolic
+  derivative of the score by the read (``attnc.ir.derivative``), sums the tile and adds the sum to a float32
+  gradient with one atomic add. Cheap (RESULTS run 93: ALiBi at 8k, +6% over a backward without it, against
+  30x for the recompute), but the order of the adds, and so the last bits, vary from run to run. Without q,
+  k, v gradients only the dQ kernel runs.
+- read at q or k positions (a relative bias table ``bias[h, q - k + c]``), or any input while
+  ``torch.use_deterministic_algorithms(True)`` is on: a plain-torch recompute, ``score_input_grads``. The
+  score is recomputed in row chunks with the reference evaluator, ``P = exp(score - lse)``,
+  ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O) - dlse``, and ``dS`` is carried back
+  through the score expression to the inputs by reverse-mode autograd (``torch.func.vjp``), summed
+  over the chunks. That path is deterministic and exact for any score expression, but it costs
+  O(Nq x Nk) compute in float32 (float64 for float64 inputs) and O(chunk x Nk) memory, a chunk being
+  bounded like ``kern.reference``'s.
+
+Both handle a score that reads the same tensor several times (FlexAttention refuses that): each read is
+differentiated on its own and the gradients add up. Inputs read only by the mask get zero gradients; int
+and bool inputs get none.
 """
 
 import math
@@ -42,6 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .codegen import grad_inputs
 from .evaluate import evaluate
 from .launch import launch_backward, launch_forward, source_key
 from .reference import CHUNK_ELEMENTS, index_env
@@ -138,28 +150,55 @@ def _qkv_grads(kern, q, k, v, out, lse, dout, dlse, scale: float, named: dict, s
     return launch_backward(kern, q, k, v, out, lse, dout, dlse, scale=scale, sizes=sizes, inputs=named)
 
 
-def _input_grads(kern, q, k, v, out, lse, dout, dlse, scale: float, named: dict, which, sizes: dict | None = None):
-    """Gradients of the runtime inputs numbered in ``which`` (declaration order), see score_input_grads."""
+def kernel_input_grads() -> bool:
+    """Whether float score inputs get their gradients from the dQ kernel (float atomic adds, whose order
+    varies) rather than from the deterministic torch recompute (:func:`score_input_grads`): the kernel
+    unless ``torch.use_deterministic_algorithms(True)`` is in effect."""
+    return not torch.are_deterministic_algorithms_enabled()
+
+
+def _input_grads(kern, q, k, v, out, lse, dout, dlse, scale: float, named: dict, which, sizes: dict | None = None,
+                 qkv: bool = False):
+    """Gradients of the runtime inputs numbered in ``which`` (declaration order), and with ``qkv`` also dq, dk,
+    dv from the same backward launch: ``(grads, dqkv)``, dqkv None without ``qkv``. From the dQ kernel
+    (:func:`kernel_input_grads`; without ``qkv`` the dK/dV kernel is not launched) or from
+    :func:`score_input_grads`."""
     names = tuple(kern.ir.inputs)
     wanted = [names[i] for i in which]
     if sizes is None:
         sizes = _call_sizes(kern, q, k, v, named)
+    # From the dQ kernel: the inputs of codegen.grad_inputs (float32 sums); the others the score reads (at q
+    # or k positions) from the recompute; inputs it does not read keep zeros.
+    in_kernel = set(grad_inputs(kern.ir)) if kernel_input_grads() else set()
+    sums = {n: torch.zeros(named[n].shape, dtype=torch.float32, device=q.device) for n in wanted if n in in_kernel}
+    rest = [n for n in wanted if n not in in_kernel]
     grads = score_input_grads(kern, q, k, v, out, lse, dout, dlse, scale=scale, sizes=sizes, inputs=named,
-                              wanted=wanted)
-    return [grads[n] for n in wanted]
+                              wanted=rest) if rest else {}
+    dqkv = None
+    if sums:
+        dqkv = launch_backward(kern, q, k, v, out, lse, dout, dlse, scale=scale, sizes=sizes, inputs=named,
+                               input_grads=sums, dq_only=not qkv)
+    elif qkv:
+        dqkv = _qkv_grads(kern, q, k, v, out, lse, dout, dlse, scale, named, sizes)
+    grads.update({n: t.to(named[n].dtype) for n, t in sums.items()})
+    return [grads[n] for n in wanted], (dqkv if qkv else None)
 
 
 def _wanted_grads(need_qkv, need_inputs, values, qkv_grads, input_grads):
     """What a backward formula returns for q, k, v (a tuple) and the runtime inputs (a list), given which of
-    them autograd asks for: ``qkv_grads()`` gives dq, dk, dv; ``input_grads(which)`` the gradients of the float
-    inputs numbered in ``which`` (int and bool inputs get none). Shared by the operators' autograd and
-    ``_EagerAttention``, which differ only in how they compute the two."""
-    dqkv = qkv_grads() if any(need_qkv) else (None, None, None)
+    them autograd asks for: ``qkv_grads()`` gives dq, dk, dv; ``input_grads(which, qkv)`` the gradients of the
+    float inputs numbered in ``which`` (int and bool inputs get none) and, when ``qkv`` is true, dq, dk, dv of
+    the same launch (or None, then ``qkv_grads`` runs). Shared by the operators' autograd and
+    ``_EagerAttention``, which differ only in how they compute them."""
     dvalues = [None] * len(values)
     which = [i for i, (need, t) in enumerate(zip(need_inputs, values)) if need and t.is_floating_point()]
+    dqkv = None
     if which:
-        for i, g in zip(which, input_grads(which)):
+        grads, dqkv = input_grads(which, any(need_qkv))
+        for i, g in zip(which, grads):
             dvalues[i] = g
+    if dqkv is None:
+        dqkv = qkv_grads() if any(need_qkv) else (None, None, None)
     return tuple(g if need else None for g, need in zip(dqkv, need_qkv)), dvalues
 
 
@@ -189,7 +228,7 @@ class _EagerAttention(torch.autograd.Function):
         dqkv, dvalues = _wanted_grads(
             needs[:3], needs[3:], values,
             lambda: _qkv_grads(kern, q, k, v, out, lse, dout, dlse, scale, named, sizes),
-            lambda which: _input_grads(kern, q, k, v, out, lse, dout, dlse, scale, named, which, sizes))
+            lambda which, qkv: _input_grads(kern, q, k, v, out, lse, dout, dlse, scale, named, which, sizes, qkv))
         return (None, None, None, *dqkv, *dvalues)
 
 
@@ -216,7 +255,7 @@ def _register(kern, key: str) -> KernelOps:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def input_grads(q, k, v, out, lse, dout, dlse, inputs, scale, which):
-        grads = _input_grads(kern, q, k, v, out, lse, dout, dlse, scale, dict(zip(names, inputs)), which)
+        grads, _ = _input_grads(kern, q, k, v, out, lse, dout, dlse, scale, dict(zip(names, inputs)), which)
         # Fresh tensors laid out like the inputs, as the fake implementation promises.
         return [_laid_out_like(g, inputs[i]) for g, i in zip(grads, which)]
 
@@ -244,7 +283,7 @@ def _register(kern, key: str) -> KernelOps:
         dqkv, dvalues = _wanted_grads(
             (need_q, need_k, need_v), need_inputs, values,
             lambda: bwd(q, k, v, out, lse, dout, dlse, values, ctx.scale),
-            lambda which: dinputs(q, k, v, out, lse, dout, dlse, values, ctx.scale, which))
+            lambda which, qkv: (dinputs(q, k, v, out, lse, dout, dlse, values, ctx.scale, which), None))
         return (*dqkv, dvalues, None)
 
     fwd.register_autograd(backward_formula, setup_context=setup_context)

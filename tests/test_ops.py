@@ -106,13 +106,146 @@ def test_alibi_slope_gradients(shape):
     _check_against_reference(kern, *_qkv(*shape, g), {"slopes": slopes}, g)
 
 
-def test_relative_bias_read_twice_gradients(monkeypatch):
+def test_relative_bias_read_twice_gradients():
     g = torch.Generator().manual_seed(4)
     kern = attnc.compile(REL_BIAS)
-    # Small chunks, so the recompute accumulates over several row chunks.
-    monkeypatch.setattr(attnc_ops, "CHUNK_ELEMENTS", 2 * 3 * 70 * 7)
     bias = torch.randn(3, 129, generator=g).requires_grad_()
     _check_against_reference(kern, *_qkv(2, 3, 1, 50, 70, 16, g), {"bias": bias}, g)
+
+
+# Float inputs read per head (the dQ kernel sums its gradient), per query row, per key row (one read used
+# twice: d/dx x*x) and per (q, k) pair through an index expression (the torch recompute sums those).
+AXES = """pattern axes() {
+    input hs: float[heads]
+    input qs: float[batch, heads, N]
+    input ks: float[batch, N]
+    input pair: float[heads, 7, 5]
+    mask causal or k < 3
+    score score * hs[h] + qs[b, h, q] - ks[b, k] * ks[b, k] + pair[h, q % 7, k % 5]
+}"""
+# A layout transform (queries and keys sorted by bucket) with a relative bias and a per-key input.
+HASH_BIAS = """pattern hash_bias() {
+    input qb: int[batch, heads, N]
+    input kb: int[batch, heads, N]
+    input rel: float[heads, R]
+    input kw: float[batch, heads, N]
+    mask buckets(qb, kb) and causal
+    score score + rel[h, q - k + 10] + kw[b, h, k]
+}"""
+
+
+def _axes_inputs(B, H, N, g):
+    return {"hs": (torch.rand(H, generator=g) + 0.5).requires_grad_(),
+            "qs": torch.randn(B, H, N, generator=g).requires_grad_(),
+            "ks": (torch.randn(B, N, generator=g) * 0.5).requires_grad_(),
+            "pair": torch.randn(H, 7, 5, generator=g).requires_grad_()}
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 45, 70, 16), (1, 2, 1, 67, 33, 32)],
+                         ids=lambda s: f"B{s[0]}H{s[1]}/{s[2]}N{s[3]}x{s[4]}D{s[5]}")
+def test_input_gradients_from_kernel_and_recompute_in_one_call(shape):
+    """The dQ kernel's per-tile sums (hs) and the recompute (qs, ks, pair) in one backward: each input's
+    gradient against float64 autograd of the reference, with GQA, odd lengths, more keys than queries and
+    fewer (rows that see no key outside k < 3 get nothing)."""
+    assert attnc.codegen.grad_inputs(attnc.compile(AXES).ir) == ["hs"]
+    B, Hq, Hkv, Nq, Nk, D = shape
+    g = torch.Generator().manual_seed(8)
+    kern = attnc.compile(AXES)
+    inputs = _axes_inputs(B, Hq, max(Nq, Nk), g)
+    _check_against_reference(kern, *_qkv(*shape, g), inputs, g)
+
+
+def test_input_gradients_through_a_layout_transform():
+    """Queries and keys sorted by hash bucket (padding rows included): a relative bias and a per-key input get
+    their gradients at the caller's positions."""
+    g = torch.Generator().manual_seed(9)
+    kern = attnc.compile(HASH_BIAS)
+    B, H, N = 2, 2, 70
+    inputs = {"qb": torch.randint(0, 3, (B, H, N), generator=g), "kb": torch.randint(0, 3, (B, H, N), generator=g),
+              "rel": (torch.randn(H, 150, generator=g) * 0.5).requires_grad_(),
+              "kw": torch.randn(B, H, N, generator=g).requires_grad_()}
+    assert kern.plan(N, N, B, H, **{n: t.detach() for n, t in inputs.items()}).transforms
+    _check_against_reference(kern, *_qkv(B, H, H, N, N, 16, g), inputs, g)
+
+
+def test_input_gradients_of_broadcast_inputs():
+    """An input expanded from one value (stride 0) gets a gradient per element of its expanded shape, so
+    autograd's expand sums them into the one value."""
+    g = torch.Generator().manual_seed(10)
+    kern = attnc.compile(ALIBI)
+    q, k, v = _qkv(1, 3, 1, 29, 29, 16, g)
+    base = torch.tensor([0.3]).requires_grad_()
+    (kern(q, k, v, slopes=base.expand(3)) ** 2).sum().backward()
+    ref = base.detach().double().requires_grad_()
+    (kern.reference(q.double(), k.double(), v.double(), slopes=ref.expand(3)) ** 2).sum().backward()
+    assert _rel_err(base.grad, ref.grad) < 1e-4
+
+
+def test_input_gradients_kernel_or_deterministic_recompute(monkeypatch):
+    """By default the dQ kernel sums the gradients of inputs read per (b, h), and with q, k, v frozen only
+    the dQ kernel runs; under torch.use_deterministic_algorithms the torch recompute (deterministic) does,
+    here over several row chunks. Inputs read at q or k positions (a relative bias) always take the
+    recompute. All agree with float64 autograd of the reference."""
+    g = torch.Generator().manual_seed(11)
+    calls = []
+    real_launch, real_recompute = attnc_ops.launch_backward, attnc_ops.score_input_grads
+    monkeypatch.setattr(attnc_ops, "launch_backward",
+                        lambda *a, **kw: calls.append(("kernel", kw.get("dq_only"))) or real_launch(*a, **kw))
+    monkeypatch.setattr(attnc_ops, "score_input_grads",
+                        lambda *a, **kw: calls.append(("recompute", tuple(kw["wanted"]))) or real_recompute(*a, **kw))
+    monkeypatch.setattr(attnc_ops, "CHUNK_ELEMENTS", 2 * 3 * 70 * 7)
+    was = torch.are_deterministic_algorithms_enabled()
+    for source, name, shape in ((ALIBI, "slopes", (3,)), (REL_BIAS, "bias", (3, 129))):
+        kern = attnc.compile(source)
+        q, k, v = (t.detach() for t in _qkv(2, 3, 1, 50, 70, 16, g))
+        x = torch.rand(shape, generator=g) * 0.5
+        ref = x.double().requires_grad_()
+        kern.reference(q.double(), k.double(), v.double(), **{name: ref}).square().sum().backward()
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                assert attnc_ops.kernel_input_grads() is not deterministic
+                calls.clear()
+                leaf = x.clone().requires_grad_()
+                kern(q, k, v, **{name: leaf}).square().sum().backward()
+            finally:
+                torch.use_deterministic_algorithms(was)
+            in_kernel = name == "slopes" and not deterministic
+            assert calls == ([("kernel", True)] if in_kernel else [("recompute", (name,))])
+            assert _rel_err(leaf.grad, ref.grad) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_input_gradients_on_gpu(dtype):
+    """On a GPU (compiled kernels, real atomics): the inputs' gradients, from the kernel and the recompute,
+    and through a layout transform, against float64 autograd of the reference on the same (rounded) q, k, v."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("run with TRITON_INTERPRET=0 so the compiled kernels run")
+    g = torch.Generator().manual_seed(12)
+    B, H, N, D = 2, 4, 1000, 64
+    cases = [(attnc.compile(AXES), _axes_inputs(B, H, N, g)),
+             (attnc.compile(HASH_BIAS), {"qb": torch.randint(0, 4, (B, H, N), generator=g),
+                                         "kb": torch.randint(0, 4, (B, H, N), generator=g),
+                                         "rel": torch.randn(H, 1010, generator=g) * 0.5,
+                                         "kw": torch.randn(B, H, N, generator=g)})]
+    for kern, inputs in cases:
+        qkv = [torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3)]
+        floats = [n for n, t in inputs.items() if t.is_floating_point()]
+        leaves = {n: inputs[n].detach().cuda().requires_grad_() for n in floats}
+        ins = {n: leaves.get(n, t.cuda() if not t.is_floating_point() else None) for n, t in inputs.items()}
+        # A loss of the output and of the lse: a per-row input (qs) shifts a row's scores and so changes only
+        # the lse (its gradient through the output alone is 0, and a relative error of 0 is meaningless).
+        dout, w = torch.randn(B, H, N, D, generator=g).to(dtype), torch.randn(B, H, N, generator=g)
+        out, lse = kern(*(t.cuda() for t in qkv), return_lse=True, **ins)
+        ((out.float() * dout.cuda().float()).sum() + (lse.nan_to_num(0.0, 0.0, 0.0) * w.cuda()).sum()).backward()
+        ref = {n: inputs[n].detach().double().requires_grad_() for n in floats}
+        ref_ins = {n: ref.get(n, t) for n, t in inputs.items()}
+        ro, rl = kern.reference(*(t.double() for t in qkv), return_lse=True, **ref_ins)
+        ((ro * dout.double()).sum() + (rl.nan_to_num(0.0, 0.0, 0.0) * w.double()).sum()).backward()
+        for n in floats:
+            err = _rel_err(leaves[n].grad.cpu(), ref[n].grad)
+            assert err < (2e-2 if dtype == torch.bfloat16 else 5e-3), f"{kern.ir.name} d{n}: {err:.2e}"
 
 
 def test_input_gradients_alone_and_mixed_with_int_inputs():
