@@ -5,21 +5,21 @@
 Patterns: ALiBi with learnable slopes (``slopes[h]``: the dQ kernel adds one sum per tile) and a learnable
 relative-bias table (``bias[h, q - k + N]``: read at q and k positions, so both paths are the recompute). B = 32k tokens / N, H = 16, D = 128, bf16. For each, checks
 the kernel's input gradient against the deterministic recompute's (``torch.use_deterministic_algorithms``),
-then times a forward+backward (wall ms, median of ``--reps`` synchronized calls after a warm-up) with the
+then times a forward+backward (wall ms, median of ``--reps`` synchronized calls after warm-up calls) with the
 kernel path, with the recompute, and with the input frozen (q, k, v gradients only).
 """
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attnc  # noqa: E402
+from micro_sort import wall  # noqa: E402
 
 PATTERNS = {
     "alibi_slopes": ("pattern p() {\n input slopes: float[heads]\n mask causal\n score alibi(slopes[h])\n}",
@@ -30,15 +30,8 @@ PATTERNS = {
 
 
 def timed(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    """Median wall-clock ms of fn() followed by a synchronization (after warm-up calls)."""
+    return wall(fn, reps) / 1e3
 
 
 def main():
