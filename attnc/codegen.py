@@ -47,6 +47,17 @@ def _float_literal(v: float) -> str:
     return repr(float(v))
 
 
+def _index_ok(a: str, name: str, d: int) -> str:
+    """Whether index ``a`` lies inside dimension ``d`` of runtime input ``name``."""
+    return f"({a} >= 0) & ({a} < {name}_d{d})"
+
+
+def _clamped_offset(a: str, name: str, d: int, stride: str) -> str:
+    """The offset of scalar index ``a`` clamped into dimension ``d`` of ``name`` (a select with
+    :func:`_index_ok` zeroes what an index out of range reads or adds)."""
+    return f"tl.minimum(tl.maximum({a}, 0), {name}_d{d} - 1).to(tl.int64) * {stride}"
+
+
 class ElementwisePrinter:
     """Prints IR nodes as Triton expressions over tiles, one named line per shared subexpression."""
 
@@ -108,13 +119,13 @@ class ElementwisePrinter:
         name = node.attr
         offsets, tile_checks, scalar_checks = [], [], []
         for i, (index, a) in enumerate(zip(node.args, args)):
-            ok = f"({a} >= 0) & ({a} < {name}_d{i})"
+            ok = _index_ok(a, name, i)
             if ir.free_vars(index) & {"q", "k"}:
                 tile_checks.append(ok)
                 offsets.append(f"({a}).to(tl.int64) * {name}_s{i}")
             else:
                 scalar_checks.append(ok)
-                offsets.append(f"tl.minimum(tl.maximum({a}, 0), {name}_d{i} - 1).to(tl.int64) * {name}_s{i}")
+                offsets.append(_clamped_offset(a, name, i, f"{name}_s{i}"))
         ptr = f"{name}_ptr + " + " + ".join(offsets)
         load = f"tl.load({ptr}, mask={' & '.join(tile_checks)}, other=0)" if tile_checks else f"tl.load({ptr})"
         if scalar_checks:
@@ -132,12 +143,15 @@ def grad_inputs(pir: PatternIR) -> list[str]:
     (``_input_grads_tile`` in the backward template). Inputs read at q or k positions (a relative bias
     ``bias[h, q - k + c]``) take the torch recompute, ``attnc.ops.score_input_grads``: per-element atomic adds
     ran out of shared memory on the H200, and per-row ones are not yet checked there (NOTES item 64)."""
-    if pir.score is None:
-        return []
-    reads = [n for n in ir.postorder([pir.score]) if n.op == "read" and n.type == "float"]
-    tiled = {n.attr for n in reads if any(ir.free_vars(a) & {"q", "k"} for a in n.args)}
-    read = {n.attr for n in reads}
-    return [name for name, d in pir.inputs.items() if d.dtype == "float" and name in read and name not in tiled]
+    names = pir.__dict__.get("_grad_inputs")          # asked on every backward call: walked once
+    if names is None:
+        score = [] if pir.score is None else [pir.score]
+        reads = [n for n in ir.postorder(score) if n.op == "read" and n.type == "float"]
+        tiled = {n.attr for n in reads if any(ir.free_vars(a) & {"q", "k"} for a in n.args)}
+        read = {n.attr for n in reads}
+        names = [name for name, d in pir.inputs.items() if d.dtype == "float" and name in read and name not in tiled]
+        pir.__dict__["_grad_inputs"] = names
+    return list(names)
 
 
 def _grad_context(pir: PatternIR) -> list[dict]:
@@ -155,8 +169,8 @@ def _grad_context(pir: PatternIR) -> list[dict]:
             offsets, checks = [], []
             for d, index in enumerate(node.args):
                 a = printer(index)
-                checks.append(f"({a} >= 0) & ({a} < {name}_d{d})")
-                offsets.append(f"tl.minimum(tl.maximum({a}, 0), {name}_d{d} - 1).to(tl.int64) * {name}_gs{d}")
+                checks.append(_index_ok(a, name, d))
+                offsets.append(_clamped_offset(a, name, d, f"{name}_gs{d}"))
             entries.append(dict(text=ir.to_text(node), lines=printer.em.lines, value=value,
                                 offset=" + ".join(offsets) or "0", scalar_ok=" & ".join(checks)))
         out.append(dict(name=name, ndim=len(pir.inputs[name].dims), reads=entries))

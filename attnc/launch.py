@@ -794,10 +794,7 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
         # the copies are made once per launch (its FULL_RUNS variants share them).
         if variant.copy_k and "k" not in copies:
             copies["k"] = layout.sorted_keys(variant.k, cfg.block_n), layout.sorted_keys(variant.v, cfg.block_n)
-        if variant.copy_q and "q" not in copies:
-            copies["q"] = layout.sorted_queries(variant.q), layout.sorted_queries(variant.dout)
         k_tiles, v_tiles = copies["k"] if variant.copy_k else (variant.k, variant.v)
-        q_tiles, do_tiles = copies["q"] if variant.copy_q else (variant.q, variant.dout)
         for pure in variant.pure[0]:
             launch_kernel(variant.module.attnc_bwd_dq, (B * Hq, nqb),
                 variant.q, k_tiles, v_tiles, variant.dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
@@ -812,6 +809,9 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
                 HEAD_GROUP=group, TAIL_PROGRAMS=tail, **grad_flags, **common)
         if dq_only:
             continue
+        if variant.copy_q and "q" not in copies:
+            copies["q"] = layout.sorted_queries(variant.q), layout.sorted_queries(variant.dout)
+        q_tiles, do_tiles = copies["q"] if variant.copy_q else (variant.q, variant.dout)
         tma_q = _tma_usable(c2, variant.gathered_q, q_tiles, do_tiles)
         for pure in variant.pure[1]:
             launch_kernel(variant.module.attnc_bwd_dkdv, (B * variant.heads_kv, nkb),
