@@ -138,27 +138,49 @@ class ElementwisePrinter:
 
 
 def grad_inputs(pir: PatternIR) -> list[str]:
-    """The float runtime inputs the score reads only at indices over b, h and sizes (ALiBi slopes ``s[h]``),
-    in declaration order: the dQ kernel sums their gradients per tile and adds them atomically
-    (``_input_grads_tile`` in the backward template). Inputs read at q or k positions (a relative bias
-    ``bias[h, q - k + c]``) take the torch recompute, ``attnc.ops.score_input_grads``: per-element atomic adds
-    ran out of shared memory on the H200, and per-row ones are not yet checked there (NOTES item 64)."""
+    """The float runtime inputs the score reads, in declaration order: the dQ kernel adds their gradients
+    into float32 tensors with atomic adds (``_input_grads_tile`` in the backward template; see
+    :func:`_grad_context` for how each read is reduced first). Inputs read only by the mask have none."""
     names = pir.__dict__.get("_grad_inputs")          # asked on every backward call: walked once
     if names is None:
         score = [] if pir.score is None else [pir.score]
-        reads = [n for n in ir.postorder(score) if n.op == "read" and n.type == "float"]
-        tiled = {n.attr for n in reads if any(ir.free_vars(a) & {"q", "k"} for a in n.args)}
-        read = {n.attr for n in reads}
-        names = [name for name, d in pir.inputs.items() if d.dtype == "float" and name in read and name not in tiled]
+        read = {n.attr for n in ir.postorder(score) if n.op == "read" and n.type == "float"}
+        names = [name for name, d in pir.inputs.items() if d.dtype == "float" and name in read]
         pir.__dict__["_grad_inputs"] = names
     return list(names)
 
 
+def tile_gathers(pir: PatternIR) -> bool:
+    """Whether the score reads a runtime input at an index over both q and k (a relative bias
+    ``bias[h, q - k + c]``): each tile of scores then gathers a tile of that input, and such kernels ran 2.4x
+    faster one stage deep than pipelined, so the default tables run them one stage deep
+    (``launch.forward_table``, ``launch.backward_config``)."""
+    found = pir.__dict__.get("_tile_gathers")
+    if found is None:
+        score = [] if pir.score is None else [pir.score]
+        found = any(n.op == "read" and any(ir.free_vars(a) >= {"q", "k"} for a in n.args)
+                    for n in ir.postorder(score))
+        pir.__dict__["_tile_gathers"] = found
+    return found
+
+
+def per_element_grads(pir: PatternIR) -> bool:
+    """Whether some float input of :func:`grad_inputs` is read at an index over both q and k (a relative
+    bias ``bias[h, q - k + c]``): its gradient takes one atomic add per score element, and the dQ kernel
+    runs smaller tiles when it is wanted (``launch.input_grad_config``)."""
+    return any(r["axes"] == "qk" for gi in _grad_context(pir) for r in gi["reads"])
+
+
 def _grad_context(pir: PatternIR) -> list[dict]:
     """Per float input of :func:`grad_inputs`, per read of it in the score: the printed derivative of the
-    score by that read (``ir.derivative``: the read is the variable) and where its gradient goes (an offset
-    into the input's float32 gradient, with the gradient's own strides; indices clamped, and a check that
-    zeroes reads out of range)."""
+    score by that read (``ir.derivative``: the read is the variable), the axes its index runs over (``""``,
+    ``"q"``, ``"k"`` or ``"qk"``: the tile's d(loss)/d(read) is summed over the others before the atomic
+    add), and where the sum goes (an offset into the input's float32 gradient, with the gradient's own
+    strides). Scalar indices are clamped and their check zeroes the sum; tile indices are checked by the
+    add's mask."""
+    cached = pir.__dict__.get("_grad_context")
+    if cached is not None:
+        return cached
     out = []
     for i, name in enumerate(grad_inputs(pir)):
         reads = [n for n in ir.postorder([pir.score]) if n.op == "read" and n.attr == name]
@@ -166,14 +188,22 @@ def _grad_context(pir: PatternIR) -> list[dict]:
         for j, node in enumerate(reads):
             printer = ElementwisePrinter(f"g{i}r{j}_")
             value = printer(ir.derivative(pir.score, node))
-            offsets, checks = [], []
+            offsets, scalar_checks, tile_checks, axes = [], [], [], set()
             for d, index in enumerate(node.args):
                 a = printer(index)
-                checks.append(_index_ok(a, name, d))
-                offsets.append(_clamped_offset(a, name, d, f"{name}_gs{d}"))
+                over = ir.free_vars(index) & {"q", "k"}
+                axes |= over
+                if over:
+                    tile_checks.append(_index_ok(a, name, d))
+                    offsets.append(f"({a}).to(tl.int64) * {name}_gs{d}")
+                else:
+                    scalar_checks.append(_index_ok(a, name, d))
+                    offsets.append(_clamped_offset(a, name, d, f"{name}_gs{d}"))
             entries.append(dict(text=ir.to_text(node), lines=printer.em.lines, value=value,
-                                offset=" + ".join(offsets) or "0", scalar_ok=" & ".join(checks)))
+                                axes="".join(x for x in "qk" if x in axes), offset=" + ".join(offsets) or "0",
+                                scalar_ok=" & ".join(scalar_checks), tile_ok=" & ".join(tile_checks)))
         out.append(dict(name=name, ndim=len(pir.inputs[name].dims), reads=entries))
+    pir.__dict__["_grad_context"] = out
     return out
 
 

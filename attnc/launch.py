@@ -316,23 +316,33 @@ def _chosen_config(kind: str, head_dim: int, head_dim_v: int, device: torch.devi
 
 
 def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
-                   sparse: bool = False, key=None, seq: int | None = None) -> FwdConfig:
+                   sparse: bool = False, key=None, seq: int | None = None, gathers: bool = False) -> FwdConfig:
     """Default tiles: a table per GPU family (measured on an H200, benchmarks/NOTES.md), small tiles
     under the interpreter. ``sparse`` (tile lists, or a narrow band such as a sliding window: few key
-    tiles per query block) prefers smaller tiles: fewer partial tiles, more programs.
+    tiles per query block) prefers smaller tiles: fewer partial tiles, more programs. ``gathers``: the
+    score reads an input tile per score tile (:func:`attnc.codegen.tile_gathers`).
     With ``key`` (a Kernel or its pattern key) and ``seq`` (max(Nq, Nk)), an `attnc autotune` result for
     this GPU, dtype, head dim and sequence bucket wins over the table (attnc/tuning.py)."""
     chosen = _chosen_config("fwd", head_dim, head_dim_v, device, dtype, key, seq)
     if chosen is not None:
         return chosen
-    return forward_table(head_dim, head_dim_v, dtype, _major(device), sparse)
+    return forward_table(head_dim, head_dim_v, dtype, _major(device), sparse, gathers)
 
 
-def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int, sparse: bool) -> FwdConfig:
+def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int, sparse: bool,
+                  gathers: bool = False) -> FwdConfig:
     """The default forward tiles for a GPU of compute capability ``major`` (no device needed)."""
     d = max(head_dim, head_dim_v)
     if dtype == torch.float32:
         return FwdConfig(64, 32, 4, 2) if d > 64 else FwdConfig(64, 64, 4, 2)
+    if gathers:
+        # A score gathering an input tile per score tile (a relative bias): pipelined, the kernel needs more
+        # shared memory (361 KB at 128 x 128 w8 s3) and ran 2.4x slower than one stage deep (relative bias at
+        # 8k on the H200, RESULTS.md runs 94-96: 64 x 128 w4 s1 5.5 ms, 128 x 64 w8 s3 13.7 ms).
+        if major >= 9 and d <= 128:
+            return FwdConfig(64, 64 if sparse else 128, 4, 1, tma=True)
+        c = forward_table(head_dim, head_dim_v, dtype, major, sparse)
+        return FwdConfig(c.block_m, c.block_n, c.num_warps, 1, c.tma)
     if major >= 9:
         # Hopper (H200 sweeps, benchmarks/RESULTS.md runs 6 and 43): tensor-descriptor loads for wide tiles.
         # Narrow bands and tile lists (64 x 64) load K and V by pointers: since rows are 32-bit offsets (run
@@ -558,6 +568,69 @@ def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdCon
     return layout, launches
 
 
+# Configurations a device could not hold, per (kernel, kind, head dims, dtype, device, configuration asked
+# for): the smaller one that launched (within_resources).
+_FITTED: dict[tuple, tuple] = {}
+
+
+def _smaller(cfg: FwdConfig) -> FwdConfig | None:
+    """The next configuration to try when ``cfg``'s kernel needs more shared memory (or registers) than the
+    device has: the key block halved (down to 32), then one pipeline stage fewer (down to 1), then the
+    query block halved (down to 32); both backward kernels shrink together. None when nothing is left."""
+    def one(c: FwdConfig) -> FwdConfig | None:
+        if c.block_n > 32:
+            return FwdConfig(c.block_m, c.block_n // 2, c.num_warps, c.num_stages, c.tma)
+        if c.num_stages > 1:
+            return FwdConfig(c.block_m, c.block_n, c.num_warps, c.num_stages - 1, c.tma)
+        if c.block_m > 32:
+            return FwdConfig(c.block_m // 2, c.block_n, min(c.num_warps, 4), c.num_stages, c.tma)
+        return None
+    plain = FwdConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.tma)
+    first, second = one(plain), cfg.dkdv and one(cfg.dkdv)
+    if first is None and second is None:
+        return None
+    first = first or plain
+    return FwdConfig(first.block_m, first.block_n, first.num_warps, first.num_stages, first.tma,
+                     cfg.dkdv and (second or cfg.dkdv), cfg.head_group)
+
+
+def within_resources(kind: str, kern, q: torch.Tensor, v: torch.Tensor, cfg: FwdConfig, run, reset=None,
+                     shrink: bool = True):
+    """``run(cfg, shrunk)`` with ``cfg`` or, where the device cannot hold its kernel (Triton's
+    OutOfResources, raised at a kernel's first launch, before it runs), with the next smaller configurations
+    (:func:`_smaller`) until one launches. A score that gathers a tile of an input (a relative bias
+    ``bias[h, q - k + c]``) has the pipeliner buffer that tile too, which the tables' deepest configurations
+    have no room for. What launched is remembered, so later calls go to it directly, and a warning names
+    both once. ``reset()`` runs before each retry (undoing what a launch that stopped half-way added).
+    ``shrink=False`` (a configuration the caller named: autotune, sweeps) runs ``cfg`` or raises."""
+    if q.device.type != "cuda" or not shrink:
+        return run(cfg, False)
+    from triton.runtime.errors import OutOfResources
+    key = (id(kern.ir), kind, q.shape[-1], v.shape[-1], q.dtype, q.device, cfg)
+    if key in _FITTED:
+        return run(_FITTED[key][1], True)
+    tried, error = cfg, None
+    while True:
+        try:
+            result = run(tried, tried is not cfg)
+        except OutOfResources as e:
+            error, tried = e, _smaller(tried)
+            if tried is None:
+                raise
+            if reset is not None:
+                reset()
+            continue
+        if error is not None:
+            import warnings
+            from .tuning import config_text
+            _FITTED[key] = (kern.ir, tried)       # the IR kept alive, so that its id is not reused
+            warnings.warn(f"attnc: pattern '{kern.ir.name}': the {kind} kernel with {config_text(cfg)} needs "
+                          f"{error.required} bytes of {error.name}, more than this GPU has ({error.limit}); "
+                          f"using {config_text(tried)} (`attnc autotune` picks the fastest that fits)",
+                          stacklevel=4)
+        return result
+
+
 def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, config: FwdConfig | None = None,
                    out: torch.Tensor | None = None):
     """Run the forward kernel; returns (out, lse, plan_state)."""
@@ -566,11 +639,20 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
         out32, lse, state = launch_forward(kern, q.float(), k.float(), v.float(), scale=scale, sizes=sizes,
                                            inputs=inputs, config=config)
         return out32.to(torch.bfloat16), lse, state
+    from .codegen import tile_gathers
+    Nq, Nk, D, Dv = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
+    cfg = config or forward_config(D, Dv, q.device, q.dtype, sparse=prefers_small_tiles(kern, Nq, Nk), key=kern,
+                                   seq=max(Nq, Nk), gathers=tile_gathers(kern.ir))
+    return within_resources("forward", kern, q, v, cfg,
+                            lambda c, _: _launch_forward(kern, q, k, v, scale, sizes, inputs, c, out),
+                            shrink=config is None)
+
+
+def _launch_forward(kern, q, k, v, scale: float, sizes: dict, inputs: dict, cfg: FwdConfig,
+                    out: torch.Tensor | None):
     pir = kern.ir
     B, Hq, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
-    cfg = config or forward_config(D, Dv, q.device, q.dtype, sparse=prefers_small_tiles(kern, Nq, Nk), key=kern,
-                                   seq=max(Nq, Nk))
     if out is None:
         out = torch.empty(B, Hq, Nq, Dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, Nq, device=q.device, dtype=torch.float32)
@@ -662,12 +744,14 @@ def _backward_variants(launches, flag: torch.Tensor | None):
 
 
 def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
-                    key=None, seq: int | None = None, gathered: tuple[bool, bool] = (False, False)) -> FwdConfig:
+                    key=None, seq: int | None = None, gathered: tuple[bool, bool] = (False, False),
+                    gathers: bool = False) -> FwdConfig:
     """Default tiles of the backward kernels (an `attnc autotune` result first, as in forward_config).
     On Hopper: 64 x 64 tiles, 4 warps, 2 stages, tensor-descriptor loads (the best or within 3% of the
     best of the H200 sweeps for causal, window, documents and prefix-LM, benchmarks/RESULTS.md run 8).
     ``gathered`` = (keys, queries) read through loaded positions by a layout transform: the dQ kernel
-    streams keys, the dK/dV kernel queries, and a kernel streaming gathered rows pipelines 3 deep."""
+    streams keys, the dK/dV kernel queries, and a kernel streaming gathered rows pipelines 3 deep.
+    ``gathers``: the score reads an input tile per score tile (see forward_table): one stage."""
     chosen = _chosen_config("bwd", head_dim, head_dim_v, device, dtype, key, seq)
     if chosen is not None:
         return chosen
@@ -675,6 +759,10 @@ def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype:
     if dtype == torch.float32:
         return FwdConfig(32, 32, 4, 1)
     major = _major(device)
+    if gathers and d <= 128:
+        # Both kernels one stage deep, pointer loads: 18.1 ms for a relative bias's backward at 8k with the
+        # bias's gradient, against 45.8 ms two stages deep with descriptors (H200, RESULTS.md run 94).
+        return FwdConfig(64, 64, 4, 1)
     if d > 128:
         # D=256 on Hopper: 64x64 with 8 warps measured 1.83x faster than 32x32 (autotune, H200), and
         # tensor descriptors another 7% (RESULTS.md run 10).
@@ -694,16 +782,34 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
     ``input_grads``: float32 tensors shaped like some of the float runtime inputs the score reads, by name
     (:func:`attnc.codegen.grad_inputs`); the dQ kernel adds those inputs' gradients into them (atomic adds).
     ``dq_only``: launch only the dQ kernel (dk and dv are then returned unwritten)."""
-    from .codegen import grad_inputs, kernel_mode
     if q.device.type != "cuda" and q.dtype == torch.bfloat16:
         grads = launch_backward(kern, q.float(), k.float(), v.float(), out.float(), lse, dout.float(), dlse,
                                 scale=scale, sizes=sizes, inputs=inputs, config=config, input_grads=input_grads,
                                 dq_only=dq_only)
         return tuple(g.to(torch.bfloat16) for g in grads)
+    from .codegen import tile_gathers
+    D, Dv = q.shape[3], v.shape[3]
+    cfg = config or backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(q.shape[2], k.shape[2]),
+                                    gathers=tile_gathers(kern.ir))
+
+    def zero_sums():            # a launch that stopped half-way may have added some already
+        for t in (input_grads or {}).values():
+            t.zero_()
+    return within_resources(
+        "backward", kern, q, v, cfg,
+        lambda c, shrunk: _launch_backward(kern, q, k, v, out, lse, dout, dlse, scale, sizes, inputs, c,
+                                           config is None and not shrunk, input_grads, dq_only),
+        reset=zero_sums, shrink=config is None)
+
+
+def _launch_backward(kern, q, k, v, out, lse, dout, dlse, scale: float, sizes: dict, inputs: dict, cfg: FwdConfig,
+                     chosen: bool, input_grads: dict | None, dq_only: bool):
+    """launch_backward with configuration ``cfg``; ``chosen``: cfg is the default table's, and permuted
+    launches that gather rows may take deeper pipelines (backward_config's ``gathered``)."""
+    from .codegen import grad_inputs, kernel_mode, tile_gathers
     pir = kern.ir
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config or backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk))
     module = kern._backward_module()
     if Nq == 0 or Nk == 0 or B * Hq == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -768,9 +874,9 @@ def launch_backward(kern, q, k, v, out, lse, dout, dlse, *, scale: float, sizes:
             gathered_k = _gathered(layout, residue, "k") and not copy_k
             gathered_q = _gathered(layout, residue2, "q") and not copy_q
             pcfg = cfg
-            if config is None:      # the same tiles; deeper pipelines where rows are gathered
+            if chosen:              # the same tiles; deeper pipelines where rows are gathered
                 pcfg = backward_config(D, Dv, q.device, q.dtype, key=kern, seq=max(Nq, Nk),
-                                       gathered=(gathered_k, gathered_q))
+                                       gathered=(gathered_k, gathered_q), gathers=tile_gathers(pir))
             dkx, dvx = (dk, dv) if kx is k else (torch.empty_like(kx), torch.empty_like(vx))
             launches.append(_BackwardLaunch(
                 module, fwd_extra + position_args(layout), bwd_extra + position_args(layout2), pcfg,

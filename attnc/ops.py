@@ -27,20 +27,20 @@ goes through the operators. Both paths compute with the same functions and give 
 Gradients. ``q``, ``k`` and ``v`` get theirs from the Triton backward kernels (deterministic, no
 atomics). Float runtime inputs read by the ``score`` expression get theirs in one of two ways:
 
-- read only at indices over b, h and sizes (ALiBi slopes ``s[h]``, a per-head temperature;
-  ``attnc.codegen.grad_inputs``): the dQ kernel multiplies each tile's d(loss)/d(score) by the symbolic
-  derivative of the score by the read (``attnc.ir.derivative``), sums the tile and adds the sum to a float32
-  gradient with one atomic add. Cheap (RESULTS run 93: ALiBi at 8k, +6% over a backward without it, against
-  30x for the recompute), but the order of the adds, and so the last bits, vary from run to run. Without q,
-  k, v gradients only the dQ kernel runs.
-- read at q or k positions (a relative bias table ``bias[h, q - k + c]``), or any input while
-  ``torch.use_deterministic_algorithms(True)`` is on: a plain-torch recompute, ``score_input_grads``. The
-  score is recomputed in row chunks with the reference evaluator, ``P = exp(score - lse)``,
-  ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O) - dlse``, and ``dS`` is carried back
-  through the score expression to the inputs by reverse-mode autograd (``torch.func.vjp``), summed
-  over the chunks. That path is deterministic and exact for any score expression, but it costs
-  O(Nq x Nk) compute in float32 (float64 for float64 inputs) and O(chunk x Nk) memory, a chunk being
-  bounded like ``kern.reference``'s.
+- by default, from the dQ kernel (``attnc.codegen.grad_inputs``): it multiplies each tile's
+  d(loss)/d(score) by the symbolic derivative of the score by each read (``attnc.ir.derivative``), sums
+  the product over the tile's axes the read's index does not run over (the whole tile for ALiBi slopes
+  ``s[h]``, the keys for a per-row input, nothing for a relative bias ``bias[h, q - k + c]``) and adds the
+  sums to a float32 gradient with atomic adds. Cheap (RESULTS runs 93-94, at 8k: ALiBi +3% over a
+  backward without it, a relative bias +36%, against 20-30x for the recompute), but the order of the
+  adds, and so the last bits, vary from run to run. Without q, k, v gradients only the dQ kernel runs.
+- while ``torch.use_deterministic_algorithms(True)`` is on: a plain-torch recompute,
+  ``score_input_grads``. The score is recomputed in row chunks with the reference evaluator,
+  ``P = exp(score - lse)``, ``dS = P * (dO V^T - delta)`` with ``delta = rowsum(dO * O) - dlse``, and ``dS``
+  is carried back through the score expression to the inputs by reverse-mode autograd
+  (``torch.func.vjp``), summed over the chunks. That path is deterministic and exact for any score
+  expression, but it costs O(Nq x Nk) compute in float32 (float64 for float64 inputs) and O(chunk x Nk)
+  memory, a chunk being bounded like ``kern.reference``'s.
 
 Both handle a score that reads the same tensor several times (FlexAttention refuses that): each read is
 differentiated on its own and the gradients add up. Inputs read only by the mask get zero gradients; int
@@ -167,13 +167,15 @@ def _input_grads(kern, q, k, v, out, lse, dout, dlse, scale: float, named: dict,
     wanted = [names[i] for i in which]
     if sizes is None:
         sizes = _call_sizes(kern, q, k, v, named)
-    # From the dQ kernel: the inputs of codegen.grad_inputs (float32 sums); the others the score reads (at q
-    # or k positions) from the recompute; inputs it does not read keep zeros.
-    in_kernel = set(grad_inputs(kern.ir)) if kernel_input_grads() else set()
+    # The inputs the score reads (codegen.grad_inputs) from the dQ kernel (float32 sums), unless torch's
+    # deterministic mode asks for the recompute; the others (read by the mask alone) get zeros.
+    read = set(grad_inputs(kern.ir))
+    in_kernel = read if kernel_input_grads() else set()
     sums = {n: torch.zeros(named[n].shape, dtype=torch.float32, device=q.device) for n in wanted if n in in_kernel}
-    rest = [n for n in wanted if n not in in_kernel]
+    rest = [n for n in wanted if n in read and n not in in_kernel]
     grads = score_input_grads(kern, q, k, v, out, lse, dout, dlse, scale=scale, sizes=sizes, inputs=named,
                               wanted=rest) if rest else {}
+    grads.update({n: torch.zeros_like(named[n]) for n in wanted if n not in read})
     dqkv = None
     if sums:
         dqkv = launch_backward(kern, q, k, v, out, lse, dout, dlse, scale=scale, sizes=sizes, inputs=named,

@@ -172,13 +172,15 @@ class Kernel:
         these lengths (narrow bands run on smaller tiles, see ``launch.prefers_small_tiles``).
 
         Without a GPU this is the Hopper table's choice (what `kern.plan` reports by default)."""
+        from .codegen import tile_gathers
         from .launch import forward_config, forward_table, prefers_small_tiles
         sparse = prefers_small_tiles(self, n_q, n_q if n_k is None else n_k)
+        gathers = tile_gathers(self.ir)
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            cfg = forward_table(head_dim, head_dim, torch.bfloat16, 9, sparse)
+            cfg = forward_table(head_dim, head_dim, torch.bfloat16, 9, sparse, gathers)
         else:
-            cfg = forward_config(head_dim, head_dim, dev, torch.bfloat16, sparse=sparse)
+            cfg = forward_config(head_dim, head_dim, dev, torch.bfloat16, sparse=sparse, gathers=gathers)
         return cfg.block_m, cfg.block_n
 
     def _input_cached(self, key: tuple, inputs: dict, build, materialize):

@@ -640,6 +640,7 @@ def autotune(kern, seq: int, batch: int | None = None, heads: int = 16, dim: int
     programs start together, launch.head_group); the order does not change the result.
     Candidates that fail to compile or launch are skipped with a note in the report.
     """
+    from .codegen import tile_gathers
     from .launch import backward_config, forward_config, launch_backward, launch_forward, prefers_small_tiles
     from .validate import check_inputs, check_qkv
 
@@ -684,9 +685,10 @@ def autotune(kern, seq: int, batch: int | None = None, heads: int = 16, dim: int
 
     new_entries = {}
     small = prefers_small_tiles(kern, seq, seq)
-    fwd_default = forward_config(dim, dim, device, dtype, sparse=small)
+    gathers = tile_gathers(kern.ir)
+    fwd_default = forward_config(dim, dim, device, dtype, sparse=small, gathers=gathers)
     for kind in kinds:
-        default = fwd_default if kind == "fwd" else backward_config(dim, dim, device, dtype)
+        default = fwd_default if kind == "fwd" else backward_config(dim, dim, device, dtype, gathers=gathers)
         result = KindResult(kind=kind, default=default)
         report.results[kind] = result
         candidates = _ordered(search_space(kind, dim, dim, dtype, device=device), default, max_configs)

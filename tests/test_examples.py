@@ -303,6 +303,8 @@ CASES = [
     Case("alibi", "alibi.attn", lambda nq, nk, p, x: causal(nq, nk),
          inputs=lambda n, gen: {"slopes": alibi_slopes(HEADS)}),
     Case("softcap-c2", "softcap.attn", everything, dict(cap=2.0)),
+    Case("relative_bias-m4", "relative_bias.attn", lambda nq, nk, p, x: causal(nq, nk), dict(max_distance=4),
+         inputs=lambda n, gen: {"bias": torch.randn(HEADS, 9, generator=gen)}),
     # multi.attn, one pattern at a time.
     Case("multi-strided-s4", "multi.attn", strided_mask, dict(stride=4), pattern="strided"),
     Case("multi-fixed-s8-c2", "multi.attn", fixed_mask, dict(stride=8, c=2), pattern="fixed"),
@@ -385,6 +387,7 @@ DEFAULTS = {
                                          "kw": 3, "dd": 1, "dh": 1, "dw": 1}),
     "alibi.attn": ("alibi_causal", {}),
     "softcap.attn": ("softcapped", {"cap": 30.0}),
+    "relative_bias.attn": ("relative_bias", {"max_distance": 128}),
 }
 
 MULTI_PATTERNS = {
@@ -405,6 +408,7 @@ INPUT_DECLS = {
     "dropped_keys.attn": {"keep": ("bool", ("batch", "heads", "N"))},
     "dropped_queries.attn": {"keep": ("bool", ("batch", "heads", "N"))},
     "alibi.attn": {"slopes": ("float", ("heads",))},
+    "relative_bias.attn": {"bias": ("float", ("heads", "R"))},
 }
 
 
@@ -498,6 +502,12 @@ def alibi_mod(s, p, x):
     return s + slopes * distance(s.shape[-2], s.shape[-1])
 
 
+def relative_bias_mod(s, p, x):
+    m = p["max_distance"]
+    d = ((-distance(s.shape[-2], s.shape[-1])).clamp(-m, m) + m).long()[0, 0]    # clamp(q - k, -m, m) + m
+    return s + x["bias"].double()[:, d]                                       # [heads, n_q, n_k]
+
+
 def softcap_mod(s, p, x):
     return p["cap"] * torch.tanh(s / p["cap"])
 
@@ -517,6 +527,8 @@ REF_CASES = [
     RefCase("alibi-67x17", case_by_id("alibi"), 67, 17, heads_q=4, heads_kv=1,
             score_mod=alibi_mod),
     RefCase("softcap-c2-67", case_by_id("softcap-c2"), 67, 67, score_mod=softcap_mod),
+    RefCase("relative_bias-gqa-17x67", case_by_id("relative_bias-m4"), 17, 67, heads_kv=1,
+            score_mod=relative_bias_mod),
     RefCase("multi-self_bonus-17x67", case_by_id("multi-self_bonus-w6"), 17, 67,
             score_mod=self_bonus_mod),
 ]

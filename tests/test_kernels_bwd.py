@@ -26,6 +26,8 @@ CASES = {
     "dropped_queries": ("pattern p() {\n input keep: bool[batch, heads, N]\n mask query_kept(keep)\n}", "keep"),
     "alibi": ("pattern p() {\n input s: float[heads]\n mask causal\n score alibi(s[h])\n}", "s"),
     "softcap": ("pattern p() {\n mask causal\n score softcap(score, 2.0)\n}", None),
+    "relative_bias": ("pattern p() {\n input rb: float[heads, R]\n mask causal\n"
+                      " score score + rb[h, clamp(q - k, -8, 8) + 8]\n}", "rb"),
     "prefix_or_causal": ("pattern p() { mask prefix(20) or causal }", None),
     "block_local": ("pattern p() { mask block_local(24) }", None),
     "neighborhood_dilated": ("pattern p() { mask neighborhood(13, dilation = 2) }", None),
@@ -44,6 +46,8 @@ def _inputs(kind, B, Hq, n, g):
         return {"keep": torch.rand(B, Hq, n, generator=g) < 0.5}
     if kind == "s":
         return {"s": torch.rand(Hq, generator=g)}
+    if kind == "rb":
+        return {"rb": torch.randn(Hq, 17, generator=g)}
     return {}
 
 
@@ -304,14 +308,16 @@ def check_gradients(name, shape):
 
 
 def _check_kernel_gradients(kern, shape, kind, seed=0):
-    """Outputs' gradients (and lse's) of ``kern`` at ``shape`` = (B, Hq, Hkv, Nq, Nk, D) against float64
-    autograd of the reference, runtime inputs of ``kind`` (see _inputs)."""
+    """Outputs' gradients (and lse's) of ``kern`` at ``shape`` = (B, Hq, Hkv, Nq, Nk, D), into q, k, v and
+    the float runtime inputs, against float64 autograd of the reference, runtime inputs of ``kind`` (see
+    _inputs)."""
     B, Hq, Hkv, Nq, Nk, D = shape
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Nq, D, generator=g).requires_grad_()
     k = torch.randn(B, Hkv, Nk, D, generator=g).requires_grad_()
     v = torch.randn(B, Hkv, Nk, D, generator=g).requires_grad_()
-    inputs = _inputs(kind, B, Hq, max(Nq, Nk), g)
+    inputs = {n: (t.requires_grad_() if t.is_floating_point() else t)
+              for n, t in _inputs(kind, B, Hq, max(Nq, Nk), g).items()}
     with poisoned_allocations():
         out, lse = kern(q, k, v, return_lse=True, **inputs)
     dout = torch.randn(out.shape, generator=g)
@@ -319,12 +325,13 @@ def _check_kernel_gradients(kern, shape, kind, seed=0):
     loss = (out * dout).sum().add((lse * dlse).nan_to_num(0.0, 0.0, 0.0).sum())
     with poisoned_allocations():
         loss.backward()
-    grads = [x.grad for x in (q, k, v)]
-    ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref_inputs = {n: (t.double() if t.is_floating_point() else t) for n, t in inputs.items()}
-    ro, rl = kern.reference(*ref_leaves, return_lse=True, **ref_inputs)
+    floats = [n for n, t in inputs.items() if t.is_floating_point()]      # score inputs: theirs too
+    grads = [x.grad for x in (q, k, v)] + [inputs[n].grad for n in floats]
+    ref_leaves = [x.detach().double().requires_grad_() for x in [q, k, v] + [inputs[n] for n in floats]]
+    ref_inputs = {**inputs, **dict(zip(floats, ref_leaves[3:]))}
+    ro, rl = kern.reference(*ref_leaves[:3], return_lse=True, **ref_inputs)
     (ro * dout.double()).sum().add((rl * dlse.double()).nan_to_num(0.0, 0.0, 0.0).sum()).backward()
-    for got, leaf, label in zip(grads, ref_leaves, "qkv"):
+    for got, leaf, label in zip(grads, ref_leaves, ["q", "k", "v"] + floats):
         assert not torch.isnan(got).any(), f"NaN in d{label}"
         err = (got.double() - leaf.grad).norm() / leaf.grad.norm().clamp_min(1e-12)
         assert err < 1e-4, f"d{label} relative error {err:.2e}"

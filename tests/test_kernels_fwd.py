@@ -233,6 +233,10 @@ def slopes(B, H, Nq, Nk, gen):
     return {"slopes": torch.tensor([2.0 ** (-8.0 * (i + 1) / H) for i in range(H)]) * 4}
 
 
+def relative_bias(B, H, Nq, Nk, gen):
+    return {"bias": torch.randn(H, 11, generator=gen) * 2}
+
+
 # ----------------------------------------------------------------------------------------------
 # Cases: every example file (and every pattern of multi.attn), with parameters that make the masks
 # interesting at N <= 130 with 32 x 32 tiles.
@@ -321,6 +325,8 @@ EXAMPLE_CASES = [
     Case("alibi", "alibi.attn", inputs=slopes, sizes=[(130, 130), (17, 67), (67, 17)]),
     Case("softcap-c2", "softcap.attn", dict(cap=2.0), sizes=[(130, 130), (1, 67)]),
     Case("softcap-default", "softcap.attn", sizes=[(67, 17)]),
+    Case("relative_bias-m5", "relative_bias.attn", dict(max_distance=5), inputs=relative_bias,
+         sizes=[(130, 130), (17, 67), (67, 17)]),
     Case("multi-strided-s8", "multi.attn", dict(stride=8), "strided", sizes=[(130, 130), (17, 67)]),
     Case("multi-fixed-s16-c2", "multi.attn", dict(stride=16, c=2), "fixed", sizes=[(130, 130)]),
     Case("multi-longformer_causal", "multi.attn", dict(window=5, globals=3), "longformer_causal",

@@ -113,8 +113,9 @@ def test_relative_bias_read_twice_gradients():
     _check_against_reference(kern, *_qkv(2, 3, 1, 50, 70, 16, g), {"bias": bias}, g)
 
 
-# Float inputs read per head (the dQ kernel sums its gradient), per query row, per key row (one read used
-# twice: d/dx x*x) and per (q, k) pair through an index expression (the torch recompute sums those).
+# Float inputs read per head (the dQ kernel sums each tile's gradient), per query row (summed over keys), per
+# key row (over queries; one read used twice: d/dx x*x) and per (q, k) pair through an index expression (one
+# atomic add per element).
 AXES = """pattern axes() {
     input hs: float[heads]
     input qs: float[batch, heads, N]
@@ -143,11 +144,15 @@ def _axes_inputs(B, H, N, g):
 
 @pytest.mark.parametrize("shape", [(2, 4, 2, 45, 70, 16), (1, 2, 1, 67, 33, 32)],
                          ids=lambda s: f"B{s[0]}H{s[1]}/{s[2]}N{s[3]}x{s[4]}D{s[5]}")
-def test_input_gradients_from_kernel_and_recompute_in_one_call(shape):
-    """The dQ kernel's per-tile sums (hs) and the recompute (qs, ks, pair) in one backward: each input's
-    gradient against float64 autograd of the reference, with GQA, odd lengths, more keys than queries and
-    fewer (rows that see no key outside k < 3 get nothing)."""
-    assert attnc.codegen.grad_inputs(attnc.compile(AXES).ir) == ["hs"]
+def test_input_gradients_by_each_reduction(shape):
+    """The dQ kernel's four reductions in one backward (per tile: hs, per row: qs, per key: ks, per element:
+    pair): each input's gradient against float64 autograd of the reference, with GQA, odd lengths, more keys
+    than queries and fewer (rows that see no key outside k < 3 get nothing)."""
+    pir = attnc.compile(AXES).ir
+    assert attnc.codegen.grad_inputs(pir) == ["hs", "qs", "ks", "pair"]
+    reads = attnc.codegen._grad_context(pir)         # ks[b, k] * ks[b, k] is one read, used twice
+    assert [[r["axes"] for r in gi["reads"]] for gi in reads] == [[""], ["q"], ["k"], ["qk"]]
+    assert attnc.codegen.per_element_grads(pir)
     B, Hq, Hkv, Nq, Nk, D = shape
     g = torch.Generator().manual_seed(8)
     kern = attnc.compile(AXES)
@@ -182,10 +187,10 @@ def test_input_gradients_of_broadcast_inputs():
 
 
 def test_input_gradients_kernel_or_deterministic_recompute(monkeypatch):
-    """By default the dQ kernel sums the gradients of inputs read per (b, h), and with q, k, v frozen only
-    the dQ kernel runs; under torch.use_deterministic_algorithms the torch recompute (deterministic) does,
-    here over several row chunks. Inputs read at q or k positions (a relative bias) always take the
-    recompute. All agree with float64 autograd of the reference."""
+    """By default the dQ kernel adds the inputs' gradients (per tile for ALiBi slopes, per element for a
+    relative bias), and with q, k, v frozen only the dQ kernel runs; under torch.use_deterministic_algorithms
+    the torch recompute (deterministic) does, here over several row chunks. All agree with float64 autograd
+    of the reference."""
     g = torch.Generator().manual_seed(11)
     calls = []
     real_launch, real_recompute = attnc_ops.launch_backward, attnc_ops.score_input_grads
@@ -210,16 +215,16 @@ def test_input_gradients_kernel_or_deterministic_recompute(monkeypatch):
                 kern(q, k, v, **{name: leaf}).square().sum().backward()
             finally:
                 torch.use_deterministic_algorithms(was)
-            in_kernel = name == "slopes" and not deterministic
-            assert calls == ([("kernel", True)] if in_kernel else [("recompute", (name,))])
+            assert calls == ([("recompute", (name,))] if deterministic else [("kernel", True)])
             assert _rel_err(leaf.grad, ref.grad) < 1e-4
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_input_gradients_on_gpu(dtype):
-    """On a GPU (compiled kernels, real atomics): the inputs' gradients, from the kernel and the recompute,
-    and through a layout transform, against float64 autograd of the reference on the same (rounded) q, k, v."""
+    """On a GPU (compiled kernels, real atomics): the inputs' gradients by each of the dQ kernel's reductions
+    (AXES) and through a layout transform, against float64 autograd of the reference on the same (rounded)
+    q, k, v."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("run with TRITON_INTERPRET=0 so the compiled kernels run")
     g = torch.Generator().manual_seed(12)
@@ -246,6 +251,38 @@ def test_input_gradients_on_gpu(dtype):
         for n in floats:
             err = _rel_err(leaves[n].grad.cpu(), ref[n].grad)
             assert err < (2e-2 if dtype == torch.bfloat16 else 5e-3), f"{kern.ir.name} d{n}: {err:.2e}"
+
+
+def test_float_inputs_read_only_by_the_mask_get_zero_gradients(monkeypatch):
+    """A float input the mask reads (a threshold) but the score does not has a zero gradient, without the
+    recompute; the score's input beside it still gets its own, in both modes."""
+    g = torch.Generator().manual_seed(13)
+    kern = attnc.compile("""pattern thresh() {
+    input w: float[batch, N]
+    input s: float[heads]
+    mask causal and w[b, k] > 0.0
+    score alibi(s[h])
+}""")
+    q, k, v = (t.detach() for t in _qkv(1, 2, 2, 33, 33, 16, g))
+    real = attnc_ops.score_input_grads
+
+    def recompute(*a, **kw):
+        assert kw["wanted"] == ["s"], kw["wanted"]          # never asked for w's (zero) gradient
+        return real(*a, **kw)
+    monkeypatch.setattr(attnc_ops, "score_input_grads", recompute)
+    w, s = torch.randn(1, 33, generator=g), torch.rand(2, generator=g)
+    sd = s.double().requires_grad_()
+    kern.reference(q.double(), k.double(), v.double(), w=w, s=sd).square().sum().backward()
+    was = torch.are_deterministic_algorithms_enabled()
+    for deterministic in (False, True):
+        wl, sl = w.clone().requires_grad_(), s.clone().requires_grad_()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            kern(q, k, v, w=wl, s=sl).square().sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(was)
+        assert torch.equal(wl.grad, torch.zeros_like(w))
+        assert _rel_err(sl.grad, sd.grad) < 1e-4
 
 
 def test_input_gradients_alone_and_mixed_with_int_inputs():

@@ -332,6 +332,65 @@ def test_forward_and_backward_config_honour_tuned_entries(tune_dir, kern, monkey
     assert forward_config(128, 128, CUDA, torch.bfloat16, key=kern, seq=4096) == FwdConfig(64, 32, 4, 1)
 
 
+def test_scores_that_gather_input_tiles_run_one_stage_deep(monkeypatch):
+    """A score reading an input at an index over q and k (a relative bias) gathers a tile per score tile; the
+    default tables run both directions one stage deep for it (the pipeliner would stage the gathered tile
+    through shared memory); a per-head or per-row read does not count."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(attnc.launch, "_major", lambda device: 9)
+    rel = attnc.compile("pattern r() {\n input t: float[heads, R]\n mask causal\n score score + t[h, q - k + 9]\n}")
+    per_row = attnc.compile("pattern w() {\n input t: float[heads, N]\n mask causal\n score score + t[h, q]\n}")
+    assert attnc.codegen.tile_gathers(rel.ir) and not attnc.codegen.tile_gathers(per_row.ir)
+    assert forward_config(128, 128, CUDA, torch.bfloat16, gathers=True) == FwdConfig(64, 128, 4, 1, tma=True)
+    assert forward_config(128, 128, CUDA, torch.bfloat16, sparse=True, gathers=True).num_stages == 1
+    assert backward_config(128, 128, CUDA, torch.bfloat16, gathers=True) == FwdConfig(64, 64, 4, 1)
+    assert backward_config(128, 128, CUDA, torch.bfloat16, gathered=(True, True), gathers=True).num_stages == 1
+    assert attnc.launch.forward_table(128, 128, torch.bfloat16, 8, False, gathers=True).num_stages == 1
+    assert rel.block_sizes(128, device="cuda", n_q=4096) == (64, 128)
+
+
+def test_configs_too_big_for_the_device_shrink_until_one_launches(monkeypatch):
+    """Where Triton finds a kernel too big for the device (OutOfResources at its first launch), the launcher
+    tries smaller configurations (key block, then stages, then query block), undoing partial work before
+    each retry; it warns once and goes straight to what launched on later calls; with nothing left to
+    shrink, the error stands."""
+    from triton.runtime.errors import OutOfResources
+    kern = attnc.compile("pattern c() {\n mask causal\n}")
+    q = type("Q", (), {"device": CUDA, "shape": (1, 1, 1, 64), "dtype": torch.bfloat16})()
+    tried, resets = [], []
+
+    def run(cfg, shrunk):
+        tried.append((cfg, shrunk))
+        if cfg.block_n > 32 or cfg.num_stages > 2:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return "ran"
+
+    monkeypatch.setattr(attnc.launch, "_FITTED", {})
+    start = FwdConfig(128, 128, 8, 3, tma=True)
+    with pytest.warns(UserWarning, match=r"128x128 w8 s3 tma needs 300000 bytes of shared memory.*128x32 w8 s2"):
+        assert attnc.launch.within_resources("forward", kern, q, q, start, run, reset=lambda: resets.append(1)) == "ran"
+    assert [c for c, _ in tried] == [start, FwdConfig(128, 64, 8, 3, True), FwdConfig(128, 32, 8, 3, True),
+                                     FwdConfig(128, 32, 8, 2, True)]
+    assert [s for _, s in tried] == [False, True, True, True] and len(resets) == 3
+    tried.clear()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert attnc.launch.within_resources("forward", kern, q, q, start, run) == "ran"
+    assert tried == [(FwdConfig(128, 32, 8, 2, True), True)]
+    never = lambda cfg, shrunk: (_ for _ in ()).throw(OutOfResources(1, 0, "shared memory"))  # noqa: E731
+    with pytest.raises(OutOfResources):
+        attnc.launch.within_resources("backward", kern, q, q, FwdConfig(32, 32, 4, 1), never)
+    # A configuration the caller named (autotune, sweeps) is run as named or fails.
+    tried.clear()
+    with pytest.raises(OutOfResources):
+        attnc.launch.within_resources("forward", kern, q, q, FwdConfig(64, 64, 4, 1), run, shrink=False)
+    assert tried == [(FwdConfig(64, 64, 4, 1), False)]
+    # Both backward kernels shrink together.
+    both = attnc.launch._smaller(FwdConfig(64, 64, 4, 2, True, FwdConfig(128, 64, 8, 2)))
+    assert both == FwdConfig(64, 32, 4, 2, True, FwdConfig(128, 32, 8, 2))
+
+
 def test_launch_forward_passes_the_kernel_and_length(tune_dir, kern, monkeypatch):
     """The launcher asks forward_config with key=kern and seq=max(Nq, Nk) (interpreted kernel on the CPU)."""
     import attnc.launch as launch
