@@ -598,10 +598,9 @@ def within_resources(kind: str, kern, q: torch.Tensor, v: torch.Tensor, cfg: Fwd
                      shrink: bool = True):
     """``run(cfg, shrunk)`` with ``cfg`` or, where the device cannot hold its kernel (Triton's
     OutOfResources, raised at a kernel's first launch, before it runs), with the next smaller configurations
-    (:func:`_smaller`) until one launches. A score that gathers a tile of an input (a relative bias
-    ``bias[h, q - k + c]``) has the pipeliner buffer that tile too, which the tables' deepest configurations
-    have no room for. What launched is remembered, so later calls go to it directly, and a warning names
-    both once. ``reset()`` runs before each retry (undoing what a launch that stopped half-way added).
+    (:func:`_smaller`) until one launches (a score that gathers a tile of an input, pipelined deep, asked
+    for 361 KB on an H200; a tuned configuration may come from a bigger GPU). What launched is remembered,
+    so later calls go to it directly, and a warning names both once. ``reset()`` runs before each retry (undoing what a launch that stopped half-way added).
     ``shrink=False`` (a configuration the caller named: autotune, sweeps) runs ``cfg`` or raises."""
     if q.device.type != "cuda" or not shrink:
         return run(cfg, False)
