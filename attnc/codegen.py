@@ -58,6 +58,20 @@ def _clamped_offset(a: str, name: str, d: int, stride: str) -> str:
     return f"tl.minimum(tl.maximum({a}, 0), {name}_d{d} - 1).to(tl.int64) * {stride}"
 
 
+def _per_pattern(fn):
+    """Memoizes ``fn(pir)`` on the PatternIR (in its ``__dict__``, under ``_`` + the function's name): facts
+    of a pattern the launchers ask on every call, computed once per pattern."""
+    slot = "_" + fn.__name__.lstrip("_")
+
+    @functools.wraps(fn)
+    def cached(pir: PatternIR):
+        value = pir.__dict__.get(slot)
+        if value is None:
+            value = pir.__dict__[slot] = fn(pir)
+        return value
+    return cached
+
+
 class ElementwisePrinter:
     """Prints IR nodes as Triton expressions over tiles, one named line per shared subexpression."""
 
@@ -137,40 +151,31 @@ class ElementwisePrinter:
         return load
 
 
+@_per_pattern
 def grad_inputs(pir: PatternIR) -> list[str]:
     """The float runtime inputs the score reads, in declaration order: the dQ kernel adds their gradients
     into float32 tensors with atomic adds (``_input_grads_tile`` in the backward template; see
     :func:`_grad_context` for how each read is reduced first). Inputs read only by the mask have none."""
-    names = pir.__dict__.get("_grad_inputs")          # asked on every backward call: walked once
-    if names is None:
-        score = [] if pir.score is None else [pir.score]
-        read = {n.attr for n in ir.postorder(score) if n.op == "read" and n.type == "float"}
-        names = [name for name, d in pir.inputs.items() if d.dtype == "float" and name in read]
-        pir.__dict__["_grad_inputs"] = names
-    return list(names)
+    score = [] if pir.score is None else [pir.score]
+    read = {n.attr for n in ir.postorder(score) if n.op == "read" and n.type == "float"}
+    return [name for name, d in pir.inputs.items() if d.dtype == "float" and name in read]
 
 
+@_per_pattern
 def tile_gathers(pir: PatternIR) -> bool:
     """Whether the score reads a runtime input at an index over both q and k (a relative bias
     ``bias[h, q - k + c]``): each tile of scores then gathers a tile of that input, and such kernels ran 2.4x
     faster one stage deep than pipelined, so the default tables run them one stage deep
     (``launch.forward_table``, ``launch.backward_config``)."""
-    found = pir.__dict__.get("_tile_gathers")
-    if found is None:
-        score = [] if pir.score is None else [pir.score]
-        found = any(n.op == "read" and any(ir.free_vars(a) >= {"q", "k"} for a in n.args)
-                    for n in ir.postorder(score))
-        pir.__dict__["_tile_gathers"] = found
-    return found
+    score = [] if pir.score is None else [pir.score]
+    return any(n.op == "read" and any(ir.free_vars(a) >= {"q", "k"} for a in n.args) for n in ir.postorder(score))
 
 
-def per_element_grads(pir: PatternIR) -> bool:
-    """Whether some float input of :func:`grad_inputs` is read at an index over both q and k (a relative
-    bias ``bias[h, q - k + c]``): its gradient takes one atomic add per score element, and the dQ kernel
-    runs smaller tiles when it is wanted (``launch.input_grad_config``)."""
-    return any(r["axes"] == "qk" for gi in _grad_context(pir) for r in gi["reads"])
+# What the tile's d(loss)/d(read) is summed over, by the axes a read's index runs over (_grad_context).
+_SUMMED_OVER = {"": "the tile", "q": "keys", "k": "queries", "qk": "nothing (one add per element)"}
 
 
+@_per_pattern
 def _grad_context(pir: PatternIR) -> list[dict]:
     """Per float input of :func:`grad_inputs`, per read of it in the score: the printed derivative of the
     score by that read (``ir.derivative``: the read is the variable), the axes its index runs over (``""``,
@@ -178,9 +183,6 @@ def _grad_context(pir: PatternIR) -> list[dict]:
     add), and where the sum goes (an offset into the input's float32 gradient, with the gradient's own
     strides). Scalar indices are clamped and their check zeroes the sum; tile indices are checked by the
     add's mask."""
-    cached = pir.__dict__.get("_grad_context")
-    if cached is not None:
-        return cached
     out = []
     for i, name in enumerate(grad_inputs(pir)):
         reads = [n for n in ir.postorder([pir.score]) if n.op == "read" and n.attr == name]
@@ -199,11 +201,11 @@ def _grad_context(pir: PatternIR) -> list[dict]:
                 else:
                     scalar_checks.append(_index_ok(a, name, d))
                     offsets.append(_clamped_offset(a, name, d, f"{name}_gs{d}"))
-            entries.append(dict(text=ir.to_text(node), lines=printer.em.lines, value=value,
-                                axes="".join(x for x in "qk" if x in axes), offset=" + ".join(offsets) or "0",
+            axes = "".join(x for x in "qk" if x in axes)
+            entries.append(dict(text=ir.to_text(node), lines=printer.em.lines, value=value, axes=axes,
+                                summed_over=_SUMMED_OVER[axes], offset=" + ".join(offsets) or "0",
                                 scalar_ok=" & ".join(scalar_checks), tile_ok=" & ".join(tile_checks)))
         out.append(dict(name=name, ndim=len(pir.inputs[name].dims), reads=entries))
-    pir.__dict__["_grad_context"] = out
     return out
 
 
@@ -245,6 +247,7 @@ class ClassifierCode:
     bucket: tuple | None = None
 
 
+@_per_pattern
 def classifier_code(pir: PatternIR) -> ClassifierCode:
     """Triton code evaluating the mask to (must, may) over a query block x BLOCK_J key blocks, with the
     interval rules of :class:`attnc.interval.IntervalEvaluator` (the ones the torch classifiers use).
@@ -252,9 +255,6 @@ def classifier_code(pir: PatternIR) -> ClassifierCode:
     Leaves are block summaries: ``q_lo``/``q_hi`` (scalars) and ``k_lo``/``k_hi`` (vectors) are the
     smallest and largest original positions of the block, ``rd<i>_lo``/``rd<i>_hi`` the same for each
     runtime-input read indexed by one position, ``qres_*``/``kres_*`` for position % modulus."""
-    cached = pir.__dict__.get("_classifier_code")
-    if cached is not None:
-        return cached
     transform = layout_transform(pir.mask)
     modulus = next((key.modulus for key in transform.query_keys if key.kind == "residue"), 0) if transform else 0
     em = Emitter("c")
@@ -282,10 +282,8 @@ def classifier_code(pir: PatternIR) -> ClassifierCode:
     def as_int(x) -> str:
         return str(int(x)) if isinstance(x, bool) else f"{x.text}.to(tl.int32)"
 
-    code = ClassifierCode(list(em.lines), f"{as_int(may)} + {as_int(must)}", tuple(reads), modulus,
+    return ClassifierCode(list(em.lines), f"{as_int(may)} + {as_int(must)}", tuple(reads), modulus,
                           bucket_pair(pir, reads))
-    pir.__dict__["_classifier_code"] = code
-    return code
 
 
 def bucket_conjunct(pir: PatternIR) -> ir.Node | None:
@@ -397,19 +395,15 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+@_per_pattern
 def kernel_mode(pir: PatternIR) -> str:
     """How a pattern runs: 'permuted' when a layout transform applies (sorted rows, tile lists and
     original positions), 'lists' when the mask reads runtime inputs (tiles classified on the device),
     else 'ranges' (closed-form key ranges)."""
-    mode = pir.__dict__.get("_kernel_mode")
-    if mode is None:
-        from .plan import layout_transform
-        if layout_transform(pir.mask) is not None:
-            mode = "permuted"
-        else:
-            mode = "lists" if ir.uses(pir.mask, "read") else "ranges"
-        pir.__dict__["_kernel_mode"] = mode
-    return mode
+    from .plan import layout_transform
+    if layout_transform(pir.mask) is not None:
+        return "permuted"
+    return "lists" if ir.uses(pir.mask, "read") else "ranges"
 
 
 def template_context(pir: PatternIR, mode: str | None = None) -> dict:

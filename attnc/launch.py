@@ -217,8 +217,7 @@ def _sorted_copies(cfg: FwdConfig, k: torch.Tensor, v: torch.Tensor, layout, sid
     and 8k (run 79: the forward kernel 18% faster on copies; runs 11 and 38 had lost at 8k with a
     torch.gather of every row, 2.5x the copy's time). Not hash buckets (run 11e: many partial tiles at bucket
     edges, whose positions are loaded anyway; run 83, with this copy: 8% slower forward at 8k).
-    Never Q and dO. ATTNC_SORTED_KV=1 copies whenever
-    descriptors can be used, 0 never."""
+    Never Q and dO. ATTNC_SORTED_KV=1 copies whenever descriptors can be used, 0 never."""
     if not cfg.tma or not _copies_enabled(k.device) or k.shape[-1] % 8 or v.shape[-1] % 8:
         return False
     if os.environ.get("ATTNC_SORTED_KV") == "1":
@@ -600,14 +599,18 @@ def within_resources(kind: str, kern, q: torch.Tensor, v: torch.Tensor, cfg: Fwd
     OutOfResources, raised at a kernel's first launch, before it runs), with the next smaller configurations
     (:func:`_smaller`) until one launches (a score that gathers a tile of an input, pipelined deep, asked
     for 361 KB on an H200; a tuned configuration may come from a bigger GPU). What launched is remembered,
-    so later calls go to it directly, and a warning names both once. ``reset()`` runs before each retry (undoing what a launch that stopped half-way added).
-    ``shrink=False`` (a configuration the caller named: autotune, sweeps) runs ``cfg`` or raises."""
+    so later calls go to it directly, and a warning names both once. ``reset()`` runs before each retry
+    (undoing what a launch that stopped half-way added). ``shrink=False`` (a configuration the caller
+    named: autotune, sweeps) runs ``cfg`` or raises."""
     if q.device.type != "cuda" or not shrink:
         return run(cfg, False)
     from triton.runtime.errors import OutOfResources
-    key = (id(kern.ir), kind, q.shape[-1], v.shape[-1], q.dtype, q.device, cfg)
-    if key in _FITTED:
-        return run(_FITTED[key][1], True)
+
+    def key():                  # built only where something did not fit: calls that fit pay nothing
+        return (id(kern.ir), kind, q.shape[-1], v.shape[-1], q.dtype, q.device, cfg)
+    fitted = _FITTED.get(key()) if _FITTED else None
+    if fitted is not None:
+        return run(fitted[1], True)
     tried, error = cfg, None
     while True:
         try:
@@ -622,7 +625,7 @@ def within_resources(kind: str, kern, q: torch.Tensor, v: torch.Tensor, cfg: Fwd
         if error is not None:
             import warnings
             from .tuning import config_text
-            _FITTED[key] = (kern.ir, tried)       # the IR kept alive, so that its id is not reused
+            _FITTED[key()] = (kern.ir, tried)     # the IR kept alive, so that its id is not reused
             warnings.warn(f"attnc: pattern '{kern.ir.name}': the {kind} kernel with {config_text(cfg)} needs "
                           f"{error.required} bytes of {error.name}, more than this GPU has ({error.limit}); "
                           f"using {config_text(tried)} (`attnc autotune` picks the fastest that fits)",

@@ -46,10 +46,10 @@ FLEX_SCORE = {
 def flex_ms(name: str, x, q, k, v, dout, reps: int) -> dict:
     """FlexAttention (compiled) with the same causal mask and score: forward wall ms, and forward+backward
     with the input's gradient and with the input frozen; an error text where Flex refuses."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from attnc.bench import _create_block_mask, _flex   # Flex as bench_all runs it (compiled once)
     n = q.shape[2]
-    flex = torch.compile(flex_attention)
-    block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, n, n, device="cuda")
+    flex = _flex()
+    block_mask = _create_block_mask(lambda b, h, qi, ki: qi >= ki, None, n, n, "cuda")
     out = {}
     with torch.no_grad():
         score_mod = FLEX_SCORE[name](x.detach(), n)
