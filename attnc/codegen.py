@@ -19,7 +19,7 @@ from .evaluate import OPS
 from .interval import Emitter, IntervalEvaluator, Sym, TritonOps
 from .parse import _resource_text
 from .plan import (BUCKET_KEY_MAX, RangeProgram, block_ranges, layout_transform, mirrored_reads, padded_sides,
-                   range_program, summarized_side)
+                   range_program, summarized_side, tile_axes)
 
 # How the element-wise code names the index variables and sizes inside a tile.
 LEAF_NAMES = {"q": "q_pos", "k": "k_pos", "b": "off_b", "h": "off_h",
@@ -162,13 +162,19 @@ def grad_inputs(pir: PatternIR) -> list[str]:
 
 
 @_per_pattern
-def tile_gathers(pir: PatternIR) -> bool:
-    """Whether the score reads a runtime input at an index over both q and k (a relative bias
-    ``bias[h, q - k + c]``): each tile of scores then gathers a tile of that input, and such kernels ran 2.4x
-    faster one stage deep than pipelined, so the default tables run them one stage deep
-    (``launch.forward_table``, ``launch.backward_config``)."""
-    score = [] if pir.score is None else [pir.score]
-    return any(n.op == "read" and any(ir.free_vars(a) >= {"q", "k"} for a in n.args) for n in ir.postorder(score))
+def tile_gathers(pir: PatternIR) -> str:
+    """Whether a tile of scores gathers a tile of a runtime input: ``"score"`` when the score reads an input at
+    indices that run over both q and k, in one index (a relative bias ``bias[h, q - k + c]``) or between them
+    (``t[h, q % 64, k % 64]``); else ``"mask"`` when the mask does (a dense mask ``m[b, q, k]``: partial tiles
+    only); else ``""``. Such scores ran their backward 1.3-2.5x faster one stage deep than pipelined, and their
+    forward 2.4x faster (relative bias) or as fast (RESULTS runs 94 and 100); dense masks' forward ran 10-19%
+    faster two stages deep than three (run 101). The default tables take these (``launch.forward_table``,
+    ``launch.backward_config``)."""
+    def gathers(roots):
+        return any(n.op == "read" and ir.free_vars(n) >= {"q", "k"} for n in ir.postorder(roots))
+    if pir.score is not None and gathers([pir.score]):
+        return "score"
+    return "mask" if gathers([pir.mask]) else ""
 
 
 # What the tile's d(loss)/d(read) is summed over, by the axes a read's index runs over (_grad_context).
@@ -227,10 +233,11 @@ def _range_code(program: RangeProgram) -> tuple[list[str], int]:
 
 @dataclass(frozen=True)
 class SetupRead:
-    """A runtime-input read the tile classifier knows per block: its min / max over each block's rows."""
+    """A runtime-input read the tile classifier knows per block: its min / max over each block's rows (or,
+    for side 'qk', over each tile)."""
     index: int
     node: ir.Node
-    side: str                 # 'q' or 'k': the one position its indices use
+    side: str                 # 'q' or 'k': the one position its indices use; 'qk': a dense mask (plan.tile_axes)
     text: str
 
 
@@ -254,7 +261,8 @@ def classifier_code(pir: PatternIR) -> ClassifierCode:
 
     Leaves are block summaries: ``q_lo``/``q_hi`` (scalars) and ``k_lo``/``k_hi`` (vectors) are the
     smallest and largest original positions of the block, ``rd<i>_lo``/``rd<i>_hi`` the same for each
-    runtime-input read indexed by one position, ``qres_*``/``kres_*`` for position % modulus."""
+    runtime-input read indexed by one position (or per tile, for a dense mask ``m[b, q, k]``),
+    ``qres_*``/``kres_*`` for position % modulus."""
     transform = layout_transform(pir.mask)
     modulus = next((key.modulus for key in transform.query_keys if key.kind == "residue"), 0) if transform else 0
     em = Emitter("c")
@@ -267,7 +275,11 @@ def classifier_code(pir: PatternIR) -> ClassifierCode:
     def read(node: ir.Node, idx):
         side = summarized_side(node)
         if side is None:
-            return None
+            # A dense mask read m[b, q, k]: known per tile, on rows in order (a layout transform would need
+            # its summary over the sorted rows of each tile; there it stays unknown: every tile partial).
+            if transform is not None or tile_axes(node) is None:
+                return None
+            side = "qk"
         r = next((r for r in reads if r.node == node), None)
         if r is None:
             r = SetupRead(len(reads), node, side, ir.to_text(node))

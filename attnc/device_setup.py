@@ -470,14 +470,15 @@ def summarize_side(module, code, side: str, perm, *, shape: tuple, dims: tuple, 
 
 def classify(module, code, *, shape: tuple, n_q: int, n_k: int, block_m: int, block_n: int, sizes: dict,
              q_summary: torch.Tensor, k_summary: torch.Tensor, q_sorted: bool, k_sorted: bool,
-             rows: tuple | None = None, counts: tuple = (None, None)) -> tuple:
+             rows: tuple | None = None, counts: tuple = (None, None), tiles: dict | None = None) -> tuple:
     """(status, ranges): int8 tile classes (B', H', nqb, nkb) from the pattern's generated classifier
     ``module`` (its :class:`attnc.codegen.ClassifierCode` is ``code``) over the block summaries of
     :func:`summarize_side`; and, when keys are sorted by a bucket id the mask equates with the queries'
     (``code.bucket``), int32 (B', H', nqb, 2): each query block's key blocks [first, last) outside which
     every tile is empty (the classifier evaluates only those), else None.
     ``rows``: (query, key) rows in sorted order when a side is padded (default n_q, n_k); ``counts``: the
-    padded sides' real rows per block."""
+    padded sides' real rows per block; ``tiles``: the dense-mask reads' (side 'qk') per-tile min / max by read
+    index (:func:`tile_summaries`)."""
     Bp, Hp = shape
     rows_q, rows_k = rows or (n_q, n_k)
     nqb, nkb = triton.cdiv(rows_q, block_m), triton.cdiv(rows_k, block_n)
@@ -493,6 +494,9 @@ def classify(module, code, *, shape: tuple, n_q: int, n_k: int, block_m: int, bl
         args += [q_summary[2], q_summary[3], k_summary[2], k_summary[3]]
     slot = {"q": 2 if code.modulus else 1, "k": 2 if code.modulus else 1}
     for r in code.reads:
+        if r.side == "qk":
+            args += list(tiles[r.index])
+            continue
         summary = q_summary if r.side == "q" else k_summary
         args += [summary[2 * slot[r.side]], summary[2 * slot[r.side] + 1]]
         slot[r.side] += 1
@@ -504,6 +508,29 @@ def classify(module, code, *, shape: tuple, n_q: int, n_k: int, block_m: int, bl
         BLOCK_N=block_n, GROUP_M=group, BLOCK_J=_block_j(nkb, CLASSIFY_BLOCK_J), Q_SORTED=q_sorted, K_SORTED=k_sorted,
         Q_PADDED=q_count is not None, K_PADDED=k_count is not None, K_SEARCH=search, num_warps=CLASSIFY_WARPS)
     return status, ranges
+
+
+def tile_summaries(code, *, shape: tuple, n_q: int, n_k: int, block_m: int, block_n: int, sizes: dict,
+                   inputs: dict, device) -> dict:
+    """Per dense-mask read of the classifier (side 'qk', e.g. ``m[b, q, k]``): its min / max over every tile,
+    int64 (B', H', nqb, nkb) contiguous, by read index. Torch reductions of the input on its device, without
+    a copy of it or a host synchronization (so a setup graph can hold them)."""
+    from .evaluate import evaluate
+    from .plan import tile_axes, tile_read_summary
+    reads = [r for r in code.reads if r.side == "qk"]
+    if not reads:
+        return {}
+    Bp, Hp = shape
+    nqb, nkb = triton.cdiv(n_q, block_m), triton.cdiv(n_k, block_n)
+    env = {**sizes, **inputs, "b": torch.arange(Bp, device=device).view(Bp, 1, 1, 1),
+           "h": torch.arange(Hp, device=device).view(1, Hp, 1, 1)}
+    cache, out = {}, {}
+    for r in reads:
+        axes = tile_axes(r.node)
+        values = [0 if i in axes else evaluate([a], env)[0] for i, a in enumerate(r.node.args)]
+        lo, hi = tile_read_summary(inputs[r.node.attr], r.node, values, block_m, n_q, block_n, n_k, cache)
+        out[r.index] = tuple(x.expand(Bp, Hp, nqb, nkb).contiguous() for x in (lo, hi))
+    return out
 
 
 def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, n_q: int, n_k: int, block_m: int,
@@ -553,7 +580,9 @@ def plan_tiles(module, pir, transform, *, shape: tuple, batch: int, heads: int, 
                                                    pure=pure, padded=pad["k"])
     q_perm, k_perm = perm["q"], perm["k"]
     rows = tuple(p.shape[-1] if p is not None else n[side] for side, p in zip("qk", (q_perm, k_perm)))
+    tiles = tile_summaries(code, shape=shape, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n, sizes=sizes,
+                           inputs=inputs, device=device)
     status, ranges = classify(module, code, shape=shape, n_q=n_q, n_k=n_k, block_m=block_m, block_n=block_n,
                               sizes=sizes, q_summary=q_summary, k_summary=k_summary, q_sorted=q_perm is not None,
-                              k_sorted=k_perm is not None, rows=rows, counts=(q_count, k_count))
+                              k_sorted=k_perm is not None, rows=rows, counts=(q_count, k_count), tiles=tiles)
     return PlannedTiles(status, on_device=True, ranges=ranges), q_perm, k_perm, q_pos, k_pos, in_place, pure

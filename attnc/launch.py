@@ -315,11 +315,12 @@ def _chosen_config(kind: str, head_dim: int, head_dim_v: int, device: torch.devi
 
 
 def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
-                   sparse: bool = False, key=None, seq: int | None = None, gathers: bool = False) -> FwdConfig:
+                   sparse: bool = False, key=None, seq: int | None = None, gathers: str = "") -> FwdConfig:
     """Default tiles: a table per GPU family (measured on an H200, benchmarks/NOTES.md), small tiles
     under the interpreter. ``sparse`` (tile lists, or a narrow band such as a sliding window: few key
     tiles per query block) prefers smaller tiles: fewer partial tiles, more programs. ``gathers``: the
-    score reads an input tile per score tile (:func:`attnc.codegen.tile_gathers`).
+    score (``"score"``) or the mask (``"mask"``) reads an input tile per score tile
+    (:func:`attnc.codegen.tile_gathers`).
     With ``key`` (a Kernel or its pattern key) and ``seq`` (max(Nq, Nk)), an `attnc autotune` result for
     this GPU, dtype, head dim and sequence bucket wins over the table (attnc/tuning.py)."""
     chosen = _chosen_config("fwd", head_dim, head_dim_v, device, dtype, key, seq)
@@ -329,12 +330,12 @@ def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: 
 
 
 def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int, sparse: bool,
-                  gathers: bool = False) -> FwdConfig:
+                  gathers: str = "") -> FwdConfig:
     """The default forward tiles for a GPU of compute capability ``major`` (no device needed)."""
     d = max(head_dim, head_dim_v)
     if dtype == torch.float32:
         return FwdConfig(64, 32, 4, 2) if d > 64 else FwdConfig(64, 64, 4, 2)
-    if gathers:
+    if gathers == "score":
         # A score gathering an input tile per score tile (a relative bias): pipelined, the kernel needs more
         # shared memory (361 KB at 128 x 128 w8 s3) and ran 2.4x slower than one stage deep (relative bias at
         # 8k on the H200, RESULTS.md runs 94-96: 64 x 128 w4 s1 5.5 ms, 128 x 64 w8 s3 13.7 ms).
@@ -347,7 +348,9 @@ def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int
         # Narrow bands and tile lists (64 x 64) load K and V by pointers: since rows are 32-bit offsets (run
         # 10d) that is 3-8% faster than descriptors for the window, documents and the dilated window (run 43).
         if sparse and d <= 128:
-            return FwdConfig(64, 64, 4, 3)
+            # A dense mask (m[b, q, k]) gathers a byte tile in every partial tile: two stages ran 10-19%
+            # faster than three (RESULTS run 101).
+            return FwdConfig(64, 64, 4, 2 if gathers == "mask" else 3)
         if d <= 64:
             return FwdConfig(128, 64, 4, 3)          # measured in session 1; TMA untested at D=64
         if d <= 128:
@@ -747,13 +750,14 @@ def _backward_variants(launches, flag: torch.Tensor | None):
 
 def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
                     key=None, seq: int | None = None, gathered: tuple[bool, bool] = (False, False),
-                    gathers: bool = False) -> FwdConfig:
+                    gathers: str = "") -> FwdConfig:
     """Default tiles of the backward kernels (an `attnc autotune` result first, as in forward_config).
     On Hopper: 64 x 64 tiles, 4 warps, 2 stages, tensor-descriptor loads (the best or within 3% of the
     best of the H200 sweeps for causal, window, documents and prefix-LM, benchmarks/RESULTS.md run 8).
     ``gathered`` = (keys, queries) read through loaded positions by a layout transform: the dQ kernel
     streams keys, the dK/dV kernel queries, and a kernel streaming gathered rows pipelines 3 deep.
-    ``gathers``: the score reads an input tile per score tile (see forward_table): one stage."""
+    ``gathers == "score"``: the score reads an input tile per score tile (see forward_table): one stage. (A
+    dense mask's backward keeps the defaults: they ran fastest, RESULTS run 101.)"""
     chosen = _chosen_config("bwd", head_dim, head_dim_v, device, dtype, key, seq)
     if chosen is not None:
         return chosen
@@ -761,7 +765,7 @@ def backward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype:
     if dtype == torch.float32:
         return FwdConfig(32, 32, 4, 1)
     major = _major(device)
-    if gathers and d <= 128:
+    if gathers == "score" and d <= 128:
         # Both kernels one stage deep, pointer loads: 18.1 ms for a relative bias's backward at 8k with the
         # bias's gradient, against 45.8 ms two stages deep with descriptors (H200, RESULTS.md run 94).
         return FwdConfig(64, 64, 4, 1)

@@ -26,6 +26,7 @@ import torch
 
 from . import ir
 from .analyze import PatternIR
+from .evaluate import read_tensor
 from .interval import IntervalEvaluator, TorchOps
 
 MAX_DISJUNCTS = 8
@@ -315,6 +316,67 @@ def _block_summary(x: torch.Tensor, axis: int, block: int, n: int):
     return lo.movedim(-1, axis), hi.movedim(-1, axis)
 
 
+def tile_axes(node: ir.Node) -> tuple[int, int] | None:
+    """(q axis, k axis) of a read that indexes one dimension by exactly ``q``, one by exactly ``k`` and the
+    others by expressions without q and k (a dense mask ``m[b, q, k]``), of an int or bool input: its min /
+    max over a tile is a block reduction of the tensor (:func:`tile_read_summary`), so tile classifiers know
+    it per (query block, key block). None for any other read."""
+    if node.op != "read" or node.type not in ("int", "bool"):
+        return None
+    at = {v: [i for i, a in enumerate(node.args) if a.op == "var" and a.attr == v] for v in ("q", "k")}
+    if len(at["q"]) != 1 or len(at["k"]) != 1:
+        return None
+    if any(ir.free_vars(a) & {"q", "k"} for i, a in enumerate(node.args) if i not in (at["q"][0], at["k"][0])):
+        return None
+    return at["q"][0], at["k"][0]
+
+
+def _blocks_along(x: torch.Tensor, axis: int, block: int, n: int, reduce) -> torch.Tensor:
+    """``reduce`` (torch.amin or torch.amax) over blocks of ``block`` positions of [0, n) along ``axis``
+    (ceil(n / block) blocks, in x's dtype); positions at or past x's size read 0, as in the kernels."""
+    x = x.movedim(axis, -1)
+    have = min(x.shape[-1], n)
+    full = have // block
+    parts = []
+    if full:
+        parts.append(reduce(x[..., :full * block].unflatten(-1, (full, block)), dim=-1))
+    if have > full * block:
+        part = reduce(x[..., full * block:have], dim=-1, keepdim=True)
+        if have < min(n, (full + 1) * block):         # the block runs past the tensor: those positions read 0
+            part = reduce(torch.stack([part, torch.zeros_like(part)]), dim=0)
+        parts.append(part)
+    rest = -(-n // block) - sum(p.shape[-1] for p in parts)
+    if rest:
+        parts.append(torch.zeros(*x.shape[:-1], rest, dtype=x.dtype, device=x.device))
+    return torch.cat(parts, -1).movedim(-1, axis)
+
+
+def tile_read_summary(x: torch.Tensor, node: ir.Node, index_values: list, block_m: int, n_q: int, block_n: int,
+                      n_k: int, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) as int64 of a :func:`tile_axes` read over every (query block, key block) tile, shaped
+    (B', H', nqb, nkb) (1 where no index value varies) by broadcasting ``index_values``: one per index of the
+    read, the values of the indices other than q and k as ints or tensors shaped like (B', H', 1, 1) (``b`` as
+    (B', 1, 1, 1)); ignored at q's and k's. The tensor is reduced over key blocks first, in its own dtype, so
+    no copy of it is made; an out-of-range index reads 0 as in the kernels. ``cache``: the reductions, kept by
+    (input name, axes)."""
+    qa, ka = tile_axes(node)
+    key = (node.attr, qa, ka)
+    if cache is None or key not in cache:
+        sides = []
+        for reduce in (torch.amin, torch.amax):
+            y = _blocks_along(x, ka, block_n, n_k, reduce)
+            sides.append(_blocks_along(y, qa, block_m, n_q, reduce).to(torch.int64))
+        if cache is None:
+            cache = {}
+        cache[key] = tuple(sides)
+    lo_t, hi_t = cache[key]
+    nqb, nkb = lo_t.shape[qa], lo_t.shape[ka]
+    index = list(index_values)
+    index[qa] = torch.arange(nqb, device=lo_t.device).view(1, 1, nqb, 1)
+    index[ka] = torch.arange(nkb, device=lo_t.device).view(1, 1, 1, nkb)
+    return read_tensor(lo_t, index, "int"), read_tensor(hi_t, index, "int")
+
+
 class TileClassifier:
     """Classifies every (query block, key block) tile of a call, vectorized on the inputs' device."""
 
@@ -348,6 +410,11 @@ class TileClassifier:
         """Interval of a tensor read: exact indices read the value; an index that is exactly ``q`` or
         ``k`` uses the per-block min/max along that axis; anything else is unknown."""
         x = self.inputs[node.attr]
+        if tile_axes(node) is not None and all(i is not None for i in idx):
+            # A dense mask (m[b, q, k]): its min / max per tile.
+            lo, hi = tile_read_summary(x, node, [ilo for ilo, _ in idx], self.block_m, self.n_q, self.block_n,
+                                       self.n_k, self._summaries)
+            return (lo > 0, hi > 0) if node.type == "bool" else (lo, hi)
         block_axes = [(axis, a.attr) for axis, a in enumerate(node.args) if a.op == "var" and a.attr in ("q", "k")]
         if len(block_axes) > 1 or any(i is None for i in idx):
             return None

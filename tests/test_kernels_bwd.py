@@ -28,6 +28,7 @@ CASES = {
     "softcap": ("pattern p() {\n mask causal\n score softcap(score, 2.0)\n}", None),
     "relative_bias": ("pattern p() {\n input rb: float[heads, R]\n mask causal\n"
                       " score score + rb[h, clamp(q - k, -8, 8) + 8]\n}", "rb"),
+    "dense_mask": ("pattern p() {\n input m: bool[batch, N, M]\n mask m[b, q, k] and causal\n}", "dense"),
     "prefix_or_causal": ("pattern p() { mask prefix(20) or causal }", None),
     "block_local": ("pattern p() { mask block_local(24) }", None),
     "neighborhood_dilated": ("pattern p() { mask neighborhood(13, dilation = 2) }", None),
@@ -48,6 +49,12 @@ def _inputs(kind, B, Hq, n, g):
         return {"s": torch.rand(Hq, generator=g)}
     if kind == "rb":
         return {"rb": torch.randn(Hq, 17, generator=g)}
+    if kind == "dense":                  # documents as a dense mask, one batch entry holes at random, rows empty
+        doc = torch.arange(n) * 3 // n
+        m = (doc[:, None] == doc[None, :]).expand(B, n, n).clone()
+        m[-1] &= torch.rand(n, n, generator=g) < 0.8
+        m[0, n // 2: n // 2 + 5] = False
+        return {"m": m}
     return {}
 
 

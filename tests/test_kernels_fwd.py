@@ -233,6 +233,16 @@ def slopes(B, H, Nq, Nk, gen):
     return {"slopes": torch.tensor([2.0 ** (-8.0 * (i + 1) / H) for i in range(H)]) * 4}
 
 
+def dense_docs(B, H, Nq, Nk, gen):
+    """A mask given as a tensor (B, Nq, Nk): documents, the last batch entry with holes at random, a few rows
+    empty; its tiles are full, partial and empty (classified per tile)."""
+    q_doc, k_doc = torch.arange(Nq) * 3 // max(Nq, 1), torch.arange(Nk) * 3 // max(Nk, 1)
+    m = (q_doc[:, None] == k_doc[None, :]).expand(B, Nq, Nk).clone()
+    m[-1] &= torch.rand(Nq, Nk, generator=gen) < 0.8
+    m[0, Nq // 2: Nq // 2 + 3] = False
+    return {"m": m}
+
+
 def relative_bias(B, H, Nq, Nk, gen):
     return {"bias": torch.randn(H, 11, generator=gen) * 2}
 
@@ -379,6 +389,8 @@ def test_example_fp32(case, size):
 
 
 CUSTOM_CASES = [
+    Case("dense_mask", "", inputs=dense_docs, sizes=[(130, 130), (17, 67), (67, 17)], batch=2,
+         source="pattern dense() {\n input m: bool[batch, N, M]\n mask m[b, q, k] and causal\n}"),
     Case("opaque-mod", "", source="pattern opaque() {\n    mask (q * 3 + k * 5) % 7 < 4\n}\n",
          sizes=[(67, 67), (17, 67)]),
     Case("band-or-diagonals", "", source="pattern bands() {\n    mask abs(q - k) <= 3 or (q + k) % 11 == 0\n}\n",

@@ -333,20 +333,30 @@ def test_forward_and_backward_config_honour_tuned_entries(tune_dir, kern, monkey
 
 
 def test_scores_that_gather_input_tiles_run_one_stage_deep(monkeypatch):
-    """A score reading an input at an index over q and k (a relative bias) gathers a tile per score tile; the
-    default tables run both directions one stage deep for it (the pipeliner would stage the gathered tile
-    through shared memory); a per-head or per-row read does not count."""
+    """A score reading an input at indices over q and k (a relative bias; a table indexed by q and by k)
+    gathers a tile per score tile; the default tables run both directions one stage deep for it; a per-head
+    or per-row read does not count. A mask's read at (q, k) (a dense mask: partial tiles only) takes two
+    stages in the forward (run 101: one stage was slower, three too)."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(attnc.launch, "_major", lambda device: 9)
     rel = attnc.compile("pattern r() {\n input t: float[heads, R]\n mask causal\n score score + t[h, q - k + 9]\n}")
     per_row = attnc.compile("pattern w() {\n input t: float[heads, N]\n mask causal\n score score + t[h, q]\n}")
-    assert attnc.codegen.tile_gathers(rel.ir) and not attnc.codegen.tile_gathers(per_row.ir)
-    assert forward_config(128, 128, CUDA, torch.bfloat16, gathers=True) == FwdConfig(64, 128, 4, 1, tma=True)
-    assert forward_config(128, 128, CUDA, torch.bfloat16, sparse=True, gathers=True).num_stages == 1
-    assert backward_config(128, 128, CUDA, torch.bfloat16, gathers=True) == FwdConfig(64, 64, 4, 1)
-    assert backward_config(128, 128, CUDA, torch.bfloat16, gathered=(True, True), gathers=True).num_stages == 1
-    assert attnc.launch.forward_table(128, 128, torch.bfloat16, 8, False, gathers=True).num_stages == 1
+    between = attnc.compile("pattern p() {\n input t: float[heads, P, P]\n mask causal\n"
+                            " score score + t[h, q % 64, k % 64]\n}")
+    mask_only = attnc.compile("pattern m() {\n input m: bool[batch, N, N]\n mask m[b, q, k] and causal\n}")
+    tile_gathers = attnc.codegen.tile_gathers
+    assert tile_gathers(rel.ir) == tile_gathers(between.ir) == "score"
+    assert tile_gathers(per_row.ir) == "" and tile_gathers(mask_only.ir) == "mask"
+    assert forward_config(128, 128, CUDA, torch.bfloat16, gathers="score") == FwdConfig(64, 128, 4, 1, tma=True)
+    assert forward_config(128, 128, CUDA, torch.bfloat16, sparse=True, gathers="score").num_stages == 1
+    assert backward_config(128, 128, CUDA, torch.bfloat16, gathers="score") == FwdConfig(64, 64, 4, 1)
+    assert backward_config(128, 128, CUDA, torch.bfloat16, gathered=(True, True), gathers="score").num_stages == 1
+    assert attnc.launch.forward_table(128, 128, torch.bfloat16, 8, False, gathers="score").num_stages == 1
     assert rel.block_sizes(128, device="cuda", n_q=4096) == (64, 128)
+    # A dense mask: two stages in the forward, the backward's defaults.
+    assert forward_config(128, 128, CUDA, torch.bfloat16, sparse=True, gathers="mask") == FwdConfig(64, 64, 4, 2)
+    assert backward_config(128, 128, CUDA, torch.bfloat16, gathers="mask") == backward_config(128, 128, CUDA,
+                                                                                            torch.bfloat16)
 
 
 def test_configs_too_big_for_the_device_shrink_until_one_launches(monkeypatch):
