@@ -346,7 +346,7 @@ def _blocks_along(x: torch.Tensor, axis: int, block: int, n: int, reduce) -> tor
             part = reduce(torch.stack([part, torch.zeros_like(part)]), dim=0)
         parts.append(part)
     rest = -(-n // block) - sum(p.shape[-1] for p in parts)
-    if rest:
+    if rest or not parts:
         parts.append(torch.zeros(*x.shape[:-1], rest, dtype=x.dtype, device=x.device))
     return torch.cat(parts, -1).movedim(-1, axis)
 
