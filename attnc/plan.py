@@ -306,14 +306,9 @@ def residue_plan(pir: PatternIR, n_q: int, n_k: int, batch: int, heads: int, blo
 
 
 def _block_summary(x: torch.Tensor, axis: int, block: int, n: int):
-    """(min, max) of ``x`` over blocks of ``block`` positions along ``axis`` (positions < n). A ragged
-    last block is padded with its own last value, which changes neither its min nor its max."""
-    x = x.movedim(axis, -1)[..., :n].to(torch.int64)      # exact interval arithmetic, bools as 0 / 1
-    pad = (-x.shape[-1]) % block
-    if pad:
-        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], -1)
-    lo, hi = torch.aminmax(x.unflatten(-1, (-1, block)), dim=-1)
-    return lo.movedim(-1, axis), hi.movedim(-1, axis)
+    """(min, max) as int64 of ``x`` over blocks of ``block`` positions [0, n) along ``axis``
+    (:func:`_blocks_along`: a ragged last block reduces what it holds; positions past x's size read 0)."""
+    return tuple(_blocks_along(x, axis, block, n, reduce).to(torch.int64) for reduce in (torch.amin, torch.amax))
 
 
 def tile_axes(node: ir.Node) -> tuple[int, int] | None:
@@ -361,14 +356,10 @@ def tile_read_summary(x: torch.Tensor, node: ir.Node, index_values: list, block_
     (input name, axes)."""
     qa, ka = tile_axes(node)
     key = (node.attr, qa, ka)
-    if cache is None or key not in cache:
-        sides = []
-        for reduce in (torch.amin, torch.amax):
-            y = _blocks_along(x, ka, block_n, n_k, reduce)
-            sides.append(_blocks_along(y, qa, block_m, n_q, reduce).to(torch.int64))
-        if cache is None:
-            cache = {}
-        cache[key] = tuple(sides)
+    cache = {} if cache is None else cache
+    if key not in cache:
+        cache[key] = tuple(_blocks_along(_blocks_along(x, ka, block_n, n_k, reduce), qa, block_m, n_q, reduce)
+                           .to(torch.int64) for reduce in (torch.amin, torch.amax))
     lo_t, hi_t = cache[key]
     nqb, nkb = lo_t.shape[qa], lo_t.shape[ka]
     index = list(index_values)

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -31,7 +32,8 @@ from attnc.bench import _create_block_mask, _flex, time_ms  # noqa: E402
 PATTERNS = {
     "dense_mask": "pattern p() {\n input m: bool[batch, N, N]\n mask m[b, q, k] and causal\n}",
     "dense_mask_random": "pattern p() {\n input m: bool[batch, N, N]\n mask m[b, q, k] and causal\n}",
-    "periodic_bias": "pattern p() {\n input t: float[heads, P, P]\n mask causal\n score score + t[h, q % 64, k % 64]\n}",
+    "periodic_bias": ("pattern p() {\n input t: float[heads, P, P]\n mask causal\n"
+                      " score score + t[h, q % 64, k % 64]\n}"),
 }
 FWD = "default;64,64,4,1;64,128,4,1,tma;128,128,8,1,tma;64,64,4,2"
 BWD = "default;64,64,4,1;64,64,4,1,tma"
@@ -57,19 +59,6 @@ def flex_fns(name: str, inputs: dict, B: int, N: int):
         return (lambda b, h, qi, ki: m[b, qi, ki] & (qi >= ki)), None, (B, 1)
     t = inputs["t"]
     return (lambda b, h, qi, ki: qi >= ki), (lambda s, b, h, qi, ki: s + t[h, qi % 64, ki % 64]), None
-
-
-def with_env(name: str, value: str, fn):
-    old = os.environ.get(name)
-    if value != "default":
-        os.environ[name] = value
-    try:
-        return fn()
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def main():
@@ -101,12 +90,13 @@ def main():
             for text in texts.split(";"):
                 row = {"pattern": name, "kind": kind, "config": text, "N": N, "B": B}
                 try:
-                    if kind == "fwd":
-                        got = with_env(env, text, lambda: kern(q, k, v, **inputs)).float()
-                        row["rel_err"] = ((got - want).norm() / want.norm()).item()
-                        row["ms"] = with_env(env, text, lambda: time_ms(lambda: kern(q, k, v, **inputs)))
-                    else:
-                        row["ms"] = with_env(env, text, lambda: time_ms(fb))
+                    with mock.patch.dict(os.environ, {} if text == "default" else {env: text}):
+                        if kind == "fwd":
+                            got = kern(q, k, v, **inputs).float()
+                            row["rel_err"] = ((got - want).norm() / want.norm()).item()
+                            row["ms"] = time_ms(lambda: kern(q, k, v, **inputs))
+                        else:
+                            row["ms"] = time_ms(fb)
                 except Exception as e:  # noqa: BLE001 -- a configuration that does not launch is a result
                     row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
                 print(json.dumps(row), flush=True)

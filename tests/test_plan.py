@@ -473,6 +473,15 @@ def test_dense_mask_inputs_are_classified_per_tile(mask, dims, make, n_q, n_k, b
         assert_exact(full, computed, any_t, all_t, ragged, mask)
 
 
+def test_reads_past_a_short_input_plan_as_zeros():
+    """An input shorter than the call along the position it is read at (a named size bound by the tensor)
+    reads 0 past its end, in the kernels and the reference; the block summaries do the same (they used to
+    stop at the tensor's end, and the torch classifier failed on the mismatched block counts)."""
+    kern = attnc.compile("pattern d() {\n    input doc: int[batch, M]\n    mask doc[b, q] == doc[b, k] or k == 0\n}\n")
+    inputs = {"doc": torch.tensor([[1] * 30 + [2] * 20, [0] * 10 + [3] * 40])}
+    check_all_planners(kern, 67, 67, 2, 1, 16, 16, inputs, "short doc")
+
+
 def test_dense_documents_plan_like_document_ids():
     """Documents given as a materialized (n, n) mask plan the tiles that the same documents given as ids
     do: tile_fraction equal, at the kernels' 64 x 64 tiles."""
