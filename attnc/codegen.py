@@ -9,6 +9,7 @@ table of :mod:`attnc.evaluate`, so the kernel and the reference compute the same
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import jinja2
@@ -127,28 +128,117 @@ class ElementwisePrinter:
     def _read(self, node: ir.Node, args: list[str]) -> str:
         """A runtime-input read; out-of-range indices read 0 (False), as in the reference.
 
-        Indices over q or k are tiles and become the load's mask; scalar indices (over b, h, sizes)
-        are clamped and checked with a select, since a scalar mask does not broadcast in every Triton.
+        Indices over q or k are tiles and become the load's mask; scalar indices (over b, h, sizes) are
+        clamped, and their checks narrow the first tile index's range. A read with no tile index checks its
+        scalars with a select, since a scalar mask does not broadcast in every Triton.
         """
         name = node.attr
         offsets, tile_checks, scalar_checks = [], [], []
         for i, (index, a) in enumerate(zip(node.args, args)):
-            ok = _index_ok(a, name, i)
             if ir.free_vars(index) & {"q", "k"}:
-                tile_checks.append(ok)
+                tile_checks.append((a, i))
                 offsets.append(f"({a}).to(tl.int64) * {name}_s{i}")
             else:
-                scalar_checks.append(ok)
+                scalar_checks.append(_index_ok(a, name, i))
                 offsets.append(_clamped_offset(a, name, i, f"{name}_s{i}"))
         ptr = f"{name}_ptr + " + " + ".join(offsets)
-        load = f"tl.load({ptr}, mask={' & '.join(tile_checks)}, other=0)" if tile_checks else f"tl.load({ptr})"
+        if not tile_checks:
+            load = f"tl.load({ptr})"
+            return self._typed(node, f"tl.where({' & '.join(scalar_checks)}, {load}, 0)" if scalar_checks else load)
+        checks = [_index_ok(a, name, i) for a, i in tile_checks]
         if scalar_checks:
-            load = f"tl.where({' & '.join(scalar_checks)}, {load}, 0)"
+            # Scalar indices out of range empty the first tile index's range (a scalar select), so their checks
+            # cost nothing per element: a select after the load cost ~100 instructions per 64 x 64 tile and warp
+            # on Hopper, and a scalar joined to the load's mask with `&` is widened to int32 by the interpreter.
+            a, i = tile_checks[0]
+            limit = f"tl.where({' & '.join(scalar_checks)}, {name}_d{i}, 0)"
+            checks[0] = f"({a} >= 0) & ({a} < {limit})"
+        return self._typed(node, f"tl.load({ptr}, mask={' & '.join(checks)}, other=0)")
+
+    @staticmethod
+    def _typed(node: ir.Node, load: str) -> str:
         if node.type == "bool":
             return f"({load} != 0)"
         if node.type == "float":
             return f"({load}).to(tl.float32)"
         return load
+
+
+def tile_mask_code(mask: ir.Node, prefix: str) -> list[str]:
+    """The body of a ``_mask_tile`` function for ``mask``: lines that set the entries of the tile ``x`` where the
+    mask is false, or whose key is past the end (``k_ok`` false), to ``fill``.
+
+    Conjuncts whose truth on a whole tile the interval rules can prove from the tile's position bounds
+    (``q_lo``..``q_hi`` x ``k_lo``..``k_hi``: affine, modular and coordinate atoms; not reads) are tested
+    element-wise only on the tiles where the proof fails, each behind its own branch; the first also tests
+    ``k_ok``, and is taken on the tiles that reach past the end (``k_edge``). A window's diagonal tiles skip
+    the window's far edge and its far-edge tiles causality; a dense mask's tiles below the diagonal test the
+    mask alone. ``TILE_BOUNDS``
+    (constexpr) says whether the bounds hold (rows in order, or residue classes in closed form); where it
+    is False (rows sorted by a loaded key) every test runs on every partial tile.
+
+    Each test selects into ``x`` itself: a float tile passes through a branch in its registers, where a
+    boolean tile would be packed into bytes and out again. Whatever reads an input is selected before the
+    branches: Triton 3.6's software pipeliner fails on a load consumed only inside a branch."""
+    conjuncts, proofs, proof_lines = tile_proofs(mask, prefix)
+    rest = [c for c in conjuncts if c not in proofs]
+
+    def select(nodes: list, indent: str, tag: str, k_ok: bool = False) -> list[str]:
+        p = ElementwisePrinter(f"{prefix}{tag}")
+        terms = [p(ir.and_(*nodes))] if nodes else []
+        terms += ["k_ok"] if k_ok else []
+        return [indent + line for line in p.em.lines] + [f"{indent}x = tl.where({' & '.join(terms)}, x, fill)"]
+
+    if not proofs or (len(proofs) == 1 and not rest):
+        # A mask that is one provable conjunct is unproven on every partial tile (the tile classifiers and
+        # closed-form ranges apply the same rules: where it is proven, the tile is full).
+        return select(conjuncts, "", "", k_ok=True)
+    lines = ["if TILE_BOUNDS:"]
+    if rest:
+        lines += select(rest, "    ", "")
+    lines += ["    " + line for line in proof_lines]
+    for i, (c, must) in enumerate(proofs.items()):
+        # The first test also takes k_ok: a branch of its own would be turned into predicated selects, run
+        # on every tile (and two masks in one select cost two selects an element anyway).
+        lines.append(f"    # {ir.to_text(c)}: tested where the tile's bounds do not prove it"
+                     + (" (and keys past the end)" if i == 0 else ""))
+        lines.append(f"    if ({must} == 0) | k_edge:" if i == 0 else f"    if {must} == 0:")
+        lines += select([c], "        ", f"{i}_", k_ok=i == 0)
+    lines.append("else:")
+    lines += select(conjuncts, "    ", "", k_ok=True)
+    return lines
+
+
+def tile_proofs(mask: ir.Node, prefix: str = "m") -> tuple[list[ir.Node], dict, list[str]]:
+    """The conjuncts of ``mask``; for those the tile's position bounds can prove true on a whole tile, the name
+    of that proof (a scalar: nonzero when proven); and the scalar lines computing the proofs from ``q_lo``,
+    ``q_hi``, ``k_lo``, ``k_hi`` and the call's sizes (``off_b``, ``off_h``, ``n_q``, ...), by the interval
+    rules the tile classifiers use (the 'must' bound of each conjunct)."""
+    conjuncts = list(mask.args) if mask.op == "and" else [mask]
+    em = Emitter(f"{prefix}b")
+    leaves = {"q": (Sym(em, "q_lo"), Sym(em, "q_hi")), "k": (Sym(em, "k_lo"), Sym(em, "k_hi"))}
+    for name in ("b", "h", "n_q", "n_k", "batch", "heads"):
+        leaves[name] = (Sym(em, LEAF_NAMES[name]),) * 2
+    ev = IntervalEvaluator(TritonOps(em), leaves)
+    proofs = {}
+    for c in conjuncts:
+        if ir.free_vars(c) & {"q", "k"} and not ir.uses(c, "read"):
+            must = ev(c)[0]
+            if isinstance(must, Sym):
+                proofs[c] = must.text
+    return conjuncts, proofs, _live_lines(em.lines, list(proofs.values()))
+
+
+def _live_lines(lines: list[str], wanted: list[str]) -> list[str]:
+    """The ``name = expr`` lines that the names in ``wanted`` depend on (the interval rules also print the
+    bounds nobody reads)."""
+    live, out = set(wanted), []
+    for line in reversed(lines):
+        name, _, expr = line.partition(" = ")
+        if name in live:
+            out.append(line)
+            live |= set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", expr))
+    return out[::-1]
 
 
 @_per_pattern
@@ -420,7 +510,6 @@ def kernel_mode(pir: PatternIR) -> str:
 
 def template_context(pir: PatternIR, mode: str | None = None) -> dict:
     """What the templates need to know about a pattern: the hooks' code and the plan's shape."""
-    mask_printer = ElementwisePrinter("m")
     mode = mode or kernel_mode(pir)
     permuted = mode in ("permuted", "residue")
     residue_ranges = mode == "residue"
@@ -434,12 +523,10 @@ def template_context(pir: PatternIR, mode: str | None = None) -> dict:
         modulus, range_mask = residue_local_mask(pir.mask)
         tile_mask = without_residue(pir.mask, modulus)
         mode = "ranges"
-    mask_var = mask_printer(tile_mask)
+    mask_lines = tile_mask_code(tile_mask, "m")
     pure_mask = pure_bucket_mask(pir) if mode == "permuted" else None
-    pure_printer = ElementwisePrinter("pm")
-    # A mask of the bucket conjunct alone leaves nothing to test: a broadcastable all-true column.
-    pure_var = (pure_printer(pure_mask) if pure_mask is not None and pure_mask.op != "const"
-                else "(q_pos == q_pos)")
+    # A mask of the bucket conjunct alone leaves nothing to test.
+    pure_lines = tile_mask_code(pure_mask, "pm") if pure_mask is not None and pure_mask.op != "const" else []
     score_lines, score_var, dscore_lines, dscore_var = [], "s", [], "1.0"
     if pir.score is not None:
         score_printer = ElementwisePrinter("sc")
@@ -460,12 +547,10 @@ def template_context(pir: PatternIR, mode: str | None = None) -> dict:
         score_note=pir.score_note,
         mask_text=ir.to_text(pir.mask),
         score_text=ir.to_text(pir.score) if pir.score is not None else None,
-        mask_lines=mask_printer.em.lines,
-        mask_var=mask_var,
+        mask_lines=mask_lines,
         bucket_pure=pure_mask is not None,     # partial tiles also come without the bucket conjunct
         pure_mask_text=ir.to_text(pure_mask) if pure_mask is not None else "",
-        pure_mask_lines=pure_printer.em.lines,
-        pure_mask_var=pure_var,
+        pure_mask_lines=pure_lines,
         score_lines=score_lines,
         score_var=score_var,
         dscore_lines=dscore_lines,

@@ -26,6 +26,9 @@ back to an earlier address) that no smaller loop overlaps, its SASS instructions
 that matter for attention: matrix (HGMMA), exp2 (MUFU.EX2), float arithmetic, selects, conversions, async
 copies (LDGSTS), bulk tensor copies (UTMALDG) and spill accesses (LDL/STL): the tile loops, masked and
 full. benchmarks/NOTES.md items 45 and 48 read the kernels this way.
+
+``--dump DIR`` writes each kernel's TTGIR, PTX and SASS to DIR (``<kind>_<configuration>_<launch>_<kernel>.*``):
+a loop with branches in it is counted above on every path at once, so item 68 walked its paths in the SASS.
 """
 import argparse
 import os
@@ -196,6 +199,7 @@ def main():
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("-p", "--param", action="append", default=[], help="NAME=VALUE pattern parameter")
     ap.add_argument("--loops", action="store_true", help="SASS instructions per loop iteration, by kind")
+    ap.add_argument("--dump", default=None, help="directory to write each kernel's TTGIR, PTX and SASS to")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import triton
@@ -225,6 +229,12 @@ def main():
                 print(f"{spec:22s} {name:16s} {resource_usage(compiled)} SMEM:{smem}", flush=True)
                 if args.loops:
                     print_loops(compiled, fn.__name__)
+                if args.dump:
+                    stem = Path(args.dump) / f"{kind}_{text.replace(',', '_').replace('/', '-')}_{i}_{fn.__name__}"
+                    stem.parent.mkdir(parents=True, exist_ok=True)
+                    stem.with_suffix(".ttgir").write_text(compiled.asm["ttgir"])
+                    stem.with_suffix(".ptx").write_text(compiled.asm["ptx"])
+                    stem.with_suffix(".sass").write_text(cuobjdump(compiled, "--dump-sass"))
             except Exception as exc:  # noqa: BLE001 - report and go on with the next launch
                 print(f"{spec:22s} {name:16s} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
 

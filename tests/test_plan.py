@@ -875,3 +875,97 @@ def test_random_disjunctions_walk_their_needed_tiles_once(pieces, n_q, n_k, bloc
     ctx = template_context(kern.ir)
     assume(kernel_mode(kern.ir) == "ranges" and ctx["t_n_parts" if transposed else "n_parts"] > 1)
     check_masked_pieces(kern, n_q, n_k, *blocks, transposed, exact=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conjuncts proven on a whole tile (codegen.tile_proofs): partial tiles test only what the bounds leave open.
+
+
+def run_mask_tile(kern, q0: int, k0: int, n_q: int, n_k: int, b: int, h: int, *, bounds: bool, edge: bool,
+                  block: int = 16) -> torch.Tensor:
+    """The generated ``_mask_tile`` of ``kern`` (through the interpreter) on the tile of positions
+    q0 .. q0 + block - 1 x k0 .. k0 + block - 1 of a call of n_q x n_k (batch 2, heads 3): 1 where it keeps an
+    entry of a tile of ones, 0 where it fills."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(OUT, q0, k0, b, h, n_q, n_k, batch, heads, MASK: tl.constexpr, BLOCK: tl.constexpr,
+              TILE_BOUNDS: tl.constexpr, EDGE: tl.constexpr):
+        rows = tl.arange(0, BLOCK)
+        q_pos = (q0 + rows)[:, None]
+        k_pos = (k0 + rows)[None, :]
+        x = tl.full((BLOCK, BLOCK), 1.0, tl.float32)
+        x = MASK(x, 0.0, k_pos < n_k, EDGE, q_pos, k_pos, b, h, n_q, n_k, batch, heads,
+                 q0, q0 + BLOCK - 1, k0, k0 + BLOCK - 1, TILE_BOUNDS)
+        tl.store(OUT + rows[:, None] * BLOCK + rows[None, :], x)
+
+    out = torch.full((block, block), -1.0)
+    probe[(1,)](out, q0, k0, b, h, n_q, n_k, 2, 3, MASK=kern._forward_module()._mask_tile, BLOCK=block,
+                TILE_BOUNDS=bounds, EDGE=edge)
+    return out
+
+
+def check_mask_tile(kern, n_q: int, n_k: int, q0: int, k0: int, b: int, h: int, edge: bool, block: int = 16):
+    """The tile's kept entries equal the pattern's mask (and, with ``edge``, keys before n_k), with the tile's
+    bounds (proofs taken) and without them, on the positions inside the call."""
+    want = kern.mask(n_q, n_k, batch=2, heads=3)[b, h]
+    rows = [q for q in range(q0, q0 + block) if q < n_q]
+    cols = [k for k in range(k0, k0 + block) if k < n_k or edge]
+    for bounds in (True, False):
+        got = run_mask_tile(kern, q0, k0, n_q, n_k, b, h, bounds=bounds, edge=edge, block=block)
+        for q in rows:
+            for k in cols:
+                expect = k < n_k and bool(want[q, k])
+                assert bool(got[q - q0, k - k0]) == expect, (kern.ir.name, bounds, edge, q, k, got, want)
+
+
+@pytest.mark.parametrize("source", [
+    "mask causal and q - k < 40",                         # two proofs: the window's far edge, causality
+    "mask q - k >= 0 and k // 8 != q // 8 + 1",           # a coordinate atom
+    "mask causal and (q - k) % 3 == 0",                   # a modular atom
+    "mask k >= q",
+])
+def test_mask_tile_proofs_keep_what_the_mask_keeps(source):
+    """Partial tiles test a conjunct only where the tile's bounds do not prove it: every kind of tile (on the
+    diagonal, on a window's edge, inside both, reaching past the keys' end) keeps exactly the mask."""
+    kern = attnc.compile(f"pattern p() {{ {source} }}")
+    for q0, k0 in [(0, 0), (32, 0), (48, 16), (32, 32), (64, 16), (80, 48), (16, 48)]:
+        check_mask_tile(kern, 90, 70, q0, k0, 1, 2, edge=k0 + 16 > 70)
+
+
+def test_mask_tile_proofs_are_branches_on_the_bounds():
+    """A window's partial tiles test each of its two conjuncts behind a branch on the tile's bounds; a dense
+    mask's read stays outside every branch (Triton 3.6's pipeliner fails on a load used only inside one) and
+    causality is branched on; a mask with nothing to prove, or only one conjunct, has no branch."""
+    from attnc.codegen import tile_mask_code, tile_proofs
+    window = attnc.compile("pattern p() { mask causal and q - k < 40 }").ir.mask
+    conjuncts, proofs, lines = tile_proofs(window)
+    assert len(conjuncts) == 2 and len(proofs) == 2 and lines
+    code = tile_mask_code(window, "m")
+    assert code[0] == "if TILE_BOUNDS:" and sum(line.lstrip().startswith("if ") for line in code) == 3
+    dense = attnc.compile("pattern p() { input m: bool[batch, N, N]\n mask m[b, q, k] and causal }").ir.mask
+    code = tile_mask_code(dense, "m")
+    load = next(i for i, line in enumerate(code) if "tl.load" in line)
+    branch = next(i for i, line in enumerate(code) if line.lstrip().startswith("if ") and "TILE_BOUNDS" not in line)
+    assert load < branch and not code[load].startswith("    " * 2)
+    docs = attnc.compile("pattern p() { input doc: int[batch, N]\n mask doc[b, q] == doc[b, k] }").ir.mask
+    assert tile_proofs(docs)[1] == {} and not any("TILE_BOUNDS" in line for line in tile_mask_code(docs, "m"))
+    # One provable conjunct alone is unproven on every partial tile (where it is proven the tile is full).
+    causal = attnc.compile("pattern p() { mask causal }").ir.mask
+    assert len(tile_proofs(causal)[1]) == 1 and not any("if " in line for line in tile_mask_code(causal, "m"))
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(prog=S.mask_programs(), n_q=st.integers(1, 40), n_k=st.integers(1, 40), data=st.data())
+def test_random_mask_tile_proofs_are_sound(prog, n_q, n_k, data):
+    """Over random masks, lengths and tiles: the generated partial-tile code (its proofs from the tile's bounds
+    and the tests they leave) keeps exactly the mask."""
+    try:
+        kern = attnc.compile(prog.source, **prog.kwargs)
+    except attnc.PatternError:
+        assume(False)       # provably empty: test_properties checks that
+    q0 = data.draw(st.integers(0, n_q - 1), "q0")
+    k0 = data.draw(st.integers(0, n_k - 1), "k0")
+    b, h = data.draw(st.integers(0, 1), "b"), data.draw(st.integers(0, 2), "h")
+    check_mask_tile(kern, n_q, n_k, q0, k0, b, h, edge=data.draw(st.booleans(), "edge"))
