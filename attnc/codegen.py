@@ -173,9 +173,8 @@ def tile_mask_code(mask: ir.Node, prefix: str) -> list[str]:
     element-wise only on the tiles where the proof fails, each behind its own branch; the first also tests
     ``k_ok``, and is taken on the tiles that reach past the end (``k_edge``). A window's diagonal tiles skip
     the window's far edge and its far-edge tiles causality; a dense mask's tiles below the diagonal test the
-    mask alone. ``TILE_BOUNDS``
-    (constexpr) says whether the bounds hold (rows in order, or residue classes in closed form); where it
-    is False (rows sorted by a loaded key) every test runs on every partial tile.
+    mask alone. ``TILE_BOUNDS`` (constexpr) says whether the bounds hold (rows in order, or residue classes in
+    closed form); where it is False (rows sorted by a loaded key) every test runs on every partial tile.
 
     Each test selects into ``x`` itself: a float tile passes through a branch in its registers, where a
     boolean tile would be packed into bytes and out again. Whatever reads an input is selected before the
