@@ -135,14 +135,11 @@ def wall_ms(fn: Callable[[], Any], reps: int = 10, warmup: int = 2) -> float:
 def uncached_setup(kern, q, k, v, inputs: dict) -> None:
     """The setup a forward call pays for runtime inputs it has not seen (tile lists, sorts, layout),
     without the attention kernel: the per-call cache is dropped first. Static patterns have none."""
-    from .codegen import tile_gathers
-    from .launch import forward_config, forward_launches, prefers_small_tiles
+    from .launch import call_forward_config, forward_launches
     from .validate import check_inputs
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    sizes = check_inputs(kern.ir, inputs, batch=B, heads=H, n_q=Nq, n_k=Nk)
-    cfg = forward_config(D, v.shape[-1], q.device, q.dtype, sparse=prefers_small_tiles(kern, Nq, Nk), key=kern,
-                         seq=max(Nq, Nk), gathers=tile_gathers(kern.ir))
+    B, H, Nq = q.shape[:3]
+    sizes = check_inputs(kern.ir, inputs, batch=B, heads=H, n_q=Nq, n_k=k.shape[2])
+    cfg = call_forward_config(kern, q, k, v)
     kern.__dict__.pop("_setup_cache", None)
     forward_launches(kern, q, k, v, sizes=sizes, inputs=inputs, config=cfg)
 

@@ -164,7 +164,7 @@ class ElementwisePrinter:
         return load
 
 
-def tile_mask_code(mask: ir.Node, prefix: str) -> list[str]:
+def tile_mask_code(mask: ir.Node, prefix: str, bounded: bool = True) -> list[str]:
     """The body of a ``_mask_tile`` function for ``mask``: lines that set the entries of the tile ``x`` where the
     mask is false, or whose key is past the end (``k_ok`` false), to ``fill``.
 
@@ -175,6 +175,8 @@ def tile_mask_code(mask: ir.Node, prefix: str) -> list[str]:
     the window's far edge and its far-edge tiles causality; a dense mask's tiles below the diagonal test the
     mask alone. ``TILE_BOUNDS`` (constexpr) says whether the bounds hold (rows in order, or residue classes in
     closed form); where it is False (rows sorted by a loaded key) every test runs on every partial tile.
+    ``bounded=False``: the kernel's rows never have bounds (sorted by a loaded key in every launch), so no
+    branch is printed that no launch takes.
 
     Each test selects into ``x`` itself: a float tile passes through a branch in its registers, where a
     boolean tile would be packed into bytes and out again. Whatever reads an input is selected before the
@@ -188,7 +190,7 @@ def tile_mask_code(mask: ir.Node, prefix: str) -> list[str]:
         terms += ["k_ok"] if k_ok else []
         return [indent + line for line in p.em.lines] + [f"{indent}x = tl.where({' & '.join(terms)}, x, fill)"]
 
-    if not proofs or (len(proofs) == 1 and not rest):
+    if not bounded or not proofs or (len(proofs) == 1 and not rest):
         # A mask that is one provable conjunct is unproven on every partial tile (the tile classifiers and
         # closed-form ranges apply the same rules: where it is proven, the tile is full).
         return select(conjuncts, "", "", k_ok=True)
@@ -208,6 +210,15 @@ def tile_mask_code(mask: ir.Node, prefix: str) -> list[str]:
     return lines
 
 
+def _block_leaves(em: Emitter) -> dict:
+    """Interval leaves for a block of positions: q in [q_lo, q_hi], k in [k_lo, k_hi], b, h and the sizes exact
+    (their kernel names), as the tile classifier and the partial tiles' proofs read them."""
+    leaves = {"q": (Sym(em, "q_lo"), Sym(em, "q_hi")), "k": (Sym(em, "k_lo"), Sym(em, "k_hi"))}
+    for name in ("b", "h", "n_q", "n_k", "batch", "heads"):
+        leaves[name] = (Sym(em, LEAF_NAMES[name]),) * 2
+    return leaves
+
+
 def tile_proofs(mask: ir.Node, prefix: str = "m") -> tuple[list[ir.Node], dict, list[str]]:
     """The conjuncts of ``mask``; for those the tile's position bounds can prove true on a whole tile, the name
     of that proof (a scalar: nonzero when proven); and the scalar lines computing the proofs from ``q_lo``,
@@ -215,9 +226,7 @@ def tile_proofs(mask: ir.Node, prefix: str = "m") -> tuple[list[ir.Node], dict, 
     rules the tile classifiers use (the 'must' bound of each conjunct)."""
     conjuncts = list(mask.args) if mask.op == "and" else [mask]
     em = Emitter(f"{prefix}b")
-    leaves = {"q": (Sym(em, "q_lo"), Sym(em, "q_hi")), "k": (Sym(em, "k_lo"), Sym(em, "k_hi"))}
-    for name in ("b", "h", "n_q", "n_k", "batch", "heads"):
-        leaves[name] = (Sym(em, LEAF_NAMES[name]),) * 2
+    leaves = _block_leaves(em)
     ev = IntervalEvaluator(TritonOps(em), leaves)
     proofs = {}
     for c in conjuncts:
@@ -356,9 +365,7 @@ def classifier_code(pir: PatternIR) -> ClassifierCode:
     modulus = next((key.modulus for key in transform.query_keys if key.kind == "residue"), 0) if transform else 0
     em = Emitter("c")
     ops = TritonOps(em)
-    leaves = {"q": (Sym(em, "q_lo"), Sym(em, "q_hi")), "k": (Sym(em, "k_lo"), Sym(em, "k_hi"))}
-    for name in ("b", "h", "n_q", "n_k", "batch", "heads"):
-        leaves[name] = (Sym(em, LEAF_NAMES[name]),) * 2
+    leaves = _block_leaves(em)
     reads: list[SetupRead] = []
 
     def read(node: ir.Node, idx):
@@ -522,10 +529,15 @@ def template_context(pir: PatternIR, mode: str | None = None) -> dict:
         modulus, range_mask = residue_local_mask(pir.mask)
         tile_mask = without_residue(pir.mask, modulus)
         mode = "ranges"
-    mask_lines = tile_mask_code(tile_mask, "m")
+    # Partial tiles know their position bounds unless rows are sorted by a loaded key (residue classes are
+    # computed: the permuted kernels then have bounds, TILE_BOUNDS in the templates).
+    transform = layout_transform(pir.mask) if permuted else None
+    bounded = transform is None or all(key.kind == "residue" for key in transform.query_keys + transform.key_keys)
+    mask_lines = tile_mask_code(tile_mask, "m", bounded)
     pure_mask = pure_bucket_mask(pir) if mode == "permuted" else None
     # A mask of the bucket conjunct alone leaves nothing to test.
-    pure_lines = tile_mask_code(pure_mask, "pm") if pure_mask is not None and pure_mask.op != "const" else []
+    pure_lines = (tile_mask_code(pure_mask, "pm", bounded) if pure_mask is not None and pure_mask.op != "const"
+                  else [])
     score_lines, score_var, dscore_lines, dscore_var = [], "s", [], "1.0"
     if pir.score is not None:
         score_printer = ElementwisePrinter("sc")

@@ -329,6 +329,15 @@ def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: 
     return forward_table(head_dim, head_dim_v, dtype, _major(device), sparse, gathers)
 
 
+def call_forward_config(kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> FwdConfig:
+    """:func:`forward_config` for a call of ``kern`` on ``q``, ``k``, ``v``: its tuned result for these lengths,
+    or the table's tiles for the pattern's band width and gathers."""
+    from .codegen import tile_gathers
+    n_q, n_k = q.shape[2], k.shape[2]
+    return forward_config(q.shape[3], v.shape[3], q.device, q.dtype, sparse=prefers_small_tiles(kern, n_q, n_k),
+                          key=kern, seq=max(n_q, n_k), gathers=tile_gathers(kern.ir))
+
+
 def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int, sparse: bool,
                   gathers: str = "") -> FwdConfig:
     """The default forward tiles for a GPU of compute capability ``major`` (no device needed)."""
@@ -644,10 +653,7 @@ def launch_forward(kern, q, k, v, *, scale: float, sizes: dict, inputs: dict, co
         out32, lse, state = launch_forward(kern, q.float(), k.float(), v.float(), scale=scale, sizes=sizes,
                                            inputs=inputs, config=config)
         return out32.to(torch.bfloat16), lse, state
-    from .codegen import tile_gathers
-    Nq, Nk, D, Dv = q.shape[2], k.shape[2], q.shape[3], v.shape[3]
-    cfg = config or forward_config(D, Dv, q.device, q.dtype, sparse=prefers_small_tiles(kern, Nq, Nk), key=kern,
-                                   seq=max(Nq, Nk), gathers=tile_gathers(kern.ir))
+    cfg = config or call_forward_config(kern, q, k, v)
     return within_resources("forward", kern, q, v, cfg,
                             lambda c, _: _launch_forward(kern, q, k, v, scale, sizes, inputs, c, out),
                             shrink=config is None)
