@@ -498,3 +498,47 @@ def test_sass_loops_counts_instructions_between_a_backward_branch_and_its_target
     (lo, hi, counts), = sass_loops(sass)
     assert (lo, hi) == (0x10, 0x40)
     assert counts["all"] == 4 and counts["HGMMA"] == 1 and counts["MUFU.EX2"] == 1 and counts["LDL"] == 1
+
+
+def _load_program_cost():
+    spec = importlib.util.spec_from_file_location("program_cost", ROOT / "benchmarks" / "program_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("n, window", [(256, 64), (256, 100), (300, 64), (300, None), (192, 1000)])
+def test_program_cost_counts_the_tiles_attnc_plans(n, window):
+    import attnc
+    pc = _load_program_cost()
+    kern = attnc.compile(pc.SOURCE, window=window) if window else attnc.compile(pc.CAUSAL)
+    plan = kern.plan(n_q=n, n_k=n, block_m=32, block_n=32)
+    full, part, density = pc.tile_counts(n, 32, window)
+    assert (full, part) == (plan.tiles["full"], plan.tiles["partial"])
+    w = window or n
+    dense = torch.tensor([[0 <= q - k < w for k in range(n)] for q in range(n)])
+    assert density == pytest.approx(dense.float().mean().item())
+
+
+@pytest.mark.parametrize("n, nb", [(256, 1), (256, 3), (320, 4)])
+def test_program_cost_block_bands_are_full_tiles_only(n, nb):
+    import attnc
+    pc = _load_program_cost()
+    kern = attnc.compile(pc.BLOCKS.format(b=32), nb=nb)
+    plan = kern.plan(n_q=n, n_k=n, block_m=32, block_n=32)
+    full, part, density = pc.block_band_counts(n, 32, nb)
+    assert (full, part) == (plan.tiles["full"], plan.tiles["partial"]) and part == 0
+    dense = torch.tensor([[0 <= q // 32 - k // 32 < nb for k in range(n)] for q in range(n)])
+    assert density == pytest.approx(dense.float().mean().item())
+
+
+def test_program_cost_fit_recovers_known_costs():
+    pc = _load_program_cost()
+    a, b, c = 0.05, 0.004, 0.006                    # us per program, full tile, partial tile
+    rows = [dict(programs=p, full=f, partial=q, t_ms=(p * a + f * b + q * c) / 1e3)
+            for p, f, q in [(100, 400, 20), (100, 900, 50), (100, 2000, 10), (200, 500, 300), (150, 300, 0)]]
+    got = pc.fit(rows, "t_ms")
+    assert got["us_per_program"] == pytest.approx(a)
+    assert got["us_per_full_tile"] == pytest.approx(b)
+    assert got["us_per_partial_tile"] == pytest.approx(c)
+    assert got["program_in_tiles"] == pytest.approx(a / b)
