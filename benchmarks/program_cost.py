@@ -6,7 +6,7 @@ Every pattern is ``k <= q and q - k < W`` (and plain causal), or the same band i
 (``k // B <= q // B and q // B - k // B < W // B``: full tiles only), at one length, batch x length = 32k tokens, 16
 heads, D 128, bf16, all on the same forward tiles (``--fwd``, default 64 x 64 w4 s3, attnc's tiles for narrow
 bands) and the default backward. So every run has the same programs, one per (batch x head, query block),
-and differs in how many full and partial tiles they compute (counted exactly on the block grid). A least-squares
+and differs in how many full and partial tiles they compute (attnc's plan). A least-squares
 fit of the measured times to ``programs x a + full tiles x b + partial tiles x c`` gives the time per full and
 per partial tile and the fixed time per program (``a``, all in microseconds of the whole GPU, then in tiles:
 a / b). NOTES.md item 72 estimated a ~3.5-4 tile fixed cost from two points; this measures it.
@@ -24,40 +24,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import attnc  # noqa: E402
-from attnc.bench import effective_tflops, env_info, time_ms  # noqa: E402
+from attnc.bench import effective_tflops, env_info, mask_density, time_ms  # noqa: E402
 
 SOURCE = "pattern band(window: int) {\n    mask k <= q and q - k < window\n}\n"
 CAUSAL = "pattern causal_only() {\n    mask k <= q\n}\n"
 BLOCKS = "pattern band_blocks(nb: int) {{\n    mask k // {b} <= q // {b} and q // {b} - k // {b} < nb\n}}\n"
 
 
-def block_band_counts(n: int, block: int, nb: int) -> tuple[int, int, float]:
-    """(full tiles, partial tiles, density) of one head for the band of nb whole blocks (all tiles full where
-    the length is a multiple of the block)."""
-    nblk = n // block
-    full = sum(min(i, nb - 1) + 1 for i in range(nblk))
-    visible = sum(min(n - 1, (q // block) * block + block - 1) - max(0, (q // block - nb + 1) * block) + 1
-                  for q in range(n))
-    return full, 0, visible / (n * n)
-
-
-def tile_counts(n: int, block: int, window: int | None) -> tuple[int, int, float]:
-    """(full tiles, partial tiles, density) of one head on a block x block grid; window None is causal."""
-    w = window if window is not None else 2 * n + 1
-    full = part = 0
-    nb = (n + block - 1) // block
-    for i in range(nb):
-        q_lo, q_hi = i * block, min(n, (i + 1) * block) - 1
-        for j in range(i + 1):
-            k_lo, k_hi = j * block, min(n, (j + 1) * block) - 1
-            if k_lo > q_hi or q_lo - k_hi >= w:
-                continue                        # nothing visible
-            if k_hi <= q_lo and q_hi - k_lo < w:         # every existing pair visible (attnc's full tile)
-                full += 1
-            else:
-                part += 1
-    visible = sum(min(q, w - 1) + 1 for q in range(n))
-    return full, part, visible / (n * n)
+def counts(kern, n: int, block: int, device="cuda") -> tuple[int, int, float]:
+    """(full tiles, partial tiles, density) of one (batch, head) of ``kern`` at length n: the tiles from attnc's
+    plan on block x block tiles, the density counted exactly on the pattern's own mask."""
+    tiles = kern.plan(n_q=n, n_k=n, block_m=block, block_n=block).tiles
+    density = mask_density(kern.flex_mask_mod(n, n), batch=1, heads=1, n_q=n, n_k=n, device=device)
+    return tiles["full"], tiles["partial"], density
 
 
 def fit(rows: list[dict], key: str) -> dict:
@@ -94,12 +73,12 @@ def main():
                for _ in range(3))
     dout = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
     windows = [int(x) for x in args.windows.split(",")]
-    cases = [(f"window {w}", attnc.compile(SOURCE, window=w), tile_counts(n, block, w)) for w in windows]
-    cases += [(f"blocks {w}", attnc.compile(BLOCKS.format(b=block), nb=w // block),
-               block_band_counts(n, block, w // block)) for w in windows if n % block == 0]
-    cases.append(("causal", attnc.compile(CAUSAL), tile_counts(n, block, None)))
+    cases = [(f"window {w}", attnc.compile(SOURCE, window=w)) for w in windows]
+    cases += [(f"blocks {w}", attnc.compile(BLOCKS.format(b=block), nb=w // block)) for w in windows if n % block == 0]
+    cases.append(("causal", attnc.compile(CAUSAL)))
     rows = []
-    for name, kern, (full, part, density) in cases:
+    for name, kern in cases:
+        full, part, density = counts(kern, n, block)
         kern(q, k, v).backward(dout)                   # compile outside the timing
         fwd = time_ms(lambda: kern(q, k, v), rep=args.rep)
         fb = time_ms(lambda: kern(q, k, v).backward(dout), rep=args.rep, grad_to_none=[q, k, v])

@@ -507,16 +507,28 @@ def _load_program_cost():
     return mod
 
 
+def _dense_tile_counts(dense: torch.Tensor, block: int) -> tuple[int, int]:
+    """(full, partial) block x block tiles of a dense (n, n) mask: full where every pair is visible, partial
+    where some are (a ragged last block holds only the pairs that exist)."""
+    full = part = 0
+    n = dense.shape[0]
+    for i in range(0, n, block):
+        for j in range(0, n, block):
+            t = dense[i:i + block, j:j + block]
+            full += bool(t.all())
+            part += bool(t.any()) and not bool(t.all())
+    return full, part
+
+
 @pytest.mark.parametrize("n, window", [(256, 64), (256, 100), (300, 64), (300, None), (192, 1000)])
-def test_program_cost_counts_the_tiles_attnc_plans(n, window):
+def test_program_cost_counts_the_tiles_and_density_of_the_band(n, window):
     import attnc
     pc = _load_program_cost()
     kern = attnc.compile(pc.SOURCE, window=window) if window else attnc.compile(pc.CAUSAL)
-    plan = kern.plan(n_q=n, n_k=n, block_m=32, block_n=32)
-    full, part, density = pc.tile_counts(n, 32, window)
-    assert (full, part) == (plan.tiles["full"], plan.tiles["partial"])
+    full, part, density = pc.counts(kern, n, 32, device="cpu")
     w = window or n
     dense = torch.tensor([[0 <= q - k < w for k in range(n)] for q in range(n)])
+    assert (full, part) == _dense_tile_counts(dense, 32)
     assert density == pytest.approx(dense.float().mean().item())
 
 
@@ -525,10 +537,9 @@ def test_program_cost_block_bands_are_full_tiles_only(n, nb):
     import attnc
     pc = _load_program_cost()
     kern = attnc.compile(pc.BLOCKS.format(b=32), nb=nb)
-    plan = kern.plan(n_q=n, n_k=n, block_m=32, block_n=32)
-    full, part, density = pc.block_band_counts(n, 32, nb)
-    assert (full, part) == (plan.tiles["full"], plan.tiles["partial"]) and part == 0
+    full, part, density = pc.counts(kern, n, 32, device="cpu")
     dense = torch.tensor([[0 <= q // 32 - k // 32 < nb for k in range(n)] for q in range(n)])
+    assert (full, part) == _dense_tile_counts(dense, 32) and part == 0
     assert density == pytest.approx(dense.float().mean().item())
 
 
