@@ -14,6 +14,7 @@ signature is what Triton specializes on, or finer:
 - integers by value (Triton specializes on 1, on divisibility by 16 and on the 32/64-bit range);
 - tensors by dtype and by whether the data pointer is 16-byte aligned;
 - floats by type only (Triton never specializes a float's value), bools and None by value;
+- host tensor descriptors by their base's dtype and alignment and by their shape, strides and block shape;
 - the keyword arguments (constexprs, ``num_warps``, ``num_stages``) by value; and the current device.
 
 Triton's path is kept where the direct call could differ from it: under the interpreter, when launch hooks
@@ -66,6 +67,11 @@ def signature(args) -> tuple | None:
             append(_NONE)
         elif isinstance(a, torch.Tensor):
             append((a.dtype, a.data_ptr() & 15 == 0))
+        elif t.__name__ == "TensorDescriptor":
+            # A host tensor descriptor (Triton's, which its launcher turns into a CUtensorMap on every launch):
+            # its base's dtype and alignment, and all of its geometry by value.
+            append((t, a.base.dtype, a.base.data_ptr() & 15 == 0, tuple(a.shape), tuple(a.strides),
+                    tuple(a.block_shape), a.padding, getattr(a, "round_f32_to_tf32", False)))
         else:
             return None
     return tuple(sig)

@@ -196,6 +196,50 @@ def _tma_available(cfg: FwdConfig, device: torch.device) -> bool:
     return True
 
 
+def host_rows(t: torch.Tensor, heads: int, rows: int, block: int, residue: int = 0):
+    """A tensor descriptor over every head's rows of ``t`` ([B, heads, rows, D]), made on the host, for a
+    kernel that reads blocks of ``block`` rows of one head at a time (in residue classes of ``residue`` rows
+    where > 0), or None where the kernel must make its own, one per program (``tl.make_tensor_descriptor``).
+
+    A descriptor made in the kernel writes 128 bytes to global memory and fences them before its first copy,
+    in every program (NOTES item 73 measures what that costs); one made here is a kernel argument. It spans
+    all heads, so a tile running past a head's last row would read the next head's rows instead of zeros: it
+    is made only where no tile does (a head's rows, or each residue class's, a whole number of blocks), and
+    only where the (batch, head) rows form one strided matrix (heads and batches at whole multiples of a
+    head's rows; an expanded K/V with stride 0 across heads does not). ``ATTNC_HOST_DESC=0`` never makes one."""
+    geometry = _host_geometry(t, heads, rows, block, residue)
+    if geometry is None:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor(t, *geometry, [block, t.shape[3]])
+
+
+def _host_geometry(t: torch.Tensor, heads: int, rows: int, block: int, residue: int) -> tuple | None:
+    """(shape, strides) of :func:`host_rows`' descriptor, or None where it makes none."""
+    if os.environ.get("ATTNC_HOST_DESC", "1") == "0" or t.dim() != 4:
+        return None
+    B, H, N, D = t.shape
+    sb, sh, sn, sd = t.stride()
+    per = N // residue if residue > 0 else N
+    if H != heads or N != rows or N == 0 or per % block or (residue > 0 and N % residue) or sd != 1:
+        return None
+    if (H > 1 and sh != N * sn) or (B > 1 and sb != H * N * sn):
+        return None
+    if t.data_ptr() % 16 or (sn * t.element_size()) % 16:
+        return None
+    if residue > 0:
+        # Class c's rows of every head: one matrix of rows R * stride apart whose columns start at c * stride.
+        return [B * H * per, (residue - 1) * sn + D], [residue * sn, 1]
+    return [B * H * N, D], [sn, 1]
+
+
+def host_row_pair(a: torch.Tensor, b: torch.Tensor, heads: int, rows: int, block: int, residue: int = 0) -> tuple:
+    """:func:`host_rows` of two tensors read tile by tile together (K and V, Q and dO): both, or neither."""
+    da = host_rows(a, heads, rows, block, residue)
+    db = host_rows(b, heads, rows, block, residue) if da is not None else None
+    return (da, db) if db is not None else (None, None)
+
+
 def _copies_enabled(device: torch.device) -> bool:
     """Rows moved by a layout transform may be copied into sorted order for tensor-descriptor loads
     (Hopper or the interpreter), unless ATTNC_SORTED_KV=0."""
@@ -315,18 +359,20 @@ def _chosen_config(kind: str, head_dim: int, head_dim_v: int, device: torch.devi
 
 
 def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
-                   sparse: bool = False, key=None, seq: int | None = None, gathers: str = "") -> FwdConfig:
+                   sparse: bool = False, key=None, seq: int | None = None, gathers: str = "",
+                   host_rows: bool = False) -> FwdConfig:
     """Default tiles: a table per GPU family (measured on an H200, benchmarks/NOTES.md), small tiles
     under the interpreter. ``sparse`` (tile lists, or a narrow band such as a sliding window: few key
     tiles per query block) prefers smaller tiles: fewer partial tiles, more programs. ``gathers``: the
     score (``"score"``) or the mask (``"mask"``) reads an input tile per score tile
-    (:func:`attnc.codegen.tile_gathers`).
+    (:func:`attnc.codegen.tile_gathers`). ``host_rows``: a narrow call's K and V rows stream in order (or in
+    residue classes) in whole blocks, through descriptors made on the host (:func:`host_rows`).
     With ``key`` (a Kernel or its pattern key) and ``seq`` (max(Nq, Nk)), an `attnc autotune` result for
     this GPU, dtype, head dim and sequence bucket wins over the table (attnc/tuning.py)."""
     chosen = _chosen_config("fwd", head_dim, head_dim_v, device, dtype, key, seq)
     if chosen is not None:
         return chosen
-    return forward_table(head_dim, head_dim_v, dtype, _major(device), sparse, gathers)
+    return forward_table(head_dim, head_dim_v, dtype, _major(device), sparse, gathers, host_rows)
 
 
 def call_forward_config(kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> FwdConfig:
@@ -334,12 +380,28 @@ def call_forward_config(kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     or the table's tiles for the pattern's band width and gathers."""
     from .codegen import tile_gathers
     n_q, n_k = q.shape[2], k.shape[2]
-    return forward_config(q.shape[3], v.shape[3], q.device, q.dtype, sparse=prefers_small_tiles(kern, n_q, n_k),
-                          key=kern, seq=max(n_q, n_k), gathers=tile_gathers(kern.ir))
+    sparse = prefers_small_tiles(kern, n_q, n_k)
+    return forward_config(q.shape[3], v.shape[3], q.device, q.dtype, sparse=sparse, key=kern, seq=max(n_q, n_k),
+                          gathers=tile_gathers(kern.ir), host_rows=sparse and _streams_host_rows(kern, k, v, n_q))
+
+
+_NARROW = FwdConfig(64, 64, 4, 3)      # the narrow forward's tiles (forward_table)
+
+
+def _streams_host_rows(kern, k: torch.Tensor, v: torch.Tensor, n_q: int) -> bool:
+    """Whether a narrow forward of ``kern`` streams K and V in order (a closed-form plan) or in residue classes
+    in closed form, in whole blocks of :data:`_NARROW`'s rows, so that host descriptors can serve it."""
+    from .codegen import kernel_mode
+    mode = kernel_mode(kern.ir)
+    if mode == "ranges":
+        residue = 0
+    elif mode != "permuted" or not (residue := residue_ranges(kern, n_q, k.shape[2], _NARROW)):
+        return False
+    return all(_host_geometry(t, k.shape[1], k.shape[2], _NARROW.block_n, residue) is not None for t in (k, v))
 
 
 def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int, sparse: bool,
-                  gathers: str = "") -> FwdConfig:
+                  gathers: str = "", host_rows: bool = False) -> FwdConfig:
     """The default forward tiles for a GPU of compute capability ``major`` (no device needed)."""
     d = max(head_dim, head_dim_v)
     if dtype == torch.float32:
@@ -355,11 +417,13 @@ def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int
     if major >= 9:
         # Hopper (H200 sweeps, benchmarks/RESULTS.md runs 6 and 43): tensor-descriptor loads for wide tiles.
         # Narrow bands and tile lists (64 x 64) load K and V by pointers: since rows are 32-bit offsets (run
-        # 10d) that is 3-8% faster than descriptors for the window, documents and the dilated window (run 43).
+        # 10d) that is 3-8% faster than descriptors made in the kernel for the window, documents and the
+        # dilated window (run 43). Where the host can make them (host_rows: closed-form bands and residue
+        # classes in whole blocks), descriptors beat pointers again: 1-4% (runs 111-112; not tile lists).
         if sparse and d <= 128:
             # A dense mask (m[b, q, k]) gathers a byte tile in every partial tile: two stages ran 10-19%
             # faster than three (RESULTS run 101).
-            return FwdConfig(64, 64, 4, 2 if gathers == "mask" else 3)
+            return FwdConfig(64, 64, 4, 2 if gathers == "mask" else 3, tma=host_rows)
         if d <= 64:
             return FwdConfig(128, 64, 4, 3)          # measured in session 1; TMA untested at D=64
         if d <= 128:
@@ -535,6 +599,7 @@ class _ForwardLaunch(NamedTuple):
     gathered: bool              # keys read through loaded positions (no tensor descriptors)
     pure: int                   # BUCKET_PURE (see pure_variants)
     plain_lists: bool           # the plain tile-list kernel (see head_group)
+    rows_k: int                 # key rows per head as the kernel walks them (more than Nk where padded)
 
 
 def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdConfig):
@@ -546,15 +611,15 @@ def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdCon
     Hkv, Nk = k.shape[1], k.shape[2]
     mode = kernel_mode(kern.ir)
     if mode == "ranges":
-        return None, [_ForwardLaunch(kern._forward_module(), [], k, v, Hkv, -1, 0, False, -1, False)]
+        return None, [_ForwardLaunch(kern._forward_module(), [], k, v, Hkv, -1, 0, False, -1, False, Nk)]
     if mode == "lists":
         lists = kern._tile_lists(Nq, Nk, B, Hq, config.block_m, config.block_n, sizes, inputs, q.device)
-        return None, [_ForwardLaunch(kern._forward_module(), list_args(lists), k, v, Hkv, -1, 0, False, -1, True)]
+        return None, [_ForwardLaunch(kern._forward_module(), list_args(lists), k, v, Hkv, -1, 0, False, -1, True, Nk)]
     residue = residue_ranges(kern, Nq, Nk, config)
     if residue:
         # Residue classes in closed form: no setup, no lists, rows computed from the sorted index.
         return None, [_ForwardLaunch(kern._forward_module("residue"), _computed_positions(q.device, Nq, Nk), k, v,
-                                     Hkv, -1, residue, False, -1, False)]
+                                     Hkv, -1, residue, False, -1, False, Nk)]
     layout = kern._layout(B, Hq, Hkv, Nq, Nk, config.block_m, config.block_n, sizes, inputs, q.device)
     lists = layout.lists(False)
     launches = []
@@ -562,7 +627,7 @@ def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdCon
         if not permuted:
             # Nothing moved (e.g. documents already contiguous): the plain list kernel, same tile lists.
             launches.append(_ForwardLaunch(kern._forward_module("lists"), list_args(lists, layout.in_place), k, v,
-                                           Hkv, guard, 0, False, -1, True))
+                                           Hkv, guard, 0, False, -1, True, Nk))
             continue
         kx, vx = layout.expand_kv_heads(k), layout.expand_kv_heads(v)
         residue = _residue(layout, Nq, Nk, config)
@@ -575,7 +640,7 @@ def forward_launches(kern, q, k, v, *, sizes: dict, inputs: dict, config: FwdCon
         for pure in pure_variants(layout):
             launches.append(_ForwardLaunch(kern._forward_module(), list_args(lists, layout.in_place)
                                            + position_args(layout), kx, vx, layout.kv_heads(Hq, Hkv), guard, residue,
-                                           gathered, pure, False))
+                                           gathered, pure, False, layout.rows_k))
     return layout, launches
 
 
@@ -676,15 +741,17 @@ def _launch_forward(kern, q, k, v, scale: float, sizes: dict, inputs: dict, cfg:
     grid = (B * Hq, math.ceil((layout.rows_q if layout is not None else Nq) / cfg.block_m))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     tail = tail_programs(q.device)
-    for module, extra, kx, vx, heads_kv, guard, residue, gathered, pure, plain_lists in launches:
+    for module, extra, kx, vx, heads_kv, guard, residue, gathered, pure, plain_lists, rows_k in launches:
+        use_tma = _tma_usable(cfg, gathered, kx, vx)
+        kd, vd = host_row_pair(kx, vx, heads_kv, rows_k, cfg.block_n, residue) if use_tma else (None, None)
         launch_kernel(module.attnc_fwd, grid,
-            q, kx, vx, out, lse,
+            q, kx, vx, out, lse, kd, vd,
             *q.stride(), *kx.stride(), *vx.stride(), *out.stride(),
             B, Hq, heads_kv, Nq, Nk, scale, qk_scale,
             *extra,
             *input_launch_args(pir, inputs),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, HEAD_DIM_V=Dv,
-            REVERSE=True, USE_TMA=_tma_usable(cfg, gathered, kx, vx), WIDE_ROWS=wide_rows(kx, vx), RESIDUE=residue,
+            REVERSE=True, USE_TMA=use_tma, HOST_DESC=kd is not None, WIDE_ROWS=wide_rows(kx, vx), RESIDUE=residue,
             PADDED=padded(layout, Nq, Nk), POS_SCALE=scale > 0,
             GUARD=guard, DOT_PRECISION=precision, BUCKET_PURE=pure,
             HEAD_GROUP=head_group(plain_lists, cfg.head_group), TAIL_PROGRAMS=tail,
@@ -734,6 +801,8 @@ class _BackwardLaunch(NamedTuple):
                                 # read rows in order): lse2 and delta are kept in it, a block's values contiguous
     pure: tuple = ((-1,), (-1,))  # BUCKET_PURE launches of the dQ and of the dK/dV kernel (see pure_variants)
     plain_lists: bool = False   # the plain tile-list kernels (see head_group)
+    rows: tuple = (0, 0)        # rows per head the permuted kernels walk: the dQ kernel's keys, the dK/dV
+                                # kernel's queries (0: Nk, Nq, as the plain kernels do)
 
 
 def _backward_variants(launches, flag: torch.Tensor | None):
@@ -861,7 +930,7 @@ def _launch_backward(kern, q, k, v, out, lse, dout, dlse, scale: float, sizes: d
         # Residue classes in closed form (as in the forward): both kernels walk class-local ranges.
         positions = _computed_positions(q.device, Nq, Nk)
         launches = [_BackwardLaunch(kern._backward_module("residue"), positions, positions, cfg, k, v, q, dout, Hkv,
-                                    -1, d, d, False, False, False, False, dk, dv, sorted_rows=True)]
+                                    -1, d, d, False, False, False, False, dk, dv, sorted_rows=True, rows=(Nk, Nq))]
     else:
         layout = kern._layout(B, Hq, Hkv, Nq, Nk, cfg.block_m, cfg.block_n, sizes, inputs, q.device)
         layout2 = (layout if cfg2.block_m == cfg.block_m and cfg2.block_n == cfg.block_n else
@@ -894,7 +963,7 @@ def _launch_backward(kern, q, k, v, out, lse, dout, dlse, scale: float, sizes: d
                 module, fwd_extra + position_args(layout), bwd_extra + position_args(layout2), pcfg,
                 kx, vx, q, dout, layout.kv_heads(Hq, Hkv), guard, residue, residue2, copy_k, copy_q, gathered_k,
                 gathered_q, dkx, dvx, sorted_rows=layout2 is layout,
-                pure=(pure_variants(layout), pure_variants(layout2))))
+                pure=(pure_variants(layout), pure_variants(layout2)), rows=(layout.rows_k, layout2.rows_q)))
     nqb, nkb = math.ceil(rows_q / cfg.block_m), math.ceil(rows_k / cfg2.block_n)
     # Written by the dQ kernel, read by the dK/dV kernel: log2-domain lse and rowsum(dO * O) - dlse, per row
     # in the order both kernels walk (sorted_rows), else at its position. Rows of a multiple of 16 bytes, so
@@ -913,14 +982,18 @@ def _launch_backward(kern, q, k, v, out, lse, dout, dlse, scale: float, sizes: d
         if variant.copy_k and "k" not in copies:
             copies["k"] = layout.sorted_keys(variant.k, cfg.block_n), layout.sorted_keys(variant.v, cfg.block_n)
         k_tiles, v_tiles = copies["k"] if variant.copy_k else (variant.k, variant.v)
+        tma_k = _tma_usable(c1, variant.gathered_k, k_tiles, v_tiles)
+        kd, vd = (host_row_pair(k_tiles, v_tiles, variant.heads_kv, variant.rows[0] or Nk, c1.block_n, variant.residue)
+                  if tma_k else (None, None))
         for pure in variant.pure[0]:
             launch_kernel(variant.module.attnc_bwd_dq, (B * Hq, nqb),
                 variant.q, k_tiles, v_tiles, variant.dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
+                kd, vd,
                 *variant.q.stride(), *k_tiles.stride(), *v_tiles.stride(), *variant.dout.stride(), *dq.stride(),
                 *out.stride(),
                 B, Hq, variant.heads_kv, Nq, Nk, scale, lse_stride, *variant.fwd_extra, *input_args, *grad_args,
                 BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, num_warps=c1.num_warps, num_stages=c1.num_stages,
-                HAS_DLSE=dlse is not None, USE_TMA=_tma_usable(c1, variant.gathered_k, k_tiles, v_tiles),
+                HAS_DLSE=dlse is not None, USE_TMA=tma_k, HOST_DESC=kd is not None,
                 WIDE_ROWS=wide_rows(k_tiles, v_tiles), RESIDUE=variant.residue, PADDED=padded(layout, Nq, Nk),
                 GUARD=variant.guard,
                 FULL_RUNS=variant.full_runs, SORTED_ROWS=variant.sorted_rows, BUCKET_PURE=pure,
@@ -931,15 +1004,23 @@ def _launch_backward(kern, q, k, v, out, lse, dout, dlse, scale: float, sizes: d
             copies["q"] = layout.sorted_queries(variant.q), layout.sorted_queries(variant.dout)
         q_tiles, do_tiles = copies["q"] if variant.copy_q else (variant.q, variant.dout)
         tma_q = _tma_usable(c2, variant.gathered_q, q_tiles, do_tiles)
+        row_tma = variant.sorted_rows and _tma_available(c2, q.device)
+        qd, dod = (host_row_pair(q_tiles, do_tiles, Hq, variant.rows[1] or Nq, c2.block_m, variant.residue2)
+                   if tma_q else (None, None))
+        lsed = deltad = None
+        if qd is not None and row_tma:
+            # The walked rows are whole blocks (host_rows), so no block of lse2 / delta runs into the next head's.
+            from triton.tools.tensor_descriptor import TensorDescriptor
+            lsed, deltad = (TensorDescriptor(t, [t.numel()], [1], [c2.block_m]) for t in (lse2, delta))
         for pure in variant.pure[1]:
             launch_kernel(variant.module.attnc_bwd_dkdv, (B * variant.heads_kv, nkb),
-                q_tiles, variant.k, variant.v, do_tiles, variant.dk, variant.dv, lse2, delta,
+                q_tiles, variant.k, variant.v, do_tiles, variant.dk, variant.dv, lse2, delta, qd, dod, lsed, deltad,
                 *q_tiles.stride(), *variant.k.stride(), *variant.v.stride(), *do_tiles.stride(), *variant.dk.stride(),
                 *variant.dv.stride(),
                 B, Hq, variant.heads_kv, Nq, Nk, scale, lse_stride, math.ceil(rows_q2 / c2.block_m), *variant.bwd_extra,
                 *input_args,
                 BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, num_warps=c2.num_warps, num_stages=c2.num_stages,
-                USE_TMA=tma_q, ROW_TMA=variant.sorted_rows and _tma_available(c2, q.device),
+                USE_TMA=tma_q, HOST_DESC=qd is not None, ROW_TMA=row_tma,
                 SORTED_ROWS=variant.sorted_rows, WIDE_ROWS=wide_rows(q_tiles, do_tiles),
                 RESIDUE=variant.residue2, PADDED=padded(layout2, Nq, Nk), GUARD=variant.guard,
                 FULL_RUNS=variant.full_runs, BUCKET_PURE=pure, HEAD_GROUP=group, TAIL_PROGRAMS=tail, **common)

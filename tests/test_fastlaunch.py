@@ -84,6 +84,36 @@ def test_what_triton_specializes_on_sends_the_launch_back_to_triton(fake_gpu, ch
     assert len(fn.triton_calls) == 2 and len(fn.compiled.launches) == 1
 
 
+@pytest.mark.parametrize("change", [None, "shape", "strides", "block", "dtype", "alignment"])
+def test_host_tensor_descriptors_are_keyed_by_their_geometry(fake_gpu, change):
+    """A host tensor descriptor (launch.host_rows) goes directly to the compiled kernel, whose launcher encodes
+    it, once its base's dtype and alignment and its shape, strides and block shape have been met; any change
+    to them goes back to Triton first."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    fn, x = _Jit(), torch.zeros(4, 64)
+    first = TensorDescriptor(x, [4, 64], [64, 1], [2, 64])
+    fastlaunch.launch(fn, (1,), first, 8, 0.5, BLOCK=32)
+    base, shape, strides, block = x, [4, 64], [64, 1], [2, 64]
+    if change == "shape":
+        shape = [2, 64]
+    elif change == "strides":
+        base, strides = torch.zeros(4, 128), [128, 1]
+    elif change == "block":
+        block = [4, 64]
+    elif change == "dtype":
+        base = x.double()
+    elif change == "alignment":
+        base = torch.zeros(4 * 64 + 1)[1:].view(4, 64)      # 4 bytes past a 16-byte boundary
+    second = TensorDescriptor.__new__(TensorDescriptor)     # no alignment check (the kernel is a stand-in)
+    second.__dict__.update(base=base, shape=shape, strides=strides, block_shape=block, padding="zero",
+                           round_f32_to_tf32=False)
+    fastlaunch.launch(fn, (1,), second, 8, 0.5, BLOCK=32)
+    assert len(fn.triton_calls) == (1 if change is None else 2)
+    if change is None:
+        (_, _, _, _, _, args), = fn.compiled.launches
+        assert args[0] is second                # the launcher turns it into a CUtensorMap
+
+
 def test_bools_and_ints_do_not_share_a_signature(fake_gpu):
     # True == 1 in Python, but Triton types a bool as i1 and makes an integer 1 a constant.
     fn, x = _Jit(), torch.zeros(4)

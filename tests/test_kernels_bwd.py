@@ -269,6 +269,63 @@ def test_residue_closed_form_only_where_it_applies():
         assert residue_ranges(attnc.compile(refused), 192, 192, cfg) == 0, refused
 
 
+@pytest.mark.parametrize("name,shape,env,made", [
+    # A closed-form plan, GQA, Nq != Nk: forward and dQ K/V, dK/dV Q/dO (with lse2 and delta) all from the host.
+    ("causal", (2, 4, 2, 64, 96, 16), {}, [True] * 6),
+    # Residue classes (closed form): each class's rows through one strided host descriptor over all heads.
+    ("dilated_window", (1, 4, 2, 192, 288, 16), {}, [True] * 6),
+    # Residue classes in the permuted list kernels (both guarded FULL_RUNS variants).
+    ("dilated_window", (1, 4, 2, 192, 288, 16), {"ATTNC_RESIDUE_RANGES": "0"}, [True] * 10),
+    # Kept keys: K, V from copies in sorted order, whose rows per head are the layout's (padded) rows_k.
+    ("kept_keys", (2, 2, 2, 64, 64, 16), {"ATTNC_SORTED_KV": "1"}, [True] * 10),
+    # Tile lists (documents): the plain list kernels and the permuted ones beside them.
+    ("documents", (2, 4, 2, 64, 64, 16), {"ATTNC_SORTED_KV": "1"}, [True] * 20),
+    # 67 rows: the last block would run into the next head's rows, so each program makes its own.
+    ("causal", (2, 4, 2, 67, 67, 16), {}, [None] * 3),
+    ("causal", (2, 4, 2, 64, 96, 16), {"ATTNC_HOST_DESC": "0"}, [None] * 3),
+])
+def test_host_tensor_descriptors(name, shape, env, made):
+    """Tensor descriptors made on the host over every head's rows (launch.host_rows, a kernel argument in
+    place of one descriptor per program) give the reference's outputs and gradients wherever they are
+    taken: closed-form plans, residue classes, sorted copies, tile lists, GQA; rows that are not a whole
+    number of blocks, or ATTNC_HOST_DESC=0, keep the descriptors each program makes. Poisoned allocations:
+    a tile that read past a head's rows would take the next head's (or NaN) rows into its sums."""
+    from unittest import mock
+
+    from attnc import launch
+    cfg = launch.FwdConfig(32, 32, 4, 1, tma=True)
+    with mock.patch.object(launch, "_chosen_config", lambda kind, *a: cfg), mock.patch.dict("os.environ", env), \
+            returns_of(launch, "host_rows") as descs:
+        check_gradients(name, shape)
+    if made[0] is None:
+        assert descs == made
+        return
+    # host_rows per pair of tensors: K, V (forward, dQ), Q, dO (dK/dV). List kernels run the backward twice
+    # (FULL_RUNS or not); documents launch the plain and the permuted list kernels.
+    assert [d is not None for d in descs] == made
+
+
+def test_host_rows_geometry():
+    """What host_rows makes: one matrix of every (batch, head)'s rows, or of each residue class's rows (R
+    rows apart, the class in the column offset); None where a head's rows are not a whole number of blocks
+    (or classes), where heads are not a head's rows apart (a (B, N, H, D) memory order, an expanded K/V),
+    for a head count or row count other than the kernel's, and for unaligned rows."""
+    from attnc.launch import host_row_pair, host_rows
+    t = torch.empty(2, 3, 128, 16)
+    d = host_rows(t, 3, 128, 64)
+    assert (list(d.shape), list(d.strides), list(d.block_shape)) == ([768, 16], [16, 1], [64, 16])
+    d = host_rows(t, 3, 128, 32, residue=2)
+    assert (list(d.shape), list(d.strides), list(d.block_shape)) == ([384, 32], [32, 1], [32, 16])
+    assert host_rows(t, 3, 128, 64, residue=4) is None                   # classes of 32 rows, blocks of 64
+    assert host_rows(t, 3, 128, 48) is None
+    assert host_rows(t.transpose(1, 2).contiguous().transpose(1, 2), 3, 128, 64) is None
+    assert host_rows(t[:, :1].expand(2, 3, 128, 16), 3, 128, 64) is None
+    assert host_rows(t, 1, 128, 64) is None and host_rows(t, 3, 192, 64) is None
+    assert host_rows(torch.empty(2, 3, 128, 5)[..., :4], 3, 128, 64) is None       # rows of 10 bytes
+    assert host_rows(t[:1, :1], 1, 128, 64) is not None                  # one head: any strides around it
+    assert host_row_pair(t, t.transpose(1, 2).contiguous().transpose(1, 2), 3, 128, 64) == (None, None)
+
+
 def test_row_offsets_are_32_bit_unless_a_head_passes_2_31_elements():
     """The hot loops multiply rows by strides in 32 bits (measured 6-11% faster with pointer loads)
     unless some row offset inside one (batch, head) can reach 2^31 elements."""

@@ -541,6 +541,27 @@ def test_hopper_forward_table_loads_narrow_tiles_by_pointers():
     assert forward_table(128, 128, torch.bfloat16, 9, sparse=True) == FwdConfig(64, 64, 4, 3)
     assert forward_table(64, 64, torch.float16, 9, sparse=True) == FwdConfig(64, 64, 4, 3)
     assert forward_table(256, 256, torch.bfloat16, 9, sparse=True) == FwdConfig(128, 64, 8, 2, tma=True)
+    # Narrow K/V rows the host's descriptors can serve (whole blocks, in order or residue classes): descriptors.
+    assert forward_table(128, 128, torch.bfloat16, 9, sparse=True, host_rows=True) == FwdConfig(64, 64, 4, 3, tma=True)
+
+
+@pytest.mark.parametrize("source,n,layout,want", [
+    ("pattern p() { mask causal and window(1024) }", 8192, None, True),
+    ("pattern p() { mask causal and window(1024) }", 8191, None, False),            # a ragged last block
+    ("pattern p() { mask causal and window(1024) }", 8192, "transposed", False),    # (B, N, H, D) memory
+    ("pattern p() { mask causal and window(2047) and dilated(2) }", 8192, None, True),   # residue classes
+    ("pattern p() { mask causal and window(2047) and dilated(2) }", 8000, None, False),  # classes not blocks
+    ("pattern p() {\n input doc: int[batch, N]\n mask same(doc) and causal\n}", 8192, None, False),  # lists
+])
+def test_narrow_forward_streams_host_rows(source, n, layout, want):
+    """Which narrow forwards take host descriptors by default: closed-form plans (bands, residue classes in
+    closed form) whose K and V rows are whole 64-row blocks in one strided matrix; tile lists never."""
+    from attnc.launch import _streams_host_rows
+    kern = attnc.compile(source)
+    k = torch.empty(2, 4, n, 128, device="meta", dtype=torch.bfloat16)
+    if layout == "transposed":
+        k = torch.empty(2, n, 4, 128, device="meta", dtype=torch.bfloat16).transpose(1, 2)
+    assert _streams_host_rows(kern, k, k, n) is want
 
 
 def test_program_order_round_trips_and_is_validated():
