@@ -360,13 +360,14 @@ def _chosen_config(kind: str, head_dim: int, head_dim_v: int, device: torch.devi
 
 def forward_config(head_dim: int, head_dim_v: int, device: torch.device, dtype: torch.dtype,
                    sparse: bool = False, key=None, seq: int | None = None, gathers: str = "",
-                   host_rows: bool = False) -> FwdConfig:
+                   host_rows=False) -> FwdConfig:
     """Default tiles: a table per GPU family (measured on an H200, benchmarks/NOTES.md), small tiles
     under the interpreter. ``sparse`` (tile lists, or a narrow band such as a sliding window: few key
     tiles per query block) prefers smaller tiles: fewer partial tiles, more programs. ``gathers``: the
     score (``"score"``) or the mask (``"mask"``) reads an input tile per score tile
-    (:func:`attnc.codegen.tile_gathers`). ``host_rows``: a narrow call's K and V rows stream in order (or in
-    residue classes) in whole blocks, through descriptors made on the host (:func:`host_rows`).
+    (:func:`attnc.codegen.tile_gathers`). ``host_rows`` (a bool, or a function giving it, asked only where
+    the table needs it): a narrow call's K and V rows stream in order (or in residue classes) in whole
+    blocks, through descriptors made on the host (:func:`host_rows`).
     With ``key`` (a Kernel or its pattern key) and ``seq`` (max(Nq, Nk)), an `attnc autotune` result for
     this GPU, dtype, head dim and sequence bucket wins over the table (attnc/tuning.py)."""
     chosen = _chosen_config("fwd", head_dim, head_dim_v, device, dtype, key, seq)
@@ -382,7 +383,7 @@ def call_forward_config(kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     n_q, n_k = q.shape[2], k.shape[2]
     sparse = prefers_small_tiles(kern, n_q, n_k)
     return forward_config(q.shape[3], v.shape[3], q.device, q.dtype, sparse=sparse, key=kern, seq=max(n_q, n_k),
-                          gathers=tile_gathers(kern.ir), host_rows=sparse and _streams_host_rows(kern, k, v, n_q))
+                          gathers=tile_gathers(kern.ir), host_rows=lambda: _streams_host_rows(kern, k, v, n_q))
 
 
 _NARROW = FwdConfig(64, 64, 4, 3)      # the narrow forward's tiles (forward_table)
@@ -401,7 +402,7 @@ def _streams_host_rows(kern, k: torch.Tensor, v: torch.Tensor, n_q: int) -> bool
 
 
 def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int, sparse: bool,
-                  gathers: str = "", host_rows: bool = False) -> FwdConfig:
+                  gathers: str = "", host_rows=False) -> FwdConfig:
     """The default forward tiles for a GPU of compute capability ``major`` (no device needed)."""
     d = max(head_dim, head_dim_v)
     if dtype == torch.float32:
@@ -423,7 +424,8 @@ def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int
         if sparse and d <= 128:
             # A dense mask (m[b, q, k]) gathers a byte tile in every partial tile: two stages ran 10-19%
             # faster than three (RESULTS run 101).
-            return FwdConfig(64, 64, 4, 2 if gathers == "mask" else 3, tma=host_rows)
+            return FwdConfig(64, 64, 4, 2 if gathers == "mask" else 3,
+                             tma=bool(host_rows() if callable(host_rows) else host_rows))
         if d <= 64:
             return FwdConfig(128, 64, 4, 3)          # measured in session 1; TMA untested at D=64
         if d <= 128:

@@ -543,6 +543,9 @@ def test_hopper_forward_table_loads_narrow_tiles_by_pointers():
     assert forward_table(256, 256, torch.bfloat16, 9, sparse=True) == FwdConfig(128, 64, 8, 2, tma=True)
     # Narrow K/V rows the host's descriptors can serve (whole blocks, in order or residue classes): descriptors.
     assert forward_table(128, 128, torch.bfloat16, 9, sparse=True, host_rows=True) == FwdConfig(64, 64, 4, 3, tma=True)
+    # Given as a function, it is asked only where the narrow tiles are chosen.
+    assert forward_table(128, 128, torch.bfloat16, 9, sparse=False, host_rows=lambda: 1 / 0).block_m == 128
+    assert forward_table(128, 128, torch.bfloat16, 9, sparse=True, host_rows=lambda: True).tma
 
 
 @pytest.mark.parametrize("source,n,layout,want", [
