@@ -233,8 +233,12 @@ def _host_geometry(t: torch.Tensor, heads: int, rows: int, block: int, residue: 
     return [B * H * N, D], [sn, 1]
 
 
-def host_row_pair(a: torch.Tensor, b: torch.Tensor, heads: int, rows: int, block: int, residue: int = 0) -> tuple:
-    """:func:`host_rows` of two tensors read tile by tile together (K and V, Q and dO): both, or neither."""
+def host_row_pair(use_tma: bool, a: torch.Tensor, b: torch.Tensor, heads: int, rows: int, block: int,
+                  residue: int = 0) -> tuple:
+    """:func:`host_rows` of two tensors read tile by tile together (K and V, Q and dO) by a kernel that loads
+    them through descriptors (``use_tma``, from :func:`_tma_usable`): both, or neither."""
+    if not use_tma:
+        return None, None
     da = host_rows(a, heads, rows, block, residue)
     db = host_rows(b, heads, rows, block, residue) if da is not None else None
     return (da, db) if db is not None else (None, None)
@@ -745,7 +749,7 @@ def _launch_forward(kern, q, k, v, scale: float, sizes: dict, inputs: dict, cfg:
     tail = tail_programs(q.device)
     for module, extra, kx, vx, heads_kv, guard, residue, gathered, pure, plain_lists, rows_k in launches:
         use_tma = _tma_usable(cfg, gathered, kx, vx)
-        kd, vd = host_row_pair(kx, vx, heads_kv, rows_k, cfg.block_n, residue) if use_tma else (None, None)
+        kd, vd = host_row_pair(use_tma, kx, vx, heads_kv, rows_k, cfg.block_n, residue)
         launch_kernel(module.attnc_fwd, grid,
             q, kx, vx, out, lse, kd, vd,
             *q.stride(), *kx.stride(), *vx.stride(), *out.stride(),
@@ -985,8 +989,8 @@ def _launch_backward(kern, q, k, v, out, lse, dout, dlse, scale: float, sizes: d
             copies["k"] = layout.sorted_keys(variant.k, cfg.block_n), layout.sorted_keys(variant.v, cfg.block_n)
         k_tiles, v_tiles = copies["k"] if variant.copy_k else (variant.k, variant.v)
         tma_k = _tma_usable(c1, variant.gathered_k, k_tiles, v_tiles)
-        kd, vd = (host_row_pair(k_tiles, v_tiles, variant.heads_kv, variant.rows[0] or Nk, c1.block_n, variant.residue)
-                  if tma_k else (None, None))
+        kd, vd = host_row_pair(tma_k, k_tiles, v_tiles, variant.heads_kv, variant.rows[0] or Nk, c1.block_n,
+                               variant.residue)
         for pure in variant.pure[0]:
             launch_kernel(variant.module.attnc_bwd_dq, (B * Hq, nqb),
                 variant.q, k_tiles, v_tiles, variant.dout, dq, out, lse, lse if dlse is None else dlse, lse2, delta,
@@ -1007,8 +1011,7 @@ def _launch_backward(kern, q, k, v, out, lse, dout, dlse, scale: float, sizes: d
         q_tiles, do_tiles = copies["q"] if variant.copy_q else (variant.q, variant.dout)
         tma_q = _tma_usable(c2, variant.gathered_q, q_tiles, do_tiles)
         row_tma = variant.sorted_rows and _tma_available(c2, q.device)
-        qd, dod = (host_row_pair(q_tiles, do_tiles, Hq, variant.rows[1] or Nq, c2.block_m, variant.residue2)
-                   if tma_q else (None, None))
+        qd, dod = host_row_pair(tma_q, q_tiles, do_tiles, Hq, variant.rows[1] or Nq, c2.block_m, variant.residue2)
         lsed = deltad = None
         if qd is not None and row_tma:
             # The walked rows are whole blocks (host_rows), so no block of lse2 / delta runs into the next head's.

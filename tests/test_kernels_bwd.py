@@ -323,7 +323,8 @@ def test_host_rows_geometry():
     assert host_rows(t, 1, 128, 64) is None and host_rows(t, 3, 192, 64) is None
     assert host_rows(torch.empty(2, 3, 128, 5)[..., :4], 3, 128, 64) is None       # rows of 10 bytes
     assert host_rows(t[:1, :1], 1, 128, 64) is not None                  # one head: any strides around it
-    assert host_row_pair(t, t.transpose(1, 2).contiguous().transpose(1, 2), 3, 128, 64) == (None, None)
+    assert host_row_pair(True, t, t.transpose(1, 2).contiguous().transpose(1, 2), 3, 128, 64) == (None, None)
+    assert host_row_pair(False, t, t, 3, 128, 64) == (None, None)        # a kernel that loads by pointers
 
 
 def test_row_offsets_are_32_bit_unless_a_head_passes_2_31_elements():
