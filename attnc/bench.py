@@ -13,11 +13,13 @@ The timing parts need a CUDA GPU; ``effective_tflops``, ``format_table``, ``mask
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
 import math
 import platform
 import statistics
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterable
 
@@ -33,6 +35,15 @@ __all__ = [
 
 # Above this many mask elements a dense (b, h, q, k) mask is not built for density or checks.
 DENSE_MASK_LIMIT = 1 << 31
+
+# Warm-up of every timing in a benchmark report, ms of back-to-back calls. A card that has been idle (a
+# compile, a host-side step) runs a power-hungry kernel at its top clock for half a second or so before its
+# power limit pulls the clock down (H200: 1980 -> 1500-1700 MHz at 700 W, benchmarks/NOTES.md item 75), so a
+# timing that follows an idle spell would measure a clock that no sustained run sees.
+HEAT_MS = 1000
+
+# Untimed calls before do_bench's own: past the calls that compile kernel variants (attnc.flags, autotuning).
+WARM_CALLS = 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,11 +86,14 @@ def _do_bench_kwargs(warmup: float, rep: float, grad_to_none, quantiles) -> tupl
 
 
 def time_stats(fn: Callable[[], Any], warmup: float = 50, rep: float = 300,
-               grad_to_none: list | None = None) -> dict:
+               grad_to_none: list | None = None, clocks: bool = False) -> dict:
     """Median, 20th and 80th percentile in ms of ``fn`` on the current CUDA device.
 
     Uses ``triton.testing.do_bench`` (CUDA events, L2 cleared between runs); ``warmup`` and ``rep``
-    are milliseconds of running, as there. ``spread`` is ``(p80 - p20) / median``.
+    are milliseconds of running, as there. ``spread`` is ``(p80 - p20) / median``. With ``clocks``,
+    also the SM clock, board power and utilization while it ran (:class:`ClockSampler`: ``mhz``, ``watts``,
+    ``util``), ``busy`` (the share of the wall time the timed calls took on the device) and ``host`` (calls,
+    wall ms per call, garbage-collection ms): a timing whose GPU idled between calls is not a sustained one.
     On a machine without CUDA (smoke tests only) it falls back to a wall-clock loop.
     """
     if not torch.cuda.is_available():
@@ -93,14 +107,110 @@ def time_stats(fn: Callable[[], Any], warmup: float = 50, rep: float = 300,
         return {"median": med, "p20": times[0], "p80": times[-1],
                 "spread": (times[-1] - times[0]) / med if med > 0 else None}
     do_bench, kwargs, mode = _do_bench_kwargs(warmup, rep, grad_to_none, (0.5, 0.2, 0.8))
-    res = do_bench(fn, **kwargs)
+    # do_bench sizes its loops from five calls right after one untimed one. attnc picks kernel variants from
+    # the third call on (attnc.flags), so the first of those compiled inside that estimate: seconds of an idle
+    # GPU, a few timed repetitions, and those on a cool card above its power-limited clock (NOTES item 75).
+    for _ in range(WARM_CALLS):
+        fn()
+    torch.cuda.synchronize()
+    sampler = ClockSampler() if clocks else None
+    if sampler is None:
+        res = do_bench(fn, **kwargs)
+    else:
+        calls = [0]
+
+        def counted():
+            calls[0] += 1
+            return fn()
+        gcs = {"ms": 0.0, "full": 0, "t": 0.0}
+
+        def on_gc(phase, info):
+            if phase == "start":
+                gcs["t"] = time.perf_counter()
+            else:
+                gcs["ms"] += (time.perf_counter() - gcs["t"]) * 1e3
+                gcs["full"] += info.get("generation") == 2
+        gc.callbacks.append(on_gc)
+        t0 = time.perf_counter()
+        try:
+            with sampler:
+                res = do_bench(counted, **kwargs)
+        finally:
+            gc.callbacks.remove(on_gc)
+        wall = (time.perf_counter() - t0) * 1e3
     if mode == "quantiles" and isinstance(res, (list, tuple)) and len(res) >= 3:
         med, p20, p80 = (float(x) for x in res[:3])
     else:
         med = float(res[0] if isinstance(res, (list, tuple)) else res)
         p20 = p80 = med
-    return {"median": med, "p20": p20, "p80": p80,
-            "spread": (p80 - p20) / med if med > 0 else None}
+    out = {"median": med, "p20": p20, "p80": p80, "spread": (p80 - p20) / med if med > 0 else None}
+    if sampler is not None:
+        out.update(sampler.summary())
+        # The share of the wall time the device spent in the timed calls (do_bench's L2 clears excluded): well
+        # under 1 means the GPU idled between calls, so each ran on a cooler, faster-clocked card.
+        out["busy"] = round(calls[0] * med / wall, 3) if wall > 0 else None
+        out["host"] = {"calls": calls[0], "wall_ms_per_call": round(wall / max(calls[0], 1), 4),
+                       "gc_ms": round(gcs["ms"], 1), "full_gcs": gcs["full"]}
+    return out
+
+
+class ClockSampler:
+    """Samples the SM clock (MHz) and board power (W) of the current GPU through NVML every ``period`` seconds
+    while the ``with`` block runs, in a thread.
+
+    A kernel that drives the card to its power limit runs at a lower clock than the card's maximum, and the
+    clock moves with what ran before and with the data; a timing reported beside its clock says which. Without
+    NVML (``pynvml``) or a GPU, :meth:`summary` says so instead of numbers.
+    """
+
+    def __init__(self, period: float = 0.002):
+        self.period, self.samples, self.error = period, [], None
+        self._stop, self._thread, self._handle, self._nvml = None, None, None, None
+
+    def __enter__(self):
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            index = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception as e:  # noqa: BLE001 - clocks are informative only
+            self.error = f"NVML unavailable: {e!r}"[:120]
+            return self
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        nv, h = self._nvml, self._handle
+        while True:                 # at least one sample, however short the block
+            try:
+                self.samples.append((nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
+                                     nv.nvmlDeviceGetPowerUsage(h) / 1e3,
+                                     nv.nvmlDeviceGetUtilizationRates(h).gpu))
+            except Exception as e:  # noqa: BLE001
+                self.error = repr(e)[:120]
+                return
+            if self._stop.wait(self.period):
+                return
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        return False
+
+    def summary(self) -> dict:
+        """``mhz``, ``watts`` and ``util`` (NVML's percentage of time a kernel ran): median, min and max of the
+        samples (or ``clock_error``)."""
+        if not self.samples:
+            return {"clock_error": self.error or "no samples"}
+        mhz, watts, util = (sorted(s[i] for s in self.samples) for i in range(3))
+        mid = len(mhz) // 2
+        return {"mhz": [mhz[mid], mhz[0], mhz[-1]],
+                "watts": [round(watts[mid], 1), round(watts[0], 1), round(watts[-1], 1)],
+                "util": [util[mid], util[0], util[-1]], "clock_samples": len(self.samples)}
 
 
 def time_ms(fn: Callable[[], Any], warmup: float = 50, rep: float = 300,
@@ -467,9 +577,9 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
                   inputs: dict | None = None, vs: Iterable[str] | str = ("sdpa", "flex"),
                   flex_mask_mod: Callable | None = None, check: bool = True, name: str | None = None,
                   flex_mask_bh: tuple[int, int] | None = None, sdpa_causal: bool | None = None,
-                  density: float | None = None, warmup: float = 50, rep: float = 300,
+                  density: float | None = None, warmup: float = HEAT_MS, rep: float = 300,
                   rtol: float = 1e-2, grad_rtol: float = 3e-2, seed: int = 0,
-                  device: str = "cuda", log: Callable[[str], Any] | None = None) -> dict:
+                  device: str = "cuda", log: Callable[[str], Any] | None = None, clocks: bool = False) -> dict:
     """Check, then time one compiled pattern beside FlexAttention and SDPA; a dict of numbers.
 
     q, k, v are random (batch, heads, seq, dim) tensors in ``dtype`` with ``requires_grad``;
@@ -674,10 +784,18 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
     del attnc_out, flex_out
 
     # 5. timing
+    def timed(key: str, fn, rep_ms: float = rep, per_call: int = 1, grads: list | None = None) -> dict:
+        """``time_stats`` of ``fn``; with ``clocks``, its SM clock and power go into ``row`` beside it."""
+        st = time_stats(fn, warmup=warmup, rep=rep_ms, grad_to_none=grads, clocks=clocks)
+        for name in ("mhz", "watts", "util", "busy", "host", "clock_samples", "clock_error"):
+            if name in st:
+                row[f"{key}_{name}"] = st[name]
+        return {**st, "median": st["median"] / per_call}
+
     row["attnc_fwd_ms"] = row["attnc_fwdbwd_ms"] = None
     try:
         if attnc_ok:
-            st = time_stats(lambda: kern(q, k, v, **inputs), warmup=warmup, rep=rep)
+            st = timed("attnc_fwd", lambda: kern(q, k, v, **inputs))
             row["attnc_fwd_ms"], row["attnc_fwd_spread"] = _round(st["median"], 4), _round(st["spread"], 3)
             from .codegen import kernel_mode
             if on_cuda and kernel_mode(kern.ir) != "ranges":
@@ -686,7 +804,7 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
                 def uncached_fwd():
                     kern.__dict__.pop("_setup_cache", None)
                     kern(q, k, v, **inputs)
-                st = time_stats(uncached_fwd, warmup=warmup, rep=rep)
+                st = timed("attnc_fwd_with_setup", uncached_fwd)
                 row["attnc_fwd_with_setup_ms"] = _round(st["median"], 4)
                 # The same, steadier: 20 calls back to back inside one timed region (the host may run ahead
                 # of the device between calls, as in a model's layers), per call.
@@ -698,14 +816,14 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
                 def cached_loop():
                     for _ in range(20):
                         kern(q, k, v, **inputs)
-                st = time_stats(uncached_loop, warmup=warmup, rep=rep * 4)
-                row["attnc_fwd_with_setup_loop_ms"] = _round(st["median"] / 20, 4)
-                st = time_stats(cached_loop, warmup=warmup, rep=rep * 4)
-                row["attnc_fwd_loop_ms"] = _round(st["median"] / 20, 4)
+                st = timed("attnc_fwd_with_setup_loop", uncached_loop, rep * 4, per_call=20)
+                row["attnc_fwd_with_setup_loop_ms"] = _round(st["median"], 4)
+                st = timed("attnc_fwd_loop", cached_loop, rep * 4, per_call=20)
+                row["attnc_fwd_loop_ms"] = _round(st["median"], 4)
         if bwd_ok:
             def attnc_fb():
                 kern(q, k, v, **inputs).backward(dout)
-            st = time_stats(attnc_fb, warmup=warmup, rep=rep, grad_to_none=qkv)
+            st = timed("attnc_fwdbwd", attnc_fb, grads=qkv)
             row["attnc_fwdbwd_ms"] = _round(st["median"], 4)
             row["attnc_fwdbwd_spread"] = _round(st["spread"], 3)
     except Exception as e:  # noqa: BLE001
@@ -720,12 +838,11 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
             flex = _flex(device)
             row["flex_setup_ms"] = _round(
                 wall_ms(lambda: _create_block_mask(flex_mask_mod, flex_mask_bh, N, N, device)), 4)
-            row["flex_fwd_ms"] = _round(time_ms(lambda: flex(fq, fk, fv, block_mask=bm),
-                                                warmup=warmup, rep=rep), 4)
+            row["flex_fwd_ms"] = _round(timed("flex_fwd", lambda: flex(fq, fk, fv, block_mask=bm))["median"], 4)
 
             def flex_fb():
                 flex(q, k, v, block_mask=bm).backward(dout)
-            row["flex_fwdbwd_ms"] = (_round(time_ms(flex_fb, warmup=warmup, rep=rep, grad_to_none=qkv), 4)
+            row["flex_fwdbwd_ms"] = (_round(timed("flex_fwdbwd", flex_fb, grads=qkv)["median"], 4)
                                      if flex_bwd_ok else None)
             say(f"[{pname} N={N}] flex timed: fwd {row['flex_fwd_ms']} ms, "
                 f"fwd+bwd {row['flex_fwdbwd_ms']} ms")
@@ -739,14 +856,12 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
             for label, backend in _sdpa_backends():
                 try:
                     with sdpa_kernel([backend]):
-                        row[f"{label}_fwd_ms"] = _round(time_ms(
-                            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                            warmup=warmup, rep=rep), 4)
+                        st = timed(f"{label}_fwd", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+                        row[f"{label}_fwd_ms"] = _round(st["median"], 4)
 
                         def sdpa_fb():
                             F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(dout)
-                        row[f"{label}_fwdbwd_ms"] = _round(
-                            time_ms(sdpa_fb, warmup=warmup, rep=rep, grad_to_none=qkv), 4)
+                        row[f"{label}_fwdbwd_ms"] = _round(timed(f"{label}_fwdbwd", sdpa_fb, grads=qkv)["median"], 4)
                 except Exception as e:  # noqa: BLE001 - a backend may be missing on this GPU
                     row[f"{label}_error"] = repr(e)[:200]
             say(f"[{pname} N={N}] sdpa timed")

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))      # after PYTHONPATH / site-packages: an installed attnc wins
 
-from attnc.bench import (bench_pattern, dense_mask_from_mod, env_info, format_table,  # noqa: E402
+from attnc.bench import (HEAT_MS, bench_pattern, dense_mask_from_mod, env_info, format_table,  # noqa: E402
                          masked_attention_reference, parse_dtype, _backward_unavailable, _create_block_mask)
 from attnc.errors import InputError  # noqa: E402
 
@@ -390,7 +390,7 @@ def bench_one(spec: BenchPattern, N: int, args, resolved_cache: dict) -> dict:
             vs=args.vs, flex_mask_mod=spec.mask(canon, spec.params), check=not args.no_check,
             name=spec.name, flex_mask_bh=(B, H) if spec.flex_per_bh else None,
             sdpa_causal=spec.dense_causal, warmup=args.warmup, rep=args.rep, device=args.device,
-            log=lambda s: print("  " + s, flush=True))
+            log=lambda s: print("  " + s, flush=True), clocks=args.clocks)
         warm = None if res.compile_warm_ms is None else round(res.compile_warm_ms, 2)
         row.update(source=res.source, attnc_compile_s=round(res.compile_s, 4), attnc_compile_warm_ms=warm,
                    target_vs_flex=spec.target)
@@ -410,6 +410,8 @@ def _child_command(args, N: int, name: str, rows_path: Path) -> list[str]:
            "--dim", str(args.dim), "--dtype", args.dtype, "--warmup", str(args.warmup),
            "--rep", str(args.rep), "--vs", args.vs, "--examples", args.examples,
            "--device", args.device, "--verify-n", str(args.verify_n), "--_child", str(rows_path)]
+    if not args.clocks:
+        cmd.append("--no-clocks")
     if args.no_check:
         cmd.append("--no-check")
     return cmd
@@ -661,12 +663,16 @@ def parse_args(argv=None):
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--vs", default="sdpa,flex")
-    ap.add_argument("--warmup", type=float, default=100, help="do_bench warm-up, ms")
+    ap.add_argument("--warmup", type=float, default=HEAT_MS,
+                    help="do_bench warm-up, ms: long enough for the GPU's clock to settle at its power limit "
+                         "(attnc.bench.HEAT_MS)")
     ap.add_argument("--rep", type=float, default=500, help="do_bench repetition time, ms")
     ap.add_argument("--examples", default=str(ROOT / "examples"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--verify-n", type=int, default=2560, help="grid size of the mask comparison")
     ap.add_argument("--no-check", action="store_true", help="skip the output check before timing")
+    ap.add_argument("--no-clocks", dest="clocks", action="store_false",
+                    help="do not record the SM clock and board power (NVML) of every timing (*_mhz, *_watts)")
     ap.add_argument("--quick", action="store_true", help="smoke test: seq 2048, " + ",".join(QUICK_PATTERNS))
     ap.add_argument("--isolate", action="store_true", help="each pattern and length in a subprocess")
     ap.add_argument("--child-timeout", type=float, default=540)

@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_all  # noqa: E402
-from attnc.bench import (_flex, effective_tflops, env_info, mask_density,  # noqa: E402
-                         relative_error, time_ms)
+import variant_launches  # noqa: E402
+from attnc.bench import (HEAT_MS, _flex, effective_tflops, env_info, mask_density,  # noqa: E402
+                         relative_error, time_stats)
 
 FWD = ["128,64,8,3", "128,64,8,3,tma", "128,128,8,3", "128,128,8,3,tma", "128,64,4,3", "64,64,4,3"]
 BWD = ["64,64,4,2", "64,64,8,2", "128,64,8,2/64,128,8,2", "64,64,4,3", "128,64,8,2/64,64,4,2"]
@@ -79,11 +80,18 @@ def sweep_one(spec, n: int, args, fwd_cfgs: list, bwd_cfgs: list, emit) -> None:
     def tflops(ms, bwd):
         return effective_tflops(b, h, n, n, d, density, ms, fwdbwd=bwd) if density else None
 
-    flex_fwd = time_ms(lambda: flex(q, k, v, block_mask=bm), warmup=args.warmup, rep=args.rep)
-    flex_fb = time_ms(lambda: flex(q, k, v, block_mask=bm).backward(dout), warmup=args.warmup, rep=args.rep,
-                      grad_to_none=qkv)
-    emit(dict(base, impl="flex", kind="fwd", config="-", ms=flex_fwd, tflops=tflops(flex_fwd, False)))
-    emit(dict(base, impl="flex", kind="fwdbwd", config="-", ms=flex_fb, tflops=tflops(flex_fb, True)))
+    def timed(fn, grads=None) -> dict:
+        """ms (median) and, with ``--clocks``, the SM clock and power while timing."""
+        st = time_stats(fn, warmup=args.warmup, rep=args.rep, grad_to_none=grads, clocks=args.clocks)
+        keys = ("mhz", "watts", "util", "busy", "host", "clock_samples", "clock_error")
+        return {"ms": st["median"], **{k: st[k] for k in keys if k in st}}
+
+    st = timed(lambda: flex(q, k, v, block_mask=bm))
+    flex_fwd = st["ms"]
+    emit(dict(base, impl="flex", kind="fwd", config="-", **st, tflops=tflops(flex_fwd, False)))
+    st = timed(lambda: flex(q, k, v, block_mask=bm).backward(dout), qkv)
+    flex_fb = st["ms"]
+    emit(dict(base, impl="flex", kind="fwdbwd", config="-", **st, tflops=tflops(flex_fb, True)))
 
     def configs(label: str) -> None:
         row_base = dict(base, env=label)
@@ -96,8 +104,10 @@ def sweep_one(spec, n: int, args, fwd_cfgs: list, bwd_cfgs: list, emit) -> None:
                 if not row["rel_err"] <= 1e-2:
                     err = f"wrong output: relative error {row['rel_err']:.2e}"
             if err is None:
-                ms = time_ms(lambda: kern(q, k, v, **inputs), warmup=args.warmup, rep=args.rep)
-                row.update(ms=ms, tflops=tflops(ms, False), vs_flex=flex_fwd / ms)
+                st = timed(lambda: kern(q, k, v, **inputs))
+                row.update(st, tflops=tflops(st["ms"], False), vs_flex=flex_fwd / st["ms"])
+                if args.host_report and cfg == "default":
+                    variant_launches.host_report(lambda: kern(q, k, v, **inputs), f"{spec.name} fwd")
             else:
                 row["error"] = err
             emit(row)
@@ -114,9 +124,8 @@ def sweep_one(spec, n: int, args, fwd_cfgs: list, bwd_cfgs: list, emit) -> None:
                 if not row["rel_err"] <= 3e-2:
                     err = f"wrong gradients: relative error {row['rel_err']:.2e}"
             if err is None:
-                ms = time_ms(lambda: kern(q, k, v, **inputs).backward(dout), warmup=args.warmup, rep=args.rep,
-                             grad_to_none=qkv)
-                row.update(ms=ms, tflops=tflops(ms, True), vs_flex=flex_fb / ms)
+                st = timed(lambda: kern(q, k, v, **inputs).backward(dout), qkv)
+                row.update(st, tflops=tflops(st["ms"], True), vs_flex=flex_fb / st["ms"])
             else:
                 row["error"] = err
             emit(row)
@@ -139,10 +148,14 @@ def main():
     ap.add_argument("--fwd", default=";".join(FWD), help="forward configurations, ';' separated")
     ap.add_argument("--bwd", default=";".join(BWD), help="backward configurations, ';' separated")
     ap.add_argument("--bwd-fwd-config", default="128,64,8,3", help="forward configuration of the f+b runs")
-    ap.add_argument("--warmup", type=float, default=25)
+    ap.add_argument("--warmup", type=float, default=HEAT_MS,
+                    help="do_bench warm-up, ms (the clock settles at the power limit: attnc.bench.HEAT_MS)")
     ap.add_argument("--rep", type=float, default=100)
     ap.add_argument("--env", default="-", help="environment variants, ';' separated, each 'NAME=VALUE[,...]' "
                     "or '-' (unchanged)")
+    ap.add_argument("--clocks", action="store_true", help="record the SM clock and power while timing (NVML)")
+    ap.add_argument("--host-report", action="store_true",
+                    help="after timing each default forward, variant_launches.host_report of it")
     ap.add_argument("--repeat", type=int, default=1, help="run the environment variants this many times")
     ap.add_argument("--out", default=os.environ.get("OUT") or "./sweep_out")
     args = ap.parse_args()
@@ -156,8 +169,9 @@ def main():
         with open(out / "sweep.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         ms = f"{row['ms']:.3f} ms" if row.get("ms") else row.get("error", "")
+        mhz = f" {row['mhz'][0]} MHz ({row['mhz'][1]}-{row['mhz'][2]})" if row.get("mhz") else ""
         print(f"{row['pattern']:20s} {row['N']:6d} {row['kind']:7s} {row['impl']:5s} {row['config']:34s} "
-              f"{row.get('env', '')[:30]:30s} {ms}", flush=True)
+              f"{row.get('env', '')[:30]:30s} {ms}{mhz}", flush=True)
 
     fwd_cfgs = [c for c in args.fwd.split(";") if c]
     bwd_cfgs = [c for c in args.bwd.split(";") if c]
@@ -167,13 +181,15 @@ def main():
             sweep_one(bench_all.SPEC_BY_NAME[name], n, args, fwd_cfgs, bwd_cfgs, emit)
     print(f"\nsweep took {time.time() - t0:.0f} s; x = FlexAttention time / attnc time (same run)")
     print(f"{'pattern':20s} {'N':>6s} {'kind':7s} {'config':34s} {'env':30s} {'ms':>8s} {'TFLOP/s':>8s} "
-          f"{'x flex':>7s}")
+          f"{'x flex':>7s} {'MHz':>5s}")
     for r in rows:
         if r["impl"] == "attnc":
             tf = f"{r['tflops']:8.1f}" if r.get("tflops") else " " * 8
             x = f"{r['vs_flex']:7.2f}" if r.get("vs_flex") else "  error"
             ms = f"{r['ms']:8.3f}" if r.get("ms") else " " * 8
-            print(f"{r['pattern']:20s} {r['N']:6d} {r['kind']:7s} {r['config']:34s} {r['env'][:30]:30s} {ms} {tf} {x}")
+            mhz = f"{r['mhz'][0]:5d}" if r.get("mhz") else ""
+            print(f"{r['pattern']:20s} {r['N']:6d} {r['kind']:7s} {r['config']:34s} {r['env'][:30]:30s} {ms} {tf} {x}"
+                  f" {mhz}")
 
 
 if __name__ == "__main__":

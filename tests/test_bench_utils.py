@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -401,6 +402,78 @@ def test_bench_all_main_cpu_smoke(tmp_path):
     summary = json.loads((tmp_path / "bench_summary.json").read_text())
     assert [r["pattern"] for r in summary["rows"]] == ["causal", "prefix_lm_2048"]
     assert len((tmp_path / "bench.jsonl").read_text().splitlines()) == 2
+
+
+class _FakeNvml:
+    """Stands in for pynvml: a card at 1650 MHz drawing 690.5 W, a kernel running 100% of the time."""
+    NVML_CLOCK_SM = 0
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetClockInfo(self, handle, clock):
+        return 1650
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 690500                      # mW
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return SimpleNamespace(gpu=100)
+
+
+def test_clock_sampler_reports_median_min_and_max(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    with bench.ClockSampler(period=0.001) as sampler:
+        deadline = time.perf_counter() + 1.0
+        while len(sampler.samples) < 3 and time.perf_counter() < deadline:
+            time.sleep(0.001)
+    summary = sampler.summary()
+    assert summary["mhz"] == [1650, 1650, 1650] and summary["watts"] == [690.5, 690.5, 690.5]
+    assert summary["util"] == [100, 100, 100] and summary["clock_samples"] >= 3
+    sampler.samples = [(1500, 700.0, 100), (1980, 120.0, 0), (1650, 690.0, 100)]
+    assert sampler.summary()["mhz"] == [1650, 1500, 1980]
+    assert sampler.summary()["watts"] == [690.0, 120.0, 700.0]
+
+
+def test_clock_sampler_without_nvml_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)        # import fails
+    with bench.ClockSampler() as sampler:
+        pass
+    assert sampler.summary() == {"clock_error": sampler.error} and "NVML unavailable" in sampler.error
+
+
+def test_time_stats_warms_up_before_do_bench_and_reports_the_card(monkeypatch):
+    """Untimed calls come before do_bench's own (a variant picked from the third call on compiles there, not in
+    do_bench's estimate); with clocks, the sampler's figures, the busy share and the host's time per call."""
+    log = []
+
+    def fake_do_bench(fn, warmup, rep, quantiles=None, grad_to_none=None):
+        log.append("do_bench")
+        for _ in range(10):
+            fn()
+        return [0.5, 0.4, 0.6]
+    monkeypatch.setattr(bench, "_do_bench_kwargs",
+                        lambda warmup, rep, grads, q: (fake_do_bench, {"warmup": warmup, "rep": rep,
+                                                                        "quantiles": list(q)}, "quantiles"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("sync"))
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    st = bench.time_stats(lambda: log.append("call"), clocks=True)
+    assert log[:bench.WARM_CALLS + 2] == ["call"] * bench.WARM_CALLS + ["sync", "do_bench"]
+    assert (st["median"], st["p20"], st["p80"]) == (0.5, 0.4, 0.6)
+    assert st["mhz"][0] == 1650 and st["host"]["calls"] == 10 and st["busy"] > 0
+    assert "mhz" not in bench.time_stats(lambda: None)
+
+
+def test_bench_all_records_clocks_unless_told_not_to():
+    args = ba.parse_args([])
+    assert args.clocks and args.warmup == bench.HEAT_MS
+    off = ba.parse_args(["--no-clocks"])
+    assert not off.clocks and "--no-clocks" in ba._child_command(off, 8192, "causal", Path("rows.jsonl"))
+    assert "--no-clocks" not in ba._child_command(args, 8192, "causal", Path("rows.jsonl"))
 
 
 # ---- GPU ----------------------------------------------------------------------------------------------
