@@ -93,7 +93,8 @@ def time_stats(fn: Callable[[], Any], warmup: float = 50, rep: float = 300,
     are milliseconds of running, as there. ``spread`` is ``(p80 - p20) / median``. With ``clocks``,
     also the SM clock, board power and utilization while it ran (:class:`ClockSampler`: ``mhz``, ``watts``,
     ``util``), ``busy`` (the share of the wall time the timed calls took on the device) and ``host`` (calls,
-    wall ms per call, garbage-collection ms): a timing whose GPU idled between calls is not a sustained one.
+    wall ms per call, garbage-collection ms, the caching allocator's retries): a timing whose GPU idled between
+    calls is not a sustained one.
     On a machine without CUDA (smoke tests only) it falls back to a wall-clock loop.
     """
     if not torch.cuda.is_available():
@@ -131,6 +132,7 @@ def time_stats(fn: Callable[[], Any], warmup: float = 50, rep: float = 300,
                 gcs["ms"] += (time.perf_counter() - gcs["t"]) * 1e3
                 gcs["full"] += info.get("generation") == 2
         gc.callbacks.append(on_gc)
+        retries0 = _alloc_retries()
         t0 = time.perf_counter()
         try:
             with sampler:
@@ -150,8 +152,18 @@ def time_stats(fn: Callable[[], Any], warmup: float = 50, rep: float = 300,
         # under 1 means the GPU idled between calls, so each ran on a cooler, faster-clocked card.
         out["busy"] = round(calls[0] * med / wall, 3) if wall > 0 else None
         out["host"] = {"calls": calls[0], "wall_ms_per_call": round(wall / max(calls[0], 1), 4),
-                       "gc_ms": round(gcs["ms"], 1), "full_gcs": gcs["full"]}
+                       "gc_ms": round(gcs["ms"], 1), "full_gcs": gcs["full"],
+                       "alloc_retries": _alloc_retries() - retries0}
     return out
+
+
+def _alloc_retries() -> int:
+    """How often the CUDA caching allocator has freed its cache and retried a failed allocation (each frees
+    memory back to the driver, a device synchronization)."""
+    try:
+        return int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
+    except Exception:  # noqa: BLE001 - informative only (no CUDA)
+        return 0
 
 
 class ClockSampler:

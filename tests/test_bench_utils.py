@@ -465,6 +465,7 @@ def test_time_stats_warms_up_before_do_bench_and_reports_the_card(monkeypatch):
     assert log[:bench.WARM_CALLS + 2] == ["call"] * bench.WARM_CALLS + ["sync", "do_bench"]
     assert (st["median"], st["p20"], st["p80"]) == (0.5, 0.4, 0.6)
     assert st["mhz"][0] == 1650 and st["host"]["calls"] == 10 and st["busy"] > 0
+    assert st["host"]["alloc_retries"] == 0
     assert "mhz" not in bench.time_stats(lambda: None)
 
 
