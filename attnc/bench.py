@@ -45,6 +45,9 @@ HEAT_MS = 1000
 # Untimed calls before do_bench's own: past the calls that compile kernel variants (attnc.flags, autotuning).
 WARM_CALLS = 4
 
+# What time_stats(..., clocks=True) adds beside the times (the card's state and the host's share).
+CLOCK_KEYS = ("mhz", "watts", "util", "busy", "host", "clock_samples", "clock_error")
+
 
 # ----------------------------------------------------------------------------------------------
 # Arithmetic and timing
@@ -799,7 +802,7 @@ def bench_pattern(kern, *, seq: int, batch: int, heads: int, dim: int, dtype=tor
     def timed(key: str, fn, rep_ms: float = rep, per_call: int = 1, grads: list | None = None) -> dict:
         """``time_stats`` of ``fn``; with ``clocks``, its SM clock and power go into ``row`` beside it."""
         st = time_stats(fn, warmup=warmup, rep=rep_ms, grad_to_none=grads, clocks=clocks)
-        for name in ("mhz", "watts", "util", "busy", "host", "clock_samples", "clock_error"):
+        for name in CLOCK_KEYS:
             if name in st:
                 row[f"{key}_{name}"] = st[name]
         return {**st, "median": st["median"] / per_call}

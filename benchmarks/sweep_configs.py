@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_all  # noqa: E402
 import variant_launches  # noqa: E402
-from attnc.bench import (HEAT_MS, _flex, effective_tflops, env_info, mask_density,  # noqa: E402
+from attnc.bench import (CLOCK_KEYS, HEAT_MS, _flex, effective_tflops, env_info, mask_density,  # noqa: E402
                          relative_error, time_stats)
 
 FWD = ["128,64,8,3", "128,64,8,3,tma", "128,128,8,3", "128,128,8,3,tma", "128,64,4,3", "64,64,4,3"]
@@ -83,8 +83,7 @@ def sweep_one(spec, n: int, args, fwd_cfgs: list, bwd_cfgs: list, emit) -> None:
     def timed(fn, grads=None) -> dict:
         """ms (median) and, with ``--clocks``, the SM clock and power while timing."""
         st = time_stats(fn, warmup=args.warmup, rep=args.rep, grad_to_none=grads, clocks=args.clocks)
-        keys = ("mhz", "watts", "util", "busy", "host", "clock_samples", "clock_error")
-        return {"ms": st["median"], **{k: st[k] for k in keys if k in st}}
+        return {"ms": st["median"], **{k: st[k] for k in CLOCK_KEYS if k in st}}
 
     st = timed(lambda: flex(q, k, v, block_mask=bm))
     flex_fwd = st["ms"]

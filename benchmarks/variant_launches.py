@@ -80,7 +80,8 @@ def main():
 
 
 def settle(fn, label: str, idle_s: float, windows: int = 12):
-    """``fn``'s time in consecutive 0.5 s windows (no warm-up) after ``idle_s`` seconds of an idle GPU."""
+    """``fn``'s time in consecutive 0.5 s windows after ``idle_s`` seconds of an idle GPU (no warm-up but
+    time_stats' few untimed calls)."""
     torch.cuda.synchronize()
     time.sleep(idle_s)
     t0 = time.perf_counter()
