@@ -16,6 +16,7 @@ import datetime
 import gc
 import inspect
 import math
+import os
 import platform
 import statistics
 import sys
@@ -96,8 +97,8 @@ def time_stats(fn: Callable[[], Any], warmup: float = 50, rep: float = 300,
     are milliseconds of running, as there. ``spread`` is ``(p80 - p20) / median``. With ``clocks``,
     also the SM clock, board power and utilization while it ran (:class:`ClockSampler`: ``mhz``, ``watts``,
     ``util``), ``busy`` (the share of the wall time the timed calls took on the device) and ``host`` (calls,
-    wall ms per call, garbage-collection ms, the caching allocator's retries): a timing whose GPU idled between
-    calls is not a sustained one.
+    wall ms per call, garbage-collection ms, the caching allocator's retries and driver calls, kernels Triton
+    compiled meanwhile): a timing whose GPU idled between calls is not a sustained one.
     On a machine without CUDA (smoke tests only) it falls back to a wall-clock loop.
     """
     if not torch.cuda.is_available():
@@ -114,9 +115,13 @@ def time_stats(fn: Callable[[], Any], warmup: float = 50, rep: float = 300,
     # do_bench sizes its loops from five calls right after one untimed one. attnc picks kernel variants from
     # the third call on (attnc.flags), so the first of those compiled inside that estimate: seconds of an idle
     # GPU, a few timed repetitions, and those on a cool card above its power-limited clock (NOTES item 75).
+    # Each warm call waits for the device: the flags are read without waiting, once the device has written
+    # them, and four calls the host queued ahead of a slow device (a 32k forward+backward) all still ran the
+    # guarded variants, so the picked one compiled inside the timing all the same (NOTES item 76).
     for _ in range(WARM_CALLS):
         fn()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+    gc.collect()        # a full collection (0.4 s after FlexAttention's compiles) would idle the GPU meanwhile
     sampler = ClockSampler() if clocks else None
     if sampler is None:
         res = do_bench(fn, **kwargs)
@@ -135,7 +140,7 @@ def time_stats(fn: Callable[[], Any], warmup: float = 50, rep: float = 300,
                 gcs["ms"] += (time.perf_counter() - gcs["t"]) * 1e3
                 gcs["full"] += info.get("generation") == 2
         gc.callbacks.append(on_gc)
-        retries0 = _alloc_retries()
+        alloc0, compiled0 = _alloc_counts(), _triton_cache_entries()
         t0 = time.perf_counter()
         try:
             with sampler:
@@ -156,17 +161,41 @@ def time_stats(fn: Callable[[], Any], warmup: float = 50, rep: float = 300,
         out["busy"] = round(calls[0] * med / wall, 3) if wall > 0 else None
         out["host"] = {"calls": calls[0], "wall_ms_per_call": round(wall / max(calls[0], 1), 4),
                        "gc_ms": round(gcs["ms"], 1), "full_gcs": gcs["full"],
-                       "alloc_retries": _alloc_retries() - retries0}
+                       **{k: v - alloc0[k] for k, v in _alloc_counts().items()},
+                       "compiles": _triton_cache_entries() - compiled0}
     return out
 
 
-def _alloc_retries() -> int:
-    """How often the CUDA caching allocator has freed its cache and retried a failed allocation (each frees
-    memory back to the driver, a device synchronization)."""
+def _triton_cache_entries() -> int:
+    """How many kernels Triton's on-disk cache holds (one directory each): a kernel compiled while a timing
+    ran adds one (a kernel compiled before, in another process, only loads)."""
+    path = os.environ.get("TRITON_CACHE_DIR")
+    if not path:
+        try:
+            import triton
+            path = triton.knobs.cache.dir
+        except Exception:  # noqa: BLE001 - older Triton: its default place
+            path = os.path.join(os.path.expanduser("~"), ".triton", "cache")
     try:
-        return int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
-    except Exception:  # noqa: BLE001 - informative only (no CUDA)
+        with os.scandir(path) as entries:
+            return sum(1 for _ in entries)
+    except OSError:
         return 0
+
+
+_ALLOC_STATS = {"alloc_retries": "num_alloc_retries", "device_allocs": "num_device_alloc",
+                "device_frees": "num_device_free"}
+
+
+def _alloc_counts() -> dict:
+    """The CUDA caching allocator's counters: how often it freed its cache and retried a failed allocation
+    (``alloc_retries``), and its calls to the driver (``device_allocs``: cudaMalloc, ``device_frees``:
+    cudaFree, which synchronizes the device). In steady state a timed call makes none; each costs host time."""
+    try:
+        stats = torch.cuda.memory_stats()
+    except Exception:  # noqa: BLE001 - informative only (no CUDA)
+        stats = {}
+    return {k: int(stats.get(name, 0)) for k, name in _ALLOC_STATS.items()}
 
 
 class ClockSampler:

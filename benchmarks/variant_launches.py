@@ -128,14 +128,19 @@ def host_report(fn, label: str, calls: int = 50):
         print(f"    {us:9.1f} us  x{n}  {key[:110]}")
     st = time_stats(fn, warmup=50, rep=300, clocks=True)
     print(f"[{label}] single calls {st['median']:.4f} ms, SM MHz {st.get('mhz')}, W {st.get('watts')}, "
-          f"{st.get('clock_samples')} samples")
+          f"{st.get('clock_samples')} samples, busy {st.get('busy')}, {st.get('host')}")
 
     def loop():
         for _ in range(20):
             fn()
     st = time_stats(loop, warmup=50, rep=600, clocks=True)
     print(f"[{label}] 20 back to back {st['median'] / 20:.4f} ms/call, SM MHz {st.get('mhz')}, "
-          f"W {st.get('watts')}, {st.get('clock_samples')} samples")
+          f"W {st.get('watts')}, {st.get('clock_samples')} samples, busy {st.get('busy')}, {st.get('host')}")
+    mem = torch.cuda.memory_stats()
+    print(f"[{label}] allocator: {mem.get('reserved_bytes.all.current', 0) / 2**30:.2f} GiB reserved, "
+          f"{mem.get('allocated_bytes.all.peak', 0) / 2**30:.2f} GiB peak allocated, "
+          f"cudaMalloc {mem.get('num_device_alloc')}, cudaFree {mem.get('num_device_free')}, "
+          f"retries {mem.get('num_alloc_retries')}")
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(calls):

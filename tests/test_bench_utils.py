@@ -445,9 +445,9 @@ def test_clock_sampler_without_nvml_says_so(monkeypatch):
     assert sampler.summary() == {"clock_error": sampler.error} and "NVML unavailable" in sampler.error
 
 
-def test_time_stats_warms_up_before_do_bench_and_reports_the_card(monkeypatch):
-    """Untimed calls come before do_bench's own (a variant picked from the third call on compiles there, not in
-    do_bench's estimate); with clocks, the sampler's figures, the busy share and the host's time per call."""
+def test_time_stats_warms_up_before_do_bench_and_reports_the_card(monkeypatch, tmp_path):
+    """Untimed calls, each waited for, come before do_bench's own (a variant picked from the third call on, once
+    the device has written its flag, compiles there, not in do_bench's estimate); with clocks, the sampler's figures, the busy share and the host's time per call."""
     log = []
 
     def fake_do_bench(fn, warmup, rep, quantiles=None, grad_to_none=None):
@@ -461,11 +461,19 @@ def test_time_stats_warms_up_before_do_bench_and_reports_the_card(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("sync"))
     monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
-    st = bench.time_stats(lambda: log.append("call"), clocks=True)
-    assert log[:bench.WARM_CALLS + 2] == ["call"] * bench.WARM_CALLS + ["sync", "do_bench"]
+    # the allocator's counters before and after the timing: 3 cudaMallocs, 2 cudaFrees, 1 retry in between
+    stats = iter([{"num_device_alloc": 5, "num_device_free": 1},
+                  {"num_device_alloc": 8, "num_device_free": 3, "num_alloc_retries": 1}])
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda *a: next(stats))
+    cache = tmp_path / "triton"
+    cache.mkdir()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    st = bench.time_stats(lambda: (log.append("call"), (cache / f"k{len(log)}").mkdir()), clocks=True)
+    assert log[:2 * bench.WARM_CALLS + 1] == ["call", "sync"] * bench.WARM_CALLS + ["do_bench"]
     assert (st["median"], st["p20"], st["p80"]) == (0.5, 0.4, 0.6)
     assert st["mhz"][0] == 1650 and st["host"]["calls"] == 10 and st["busy"] > 0
-    assert st["host"]["alloc_retries"] == 0
+    assert (st["host"]["alloc_retries"], st["host"]["device_allocs"], st["host"]["device_frees"]) == (1, 3, 2)
+    assert st["host"]["compiles"] == 10       # a new Triton cache entry per timed call (none in the warm calls)
     assert "mhz" not in bench.time_stats(lambda: None)
 
 
