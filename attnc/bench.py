@@ -68,6 +68,20 @@ def effective_tflops(B: int, H: int, Nq: int, Nk: int, D: int, density: float | 
     return flops / (ms * 1e-3) / 1e12
 
 
+def warm_calls(fn, calls: int = WARM_CALLS) -> None:
+    """``calls`` untimed calls of ``fn`` before a timing, each waited for.
+
+    do_bench sizes its loops from five calls right after one untimed one. attnc picks kernel variants from the
+    third call on (attnc.flags), so the first of those compiled inside that estimate: seconds of an idle GPU,
+    a few timed repetitions, and those on a cool card above its power-limited clock (NOTES item 75). Each call
+    waits for the device because the flags are read without waiting, once the device has written them: four
+    calls the host queued ahead of a slow device (a 32k forward+backward) all still ran the guarded variants,
+    and the picked one compiled inside the timing all the same (NOTES item 76)."""
+    for _ in range(calls):
+        fn()
+        torch.cuda.synchronize()
+
+
 def _do_bench_kwargs(warmup: float, rep: float, grad_to_none, quantiles) -> tuple[Callable, dict, str]:
     """Keyword arguments for whichever ``do_bench`` this Triton has (the signature has moved)."""
     from triton.testing import do_bench
@@ -112,15 +126,7 @@ def time_stats(fn: Callable[[], Any], warmup: float = 50, rep: float = 300,
         return {"median": med, "p20": times[0], "p80": times[-1],
                 "spread": (times[-1] - times[0]) / med if med > 0 else None}
     do_bench, kwargs, mode = _do_bench_kwargs(warmup, rep, grad_to_none, (0.5, 0.2, 0.8))
-    # do_bench sizes its loops from five calls right after one untimed one. attnc picks kernel variants from
-    # the third call on (attnc.flags), so the first of those compiled inside that estimate: seconds of an idle
-    # GPU, a few timed repetitions, and those on a cool card above its power-limited clock (NOTES item 75).
-    # Each warm call waits for the device: the flags are read without waiting, once the device has written
-    # them, and four calls the host queued ahead of a slow device (a 32k forward+backward) all still ran the
-    # guarded variants, so the picked one compiled inside the timing all the same (NOTES item 76).
-    for _ in range(WARM_CALLS):
-        fn()
-        torch.cuda.synchronize()
+    warm_calls(fn)
     gc.collect()        # a full collection (0.4 s after FlexAttention's compiles) would idle the GPU meanwhile
     sampler = ClockSampler() if clocks else None
     if sampler is None:

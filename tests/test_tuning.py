@@ -618,3 +618,23 @@ def test_launches_take_a_configuration_s_program_order(kern):
         assert seen == [want] * 3
     want = kern.reference(q, k, v, scale=0.25)
     assert (out - want).abs().max() < 1e-4
+
+
+def test_candidates_are_timed_after_waited_warm_calls(monkeypatch):
+    """Each candidate runs its variant-compiling calls (attnc.flags picks from the third on) before do_bench, each
+    waited for; a candidate that fails is reported and skipped, not fatal."""
+    log = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("sync"))
+    monkeypatch.setattr(tuning, "_bench_ms", lambda fn: (log.append("bench"), fn(), 1.5)[-1])
+
+    def run(cfg):
+        if cfg.block_m == 32:
+            raise RuntimeError("out of resources: shared memory")
+        log.append(("run", cfg.block_m))
+    good, bad = FwdConfig(64, 64, 4, 2), FwdConfig(32, 32, 4, 1)
+    result = tuning.KindResult("fwd", default=good)
+    tuning._time_candidates(run, [good, bad], tuning._Progress(2, "fwd", False), "fwd", result)
+    from attnc.bench import WARM_CALLS
+    assert log[:2 * WARM_CALLS + 2] == [("run", 64), "sync"] * WARM_CALLS + ["bench", ("run", 64)]
+    assert result.timings[0] == (good, 1.5, "")
+    assert result.timings[1][1] is None and "shared memory" in result.timings[1][2]
