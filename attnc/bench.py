@@ -132,28 +132,8 @@ def time_stats(fn: Callable[[], Any], warmup: float = 50, rep: float = 300,
     if sampler is None:
         res = do_bench(fn, **kwargs)
     else:
-        calls = [0]
-
-        def counted():
-            calls[0] += 1
-            return fn()
-        gcs = {"ms": 0.0, "full": 0, "t": 0.0}
-
-        def on_gc(phase, info):
-            if phase == "start":
-                gcs["t"] = time.perf_counter()
-            else:
-                gcs["ms"] += (time.perf_counter() - gcs["t"]) * 1e3
-                gcs["full"] += info.get("generation") == 2
-        gc.callbacks.append(on_gc)
-        alloc0, compiled0 = _alloc_counts(), _triton_cache_entries()
-        t0 = time.perf_counter()
-        try:
-            with sampler:
-                res = do_bench(counted, **kwargs)
-        finally:
-            gc.callbacks.remove(on_gc)
-        wall = (time.perf_counter() - t0) * 1e3
+        with HostWatch(fn) as host, sampler:
+            res = do_bench(host.fn, **kwargs)
     if mode == "quantiles" and isinstance(res, (list, tuple)) and len(res) >= 3:
         med, p20, p80 = (float(x) for x in res[:3])
     else:
@@ -162,14 +142,53 @@ def time_stats(fn: Callable[[], Any], warmup: float = 50, rep: float = 300,
     out = {"median": med, "p20": p20, "p80": p80, "spread": (p80 - p20) / med if med > 0 else None}
     if sampler is not None:
         out.update(sampler.summary())
-        # The share of the wall time the device spent in the timed calls (do_bench's L2 clears excluded): well
-        # under 1 means the GPU idled between calls, so each ran on a cooler, faster-clocked card.
-        out["busy"] = round(calls[0] * med / wall, 3) if wall > 0 else None
-        out["host"] = {"calls": calls[0], "wall_ms_per_call": round(wall / max(calls[0], 1), 4),
-                       "gc_ms": round(gcs["ms"], 1), "full_gcs": gcs["full"],
-                       **{k: v - alloc0[k] for k, v in _alloc_counts().items()},
-                       "compiles": _triton_cache_entries() - compiled0}
+        out["busy"] = host.busy(med)
+        out["host"] = host.summary()
     return out
+
+
+class HostWatch:
+    """What the host did while a timing ran (``with HostWatch(fn) as w: do_bench(w.fn)``): the calls of ``fn``
+    (through ``w.fn``), the wall time, garbage collections, the caching allocator's retries and driver calls,
+    and kernels Triton compiled meanwhile."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._inner, self.calls = fn, 0
+        self.gc_ms, self.full_gcs, self._gc_t0 = 0.0, 0, 0.0
+        self.wall_ms = 0.0
+
+    def fn(self):
+        self.calls += 1
+        return self._inner()
+
+    def _on_gc(self, phase, info):
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            self.gc_ms += (time.perf_counter() - self._gc_t0) * 1e3
+            self.full_gcs += info.get("generation") == 2
+
+    def __enter__(self):
+        gc.callbacks.append(self._on_gc)
+        self._alloc0, self._compiled0 = _alloc_counts(), _triton_cache_entries()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall_ms = (time.perf_counter() - self._t0) * 1e3
+        gc.callbacks.remove(self._on_gc)
+        self._alloc = {k: v - self._alloc0[k] for k, v in _alloc_counts().items()}
+        self._compiled = _triton_cache_entries() - self._compiled0
+
+    def busy(self, median_ms: float) -> float | None:
+        """The share of the wall time the device spent in the timed calls (do_bench's L2 clears excluded):
+        well under 1 means the GPU idled between calls, so each ran on a cooler, faster-clocked card."""
+        return round(self.calls * median_ms / self.wall_ms, 3) if self.wall_ms > 0 else None
+
+    def summary(self) -> dict:
+        return {"calls": self.calls, "wall_ms_per_call": round(self.wall_ms / max(self.calls, 1), 4),
+                "gc_ms": round(self.gc_ms, 1), "full_gcs": self.full_gcs, **self._alloc,
+                "compiles": self._compiled}
 
 
 def _triton_cache_entries() -> int:
