@@ -495,6 +495,9 @@ def test_time_ms_on_gpu():
     assert isinstance(t, float) and t > 0
     st = bench.time_stats(lambda: x * 2, warmup=5, rep=20)
     assert st["p20"] <= st["median"] <= st["p80"]
+    st = bench.time_stats(lambda: x * 2, warmup=5, rep=20, clocks=True)
+    assert st["host"]["calls"] > 0 and st["host"]["compiles"] == 0 and st["host"]["device_frees"] == 0
+    assert 0 < st["busy"] and ("mhz" in st or "clock_error" in st)
 
 
 @pytest.mark.gpu
