@@ -53,6 +53,17 @@ def _index_ok(a: str, name: str, d: int) -> str:
     return f"({a} >= 0) & ({a} < {name}_d{d})"
 
 
+def _varies_in_tile(node: ir.Node) -> bool:
+    """Whether ``node`` takes more than one value in a score tile (it depends on q or k)."""
+    return bool(ir.free_vars(node) & {"q", "k"})
+
+
+def _tile_operand(scalar: str) -> str:
+    """A boolean that is one scalar per tile (it reads no q or k), as an operand of `&` / `|` with a tile:
+    Triton's interpreter cannot join a compared scalar with a tile until it is compared with 0 once more."""
+    return f"({scalar} != 0)"
+
+
 def _clamped_offset(a: str, name: str, d: int, stride: str) -> str:
     """The offset of scalar index ``a`` clamped into dimension ``d`` of ``name`` (a select with
     :func:`_index_ok` zeroes what an index out of range reads or adds)."""
@@ -116,6 +127,9 @@ class ElementwisePrinter:
         if op == "tofloat":
             return f"({args[0]}).to(tl.float32)"
         if op in ("and", "or"):
+            if any(_varies_in_tile(a) for a in node.args):
+                args = [t if _varies_in_tile(a) or a.op == "const" else _tile_operand(t)
+                        for a, t in zip(node.args, args)]
             return "(" + (" & " if op == "and" else " | ").join(args) + ")"
         if op == "read":
             return self._read(node, args)
@@ -186,8 +200,11 @@ def tile_mask_code(mask: ir.Node, prefix: str, bounded: bool = True) -> list[str
 
     def select(nodes: list, indent: str, tag: str, k_ok: bool = False) -> list[str]:
         p = ElementwisePrinter(f"{prefix}{tag}")
-        terms = [p(ir.and_(*nodes))] if nodes else []
+        node = ir.and_(*nodes) if nodes else None
+        terms = [p(node)] if nodes else []
         terms += ["k_ok"] if k_ok else []
+        if len(terms) == 2 and node.op != "const" and not _varies_in_tile(node):
+            terms[0] = _tile_operand(terms[0])      # one scalar for the whole tile (a per-head switch)
         return [indent + line for line in p.em.lines] + [f"{indent}x = tl.where({' & '.join(terms)}, x, fill)"]
 
     if not bounded or not proofs or (len(proofs) == 1 and not rest):

@@ -1040,10 +1040,10 @@ def attention(kern, q, k, v, *, scale, return_lse, inputs):
     (into q, k, v and float score inputs): the kernel's torch custom op where ``torch.compile`` or another
     tracer is at work, the same launchers under an autograd.Function in eager mode."""
     from .ops import attention_op
-    from .validate import check_inputs, check_qkv
+    from .validate import check_inputs, check_qkv, check_scale
     shapes = check_qkv(q, k, v, kernel_dims=True)
     sizes = check_inputs(kern.ir, inputs, batch=shapes.batch, heads=shapes.heads_q, n_q=shapes.n_q,
                          n_k=shapes.n_k, device=q.device)
-    scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
+    scale = check_scale(scale, shapes.head_dim)
     out, lse = attention_op(kern, q, k, v, [inputs[n] for n in kern.ir.inputs], scale, sizes)
     return (out, lse) if return_lse else out

@@ -130,7 +130,7 @@ def _eager(q, k, v, values) -> bool:
     """Whether a call may skip the dispatcher: not traced by Dynamo, plain tensors only (no FakeTensor,
     functional or other subclass), and no torch dispatch mode or functorch transform active. Where this
     torch lacks one of the checks, the operators are used."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or q.device.type == "meta":     # meta tensors: the operator's fake
         return False
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
         return False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import warnings
 import weakref
@@ -13,9 +12,9 @@ import torch
 
 from . import ir
 from .analyze import PatternIR, Program, lower_pattern
-from .errors import InputError
+from .errors import InputError, PatternError
 from .reference import dense_mask, reference_attention
-from .validate import check_inputs, check_qkv
+from .validate import check_inputs, check_qkv, check_scale, check_sizes
 
 
 def _source_key(source_or_path) -> tuple:
@@ -40,6 +39,11 @@ def compile(source_or_path, pattern: str | None = None, **params) -> "Kernel":
     ``pattern`` chooses one when the file defines several. Raises :class:`attnc.PatternSyntaxError` or
     :class:`attnc.PatternError` for mistakes in the source or parameters.
     """
+    if isinstance(source_or_path, (bytes, bytearray)):
+        try:
+            source_or_path = bytes(source_or_path).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PatternError(f"pattern source bytes are not UTF-8 text: {e}") from None
     pir = _lower_cached(_source_key(source_or_path), pattern, tuple(sorted(params.items())))
     return Kernel(pir)
 
@@ -49,6 +53,8 @@ def _interpreting() -> bool:
 
 
 _warned_cpu = False
+
+MASK_LIMIT = 1 << 33    # entries of the largest dense mask kern.mask builds (8 GiB of bools)
 
 
 class Kernel:
@@ -90,11 +96,15 @@ class Kernel:
 
     def mask(self, n_q: int, n_k: int, batch: int = 1, heads: int = 1, **inputs) -> torch.Tensor:
         """The mask as a dense bool tensor (batch, heads, n_q, n_k): the pattern's exact semantics."""
-        for name, value in (("n_q", n_q), ("n_k", n_k), ("batch", batch), ("heads", heads)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise InputError(f"{name} must be a non-negative int, got {value!r}")
-        device = next((t.device for t in inputs.values() if isinstance(t, torch.Tensor)), None)
-        sizes = check_inputs(self.ir, inputs, batch=batch, heads=heads, n_q=n_q, n_k=n_k)
+        check_sizes(n_q=n_q, n_k=n_k, batch=batch, heads=heads)
+        entries = batch * heads * n_q * n_k
+        if entries > MASK_LIMIT:
+            raise InputError(f"kern.mask({n_q}, {n_k}, batch={batch}, heads={heads}) would hold {entries:.3g} "
+                             f"entries (at most {MASK_LIMIT:.3g}); kern.plan(...) describes large sizes by tiles")
+        first = next((name for name, t in inputs.items() if isinstance(t, torch.Tensor)), None)
+        device = inputs[first].device if first is not None else None
+        sizes = check_inputs(self.ir, inputs, batch=batch, heads=heads, n_q=n_q, n_k=n_k, device=device,
+                             device_of=f"input '{first}'")
         return dense_mask(self.ir, n_q, n_k, batch, heads, sizes, inputs, device)
 
     def reference(self, q, k, v, scale: float | None = None, return_lse: bool = False, **inputs):
@@ -102,14 +112,16 @@ class Kernel:
         shapes = check_qkv(q, k, v)
         sizes = check_inputs(self.ir, inputs, batch=shapes.batch, heads=shapes.heads_q, n_q=shapes.n_q,
                              n_k=shapes.n_k, device=q.device)
-        scale = 1.0 / math.sqrt(shapes.head_dim) if scale is None else float(scale)
+        scale = check_scale(scale, shapes.head_dim)
         return reference_attention(self.ir, q, k, v, scale=scale, sizes=sizes, inputs=inputs,
                                    return_lse=return_lse)
 
     def __call__(self, q, k, v, scale: float | None = None, return_lse: bool = False, **inputs):
         """Attention with this pattern: Triton kernels on CUDA (or under TRITON_INTERPRET=1)."""
         global _warned_cpu
-        if q.device.type != "cuda" and not _interpreting():
+        if not isinstance(q, torch.Tensor):
+            check_qkv(q, k, v)          # an InputError saying what q must be
+        if q.device.type != "cuda" and q.device.type != "meta" and not _interpreting():
             if not _warned_cpu:
                 warnings.warn("attnc: CPU tensors without TRITON_INTERPRET=1 run the plain-torch reference "
                               "(slow); use CUDA tensors for the Triton kernels", stacklevel=2)
@@ -250,6 +262,10 @@ class Kernel:
         """The execution plan for these sizes (and runtime inputs): tiles computed, mode, transforms."""
         from .codegen import kernel_mode
         from .plan import list_plan, static_plan
+        check_sizes(n_q=n_q, n_k=n_k, batch=batch, heads=heads)
+        for name, value in (("block_m", block_m), ("block_n", block_n)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise InputError(f"{name} must be a positive int (or None for the kernel's own), got {value!r}")
         bm, bn = (block_m, block_n) if block_m and block_n else self.block_sizes(n_q=n_q, n_k=n_k)
         bm, bn = block_m or bm, block_n or bn
         sizes = check_inputs(self.ir, inputs, batch=batch, heads=heads, n_q=n_q, n_k=n_k)
@@ -293,6 +309,7 @@ class Kernel:
         Int inputs get small ids in sorted runs (documents), bools keep about half, floats are normal.
         Size names other than the built-ins are taken as max(n_q, n_k).
         """
+        check_sizes(n_q=n_q, n_k=n_k, batch=batch, heads=heads)
         g = torch.Generator().manual_seed(seed)
         n = max(n_q, n_k)
         known = {"batch": batch, "heads": heads, "n_q": n_q, "n_k": n_k}
@@ -312,6 +329,7 @@ class Kernel:
     def flex_mask_mod(self, n_q: int, n_k: int, batch: int = 1, heads: int = 1, **inputs):
         """This pattern's mask as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` (for comparisons)."""
         from .evaluate import evaluate
+        check_sizes(n_q=n_q, n_k=n_k, batch=batch, heads=heads)
         sizes = check_inputs(self.ir, inputs, batch=batch, heads=heads, n_q=n_q, n_k=n_k)
         mask = self.ir.mask
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +38,8 @@ def check_qkv(q, k, v, *, kernel_dims: bool = False) -> Shapes:
             raise InputError(f"{name} must have 4 dimensions (batch, heads, seq, head_dim), got shape "
                              f"{tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
-            raise InputError(f"{name} has dtype {t.dtype}; attnc supports float16, bfloat16 and float32")
+            raise InputError(f"{name} has dtype {t.dtype}; attnc supports float16, bfloat16, float32 and float64 "
+                             "(float64 is meant for checks, not speed)")
     if not (q.dtype == k.dtype == v.dtype):
         raise InputError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -60,9 +64,34 @@ def check_qkv(q, k, v, *, kernel_dims: bool = False) -> Shapes:
     return Shapes(B, Hq, Hkv, Nq, Nk, D, Dv)
 
 
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale of a call: ``1 / sqrt(head_dim)`` when None, else ``scale`` as a finite float."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, (torch.SymInt, torch.SymFloat)):
+        return float(scale)         # traced by torch.compile: as before, a value the graph guards on
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.device.type != "meta":
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise InputError(f"scale must be a finite number (or None for 1/sqrt(head_dim)), got {scale!r}")
+    return float(scale)
+
+
+def check_sizes(**sizes) -> None:
+    """Sizes given by name (``n_q=...``): each a non-negative int."""
+    for name, value in sizes.items():
+        try:
+            ok = not isinstance(value, bool) and operator.index(value) >= 0      # ints, numpy and torch ints
+        except TypeError:
+            ok = False
+        if not ok:
+            raise InputError(f"{name} must be a non-negative int, got {value!r}")
+
+
 def check_inputs(pir: PatternIR, inputs: dict, *, batch: int, heads: int, n_q: int, n_k: int,
-                 device: torch.device | None = None) -> dict[str, int]:
-    """Check runtime inputs against their declarations; return the sizes bound by name."""
+                 device: torch.device | None = None, device_of: str = "q, k, v") -> dict[str, int]:
+    """Check runtime inputs against their declarations; return the sizes bound by name. With ``device``, each
+    input must be on it (``device_of`` names what is there, for the message)."""
     missing = [n for n in pir.inputs if n not in inputs]
     if missing:
         raise InputError(f"pattern '{pir.name}' needs runtime input(s) {', '.join(missing)} "
@@ -80,7 +109,7 @@ def check_inputs(pir: PatternIR, inputs: dict, *, batch: int, heads: int, n_q: i
         ok = {"int": t.dtype in _INT_DTYPES, "bool": t.dtype == torch.bool,
               "float": t.is_floating_point()}[decl.dtype]
         if not ok:
-            raise InputError(f"input '{name}' must be a {decl.dtype} tensor ({_describe(decl)}), got {t.dtype}")
+            raise InputError(f"input '{name}' must be {'an' if decl.dtype == 'int' else 'a'} {decl.dtype} tensor ({_describe(decl)}), got {t.dtype}")
         if t.dim() != len(decl.dims):
             raise InputError(f"input '{name}' must have {len(decl.dims)} dimension(s) ({_describe(decl)}), "
                              f"got shape {tuple(t.shape)}")
@@ -96,7 +125,8 @@ def check_inputs(pir: PatternIR, inputs: dict, *, batch: int, heads: int, n_q: i
             else:
                 bound[dim] = n
         if device is not None and t.device != device:
-            raise InputError(f"input '{name}' is on {t.device} but q, k, v are on {device}")
+            raise InputError(f"input '{name}' is on {t.device} but {device_of} {'are' if ',' in device_of else 'is'} "
+                             f"on {device}")
     return bound
 
 

@@ -33,6 +33,11 @@ CASES = {
     "block_local": ("pattern p() { mask block_local(24) }", None),
     "neighborhood_dilated": ("pattern p() { mask neighborhood(13, dilation = 2) }", None),
     "neighborhood2d": ("pattern p() { mask neighborhood2d(10, 7, 3, 5) }", None),
+    # per-head switches: comparisons of a read that is one scalar per tile, joined with tile tests (and heads
+    # whose mask is empty: zero output and gradients)
+    "head_switch": ("pattern p() {\n input t: float[heads]\n mask (t[h] > 0.0 and window(20, 0)) or "
+                    "(t[h] <= 0.0 and causal)\n}", "t"),
+    "heads_off": ("pattern p() {\n input t: float[heads]\n mask causal and t[h] > 0.0\n}", "t"),
 }
 SQUARE_ONLY = {"neighborhood_dilated", "neighborhood2d"}
 SHAPES = [(2, 4, 2, 67, 67, 16), (1, 2, 1, 45, 70, 32)]
@@ -47,6 +52,8 @@ def _inputs(kind, B, Hq, n, g):
         return {"keep": torch.rand(B, Hq, n, generator=g) < 0.5}
     if kind == "s":
         return {"s": torch.rand(Hq, generator=g)}
+    if kind == "t":                      # heads alternate between the two sides of the switch
+        return {"t": torch.arange(Hq) % 2 * 2.0 - 1.0}
     if kind == "rb":
         return {"rb": torch.randn(Hq, 17, generator=g)}
     if kind == "dense":                  # documents as a dense mask, one batch entry holes at random, rows empty
@@ -398,6 +405,9 @@ def _check_kernel_gradients(kern, shape, kind, seed=0):
     (ro * dout.double()).sum().add((rl * dlse.double()).nan_to_num(0.0, 0.0, 0.0).sum()).backward()
     for got, leaf, label in zip(grads, ref_leaves, ["q", "k", "v"] + floats):
         assert not torch.isnan(got).any(), f"NaN in d{label}"
+        if leaf.grad is None:       # a float input the mask alone reads: no path to the loss, zero gradient
+            assert not got.any(), f"d{label} should be zero"
+            continue
         err = (got.double() - leaf.grad).norm() / leaf.grad.norm().clamp_min(1e-12)
         assert err < 1e-4, f"d{label} relative error {err:.2e}"
 

@@ -423,6 +423,14 @@ CUSTOM_CASES = [
          inputs=lambda B, H, Nq, Nk, g: {**unsorted_docs(B, H, Nq, Nk, g),
                                          "temp": 0.5 + torch.rand(H, generator=g)},
          sizes=[(130, 130), (67, 67)], batch=2),
+    # A comparison that is one scalar per tile (a per-head switch), joined with tile tests and alone.
+    Case("per-head-switch", "", source=(
+        "pattern switch() {\n    input t: float[heads]\n    input on: int[heads]\n"
+        "    mask (t[h] > 0.0 and q - k < 9 and k <= q) or (t[h] <= 0.0 and causal) or on[h] == 2\n}\n"),
+         inputs=lambda B, H, Nq, Nk, g: {"t": torch.randn(H, generator=g), "on": torch.arange(H) % 3},
+         sizes=[(130, 130), (17, 67)], batch=2),
+    Case("heads-off", "", source="pattern off() {\n    input t: float[heads]\n    mask t[h] > 0.0\n}\n",
+         inputs=lambda B, H, Nq, Nk, g: {"t": torch.arange(H) % 2 - 0.5}, sizes=[(67, 67)]),
 ]
 
 
