@@ -190,3 +190,72 @@ def test_source_as_bytes(window):
     assert attnc.compile(WINDOW.encode()).mask(5, 5).equal(window.mask(5, 5))
     with pytest.raises(attnc.PatternError, match="UTF-8"):
         attnc.compile(b"pattern p() { mask causal } \xff")
+
+
+# ---- any call: it runs or says what was wrong -----------------------------------------------------------
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_DTYPES = [torch.float32, torch.float16, torch.float64, torch.int32, torch.bool]
+_JUNK = [None, "x", 1.5, -3, [1, 2], float("nan"), np.zeros(3)]
+
+
+@st.composite
+def _tensor_or_junk(draw, shape, dtypes=_DTYPES):
+    """A tensor of ``shape`` with some sizes changed, of a drawn dtype, or something that is not a tensor."""
+    if draw(st.integers(0, 29)) == 0:
+        return draw(st.sampled_from(_JUNK))
+    dims = [d if draw(st.integers(0, 24)) else draw(st.integers(0, 5)) for d in shape]
+    if draw(st.integers(0, 29)) == 0:
+        dims = dims[:-1] if draw(st.booleans()) else dims + [2]
+    dtype = draw(st.sampled_from(dtypes)) if draw(st.integers(0, 11)) == 0 else dtypes[0]
+    t = torch.zeros(dims, dtype=dtype) if dtype == torch.bool else torch.randn(dims).to(dtype)
+    return t
+
+
+@st.composite
+def _call(draw):
+    b, hq, n = draw(st.integers(1, 2)), draw(st.sampled_from([2, 4])), draw(st.integers(1, 20))
+    q = draw(_tensor_or_junk([b, hq, n, 16]))
+    k = draw(_tensor_or_junk([b, draw(st.sampled_from([1, 2, hq])), n, 16]))
+    v = draw(_tensor_or_junk(list(k.shape) if isinstance(k, torch.Tensor) else [b, hq, n, 16]))
+    inputs = {"doc": draw(_tensor_or_junk([b, n], [torch.int64, torch.float32, torch.bool])),
+              "keep": draw(_tensor_or_junk([b, hq, n], [torch.bool, torch.int64])),
+              "table": draw(_tensor_or_junk([4, hq], [torch.float32, torch.int64]))}
+    if draw(st.integers(0, 19)) == 0:
+        inputs.pop(draw(st.sampled_from(sorted(inputs))))
+    if draw(st.integers(0, 19)) == 0:
+        inputs["extra"] = torch.zeros(3)
+    scale = draw(st.sampled_from([None] * 6 + [0.3, 2, float("inf"), "s", torch.tensor(0.5)]))
+    return q, k, v, inputs, scale
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(call=_call())
+def test_any_call_runs_or_raises_an_input_error(inputs_kernel, call):
+    q, k, v, inputs, scale = call
+    for fn in (lambda: inputs_kernel(q, k, v, scale=scale, **inputs),
+               lambda: inputs_kernel.reference(q, k, v, scale=scale, **inputs)):
+        try:
+            out = fn()
+        except attnc.InputError:
+            event("input error")
+            continue
+        event("ran")
+        assert out.shape[:3] == q.shape[:3] and out.shape[3] == v.shape[3]
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(sizes=st.lists(st.sampled_from([0, 1, 7, 33, 7, 33, -1, 2.0, "8", None, np.int64(5), True]), min_size=4,
+                      max_size=4), call=_call())
+def test_any_plan_or_mask_request_runs_or_raises_an_input_error(inputs_kernel, sizes, call):
+    n_q, n_k, batch, heads = sizes
+    inputs = call[3]
+    for fn in (lambda: inputs_kernel.plan(n_q, n_k, batch=batch, heads=heads, **inputs),
+               lambda: inputs_kernel.mask(n_q, n_k, batch=batch, heads=heads, **inputs)):
+        try:
+            fn()
+            event("ran")
+        except attnc.InputError:
+            event("input error")
