@@ -6,7 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import AttncError
+from .errors import AttncError, InputError
+
+# The longest sequence `attnc show` draws: every (query, key) pair is a pixel, ~30 bytes each while drawn
+# (16384: 24 s and 7.8 GB on a 2-core CPU).
+SHOW_LIMIT = 16384
 
 DESCRIPTION = """\
 attnc compiles attention patterns, written in a small language, into specialized Triton
@@ -86,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Draw the pattern's mask and its block mask in the terminal, with density "
                                    "figures; --png also writes a picture.")
     _add_pattern_args(p)
-    p.add_argument("-n", "--seq", type=int, default=256, help="sequence length (default 256)")
+    p.add_argument("-n", "--seq", type=int, default=256,
+                   help=f"sequence length (default 256, at most {SHOW_LIMIT}: every pair is drawn)")
     p.add_argument("--block", type=int, default=None, help="tile size (default: the kernel's block size)")
     p.add_argument("--png", metavar="OUT.png", help="also write a PNG picture")
     p.add_argument("--color", action="store_true", help="ANSI colors in the terminal picture")
@@ -234,6 +239,10 @@ def _cmd_show(args) -> int:
     from .runtime import compile as compile_pattern
     kern = compile_pattern(Path(args.file), pattern=args.pattern, **_params(args.param))
     n = args.seq
+    if n > SHOW_LIMIT:
+        raise InputError(f"attnc show draws every (query, key) pair, up to --seq {SHOW_LIMIT} (--seq {n} would "
+                         f"need ~{n * n * 30 / 2**30:.0f} GB); `attnc compile {args.file} --emit plan --seq {n}` "
+                         f"describes any length by its tiles")
     inputs = kern.example_inputs(n, n) if kern.inputs else {}
     mask = kern.mask(n, n, **inputs)[0, 0]
     block_m, block_n = (args.block, args.block) if args.block else kern.block_sizes(n_q=n)

@@ -343,6 +343,15 @@ def test_show_bad_file(capsys, tmp_path):
     assert f"{bad}:3:" in err
 
 
+@pytest.mark.parametrize("seq, words", [(20000, ["up to --seq 16384", "--emit plan --seq 20000"]),
+                                        (-4, ["non-negative"])])
+def test_show_sizes_it_cannot_draw(capsys, seq, words):
+    code, out, err = cli(capsys, "show", EXAMPLES / "causal.attn", "--seq", str(seq))
+    assert code == 1 and err.startswith("error: ")
+    for w in words:
+        assert w in err
+
+
 # ----------------------------------------------------------------------------------------------
 # cache (SPEC section 4: `attnc cache info|list|clear`)
 
