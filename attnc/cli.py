@@ -8,9 +8,9 @@ from pathlib import Path
 
 from .errors import AttncError, InputError
 
-# The longest sequence `attnc show` draws: every (query, key) pair is a pixel, ~30 bytes each while drawn
-# (16384: 24 s and 7.8 GB on a 2-core CPU).
-SHOW_LIMIT = 16384
+# The longest sequence `attnc show` draws: it evaluates every (query, key) pair, ~2 bytes each while drawn
+# (32768: 39 s and 2.3 GB on a 2-core CPU).
+SHOW_LIMIT = 32768
 
 DESCRIPTION = """\
 attnc compiles attention patterns, written in a small language, into specialized Triton
@@ -241,8 +241,8 @@ def _cmd_show(args) -> int:
     n = args.seq
     if n > SHOW_LIMIT:
         raise InputError(f"attnc show draws every (query, key) pair, up to --seq {SHOW_LIMIT} (--seq {n} would "
-                         f"need ~{n * n * 30 / 2**30:.0f} GB); `attnc compile {args.file} --emit plan --seq {n}` "
-                         f"describes any length by its tiles")
+                         f"need ~{n * n * 2.2 / 2**30:.0f} GB and minutes); `attnc compile {args.file} --emit "
+                         f"plan --seq {n}` describes any length by its tiles")
     inputs = kern.example_inputs(n, n) if kern.inputs else {}
     mask = kern.mask(n, n, **inputs)[0, 0]
     block_m, block_n = (args.block, args.block) if args.block else kern.block_sizes(n_q=n)

@@ -26,12 +26,17 @@ def index_env(batch: int, heads: int, q_pos: torch.Tensor, n_k: int, sizes: dict
 
 def dense_mask(pir: PatternIR, n_q: int, n_k: int, batch: int, heads: int, sizes: dict, inputs: dict,
                device=None) -> torch.Tensor:
-    """The pattern's mask as a dense bool tensor (batch, heads, n_q, n_k)."""
-    env = index_env(batch, heads, torch.arange(n_q, device=device), n_k, sizes, device)
-    env.update(inputs)
-    m = evaluate([pir.mask], env)[0]
-    m = torch.as_tensor(m, device=device)
-    return m.expand(batch, heads, n_q, n_k).clone()
+    """The pattern's mask as a dense bool tensor (batch, heads, n_q, n_k), evaluated in chunks of query rows
+    (the evaluator's integer temporaries take ~30 bytes per pair; the result takes one)."""
+    out = torch.empty(batch, heads, n_q, n_k, dtype=torch.bool, device=device)
+    rows = max(1, CHUNK_ELEMENTS // max(1, batch * heads * n_k))
+    for start in range(0, n_q, rows):
+        end = min(n_q, start + rows)
+        env = index_env(batch, heads, torch.arange(start, end, device=device), n_k, sizes, device)
+        env.update(inputs)
+        m = torch.as_tensor(evaluate([pir.mask], env)[0], device=device)
+        out[:, :, start:end] = m.expand(batch, heads, end - start, n_k)
+    return out
 
 
 def reference_attention(pir: PatternIR, q, k, v, *, scale: float, sizes: dict, inputs: dict,

@@ -109,7 +109,9 @@ def check_inputs(pir: PatternIR, inputs: dict, *, batch: int, heads: int, n_q: i
         ok = {"int": t.dtype in _INT_DTYPES, "bool": t.dtype == torch.bool,
               "float": t.is_floating_point()}[decl.dtype]
         if not ok:
-            raise InputError(f"input '{name}' must be {'an' if decl.dtype == 'int' else 'a'} {decl.dtype} tensor ({_describe(decl)}), got {t.dtype}")
+            article = "an" if decl.dtype == "int" else "a"
+            raise InputError(f"input '{name}' must be {article} {decl.dtype} tensor ({_describe(decl)}), "
+                             f"got {t.dtype}")
         if t.dim() != len(decl.dims):
             raise InputError(f"input '{name}' must have {len(decl.dims)} dimension(s) ({_describe(decl)}), "
                              f"got shape {tuple(t.shape)}")

@@ -343,7 +343,7 @@ def test_show_bad_file(capsys, tmp_path):
     assert f"{bad}:3:" in err
 
 
-@pytest.mark.parametrize("seq, words", [(20000, ["up to --seq 16384", "--emit plan --seq 20000"]),
+@pytest.mark.parametrize("seq, words", [(40000, ["up to --seq 32768", "--emit plan --seq 40000"]),
                                         (-4, ["non-negative"])])
 def test_show_sizes_it_cannot_draw(capsys, seq, words):
     code, out, err = cli(capsys, "show", EXAMPLES / "causal.attn", "--seq", str(seq))
