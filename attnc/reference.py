@@ -68,7 +68,7 @@ def reference_attention(pir: PatternIR, q, k, v, *, scale: float, sizes: dict, i
         if pir.score is not None:
             s = torch.as_tensor(vals[1], device=q.device, dtype=cd).expand_as(s)
         s = torch.where(mask, s, torch.tensor(-math.inf, dtype=cd, device=q.device))
-        m = s.amax(dim=-1, keepdim=True)
+        m = s.amax(dim=-1, keepdim=True) if Nk else s.new_full(s.shape[:-1] + (1,), -math.inf)  # no keys at all
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
         p = torch.exp(s - m_safe)
         p = torch.where(mask, p, torch.zeros_like(p))
@@ -78,8 +78,11 @@ def reference_attention(pir: PatternIR, q, k, v, *, scale: float, sizes: dict, i
         outs.append(torch.matmul(p, vv) / l_safe)
         lse = torch.where(has, m_safe + torch.log(l_safe), torch.full_like(l, -math.inf))
         lses.append(lse.squeeze(-1))
-    out = torch.cat(outs, dim=2) if outs else qq.new_zeros(B, Hq, 0, Dv)
-    lse = torch.cat(lses, dim=2) if lses else qq.new_zeros(B, Hq, 0)
+    if not outs:                # no queries: empty results, still in the autograd graph of q, k, v
+        outs = [torch.matmul(qq[:, :, :0, :0], vv[:, :, :0, :].expand(B, Hq, 0, Dv))]
+        lses = [qq[:, :, :, 0] + kk.sum() * 0]
+    out = torch.cat(outs, dim=2)
+    lse = torch.cat(lses, dim=2)
     out = out.to(q.dtype)
     if return_lse:
         return out, (lse if cd == torch.float64 else lse.float())

@@ -96,7 +96,7 @@ class Kernel:
 
     def mask(self, n_q: int, n_k: int, batch: int = 1, heads: int = 1, **inputs) -> torch.Tensor:
         """The mask as a dense bool tensor (batch, heads, n_q, n_k): the pattern's exact semantics."""
-        check_sizes(n_q=n_q, n_k=n_k, batch=batch, heads=heads)
+        n_q, n_k, batch, heads = check_sizes(n_q=n_q, n_k=n_k, batch=batch, heads=heads)
         entries = batch * heads * n_q * n_k
         if entries > MASK_LIMIT:
             raise InputError(f"kern.mask({n_q}, {n_k}, batch={batch}, heads={heads}) would hold {entries:.3g} "
@@ -262,7 +262,7 @@ class Kernel:
         """The execution plan for these sizes (and runtime inputs): tiles computed, mode, transforms."""
         from .codegen import kernel_mode
         from .plan import list_plan, static_plan
-        check_sizes(n_q=n_q, n_k=n_k, batch=batch, heads=heads)
+        n_q, n_k, batch, heads = check_sizes(n_q=n_q, n_k=n_k, batch=batch, heads=heads)
         for name, value in (("block_m", block_m), ("block_n", block_n)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise InputError(f"{name} must be a positive int (or None for the kernel's own), got {value!r}")
@@ -309,7 +309,7 @@ class Kernel:
         Int inputs get small ids in sorted runs (documents), bools keep about half, floats are normal.
         Size names other than the built-ins are taken as max(n_q, n_k).
         """
-        check_sizes(n_q=n_q, n_k=n_k, batch=batch, heads=heads)
+        n_q, n_k, batch, heads = check_sizes(n_q=n_q, n_k=n_k, batch=batch, heads=heads)
         g = torch.Generator().manual_seed(seed)
         n = max(n_q, n_k)
         known = {"batch": batch, "heads": heads, "n_q": n_q, "n_k": n_k}
@@ -329,7 +329,7 @@ class Kernel:
     def flex_mask_mod(self, n_q: int, n_k: int, batch: int = 1, heads: int = 1, **inputs):
         """This pattern's mask as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` (for comparisons)."""
         from .evaluate import evaluate
-        check_sizes(n_q=n_q, n_k=n_k, batch=batch, heads=heads)
+        n_q, n_k, batch, heads = check_sizes(n_q=n_q, n_k=n_k, batch=batch, heads=heads)
         sizes = check_inputs(self.ir, inputs, batch=batch, heads=heads, n_q=n_q, n_k=n_k)
         mask = self.ir.mask
 

@@ -77,15 +77,19 @@ def check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def check_sizes(**sizes) -> None:
-    """Sizes given by name (``n_q=...``): each a non-negative int."""
+def check_sizes(**sizes) -> list[int]:
+    """Sizes given by name (``n_q=...``): each a non-negative int (numpy and torch ints too); returned as
+    Python ints, in order, so that products of them cannot overflow."""
+    out = []
     for name, value in sizes.items():
         try:
-            ok = not isinstance(value, bool) and operator.index(value) >= 0      # ints, numpy and torch ints
+            n = None if isinstance(value, bool) else operator.index(value)
         except TypeError:
-            ok = False
-        if not ok:
+            n = None
+        if n is None or n < 0:
             raise InputError(f"{name} must be a non-negative int, got {value!r}")
+        out.append(n)
+    return out
 
 
 def check_inputs(pir: PatternIR, inputs: dict, *, batch: int, heads: int, n_q: int, n_k: int,

@@ -172,6 +172,7 @@ def test_bad_block_sizes_are_input_errors(window):
 def test_a_dense_mask_too_large_to_hold_is_refused_before_allocating(window):
     text = raises(lambda: window.mask(1 << 20, 1 << 20, batch=16), "would hold", "kern.plan")
     assert "1.76e+13" in text
+    raises(lambda: window.mask(np.int64(1 << 40), np.int64(1 << 40)), "would hold")   # no int64 overflow
 
 
 # ---- meta tensors and source bytes ----------------------------------------------------------------------
@@ -259,3 +260,15 @@ def test_any_plan_or_mask_request_runs_or_raises_an_input_error(inputs_kernel, s
             event("ran")
         except attnc.InputError:
             event("input error")
+
+
+@pytest.mark.parametrize("n_q, n_k", [(5, 0), (0, 5), (0, 0)])
+def test_empty_queries_or_keys(window, n_q, n_k):
+    """No keys: every row sees nothing (output 0, lse -inf, zero gradients); no queries: empty outputs. The kernels
+    and the reference agree (hypothesis found the reference failing on zero keys)."""
+    for fn in (window, window.reference):
+        q, k, v = (t.requires_grad_() for t in qkv(nq=n_q, nk=n_k))
+        out, lse = fn(q, k, v, return_lse=True)
+        assert out.shape == (B, H, n_q, D) and not out.any() and bool((lse == -float("inf")).all())
+        (out.sum() + lse.nan_to_num(0.0, 0.0, 0.0).sum()).backward()
+        assert not q.grad.any() and k.grad.shape == k.shape
