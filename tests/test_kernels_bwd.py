@@ -1,5 +1,6 @@
 """Backward kernels (dQ, dK/dV) under the interpreter against float64 autograd of the reference."""
 
+import random
 from unittest import mock
 
 import pytest
@@ -39,6 +40,26 @@ CASES = {
                     "(t[h] <= 0.0 and causal)\n}", "t"),
     "heads_off": ("pattern p() {\n input t: float[heads]\n mask causal and t[h] > 0.0\n}", "t"),
 }
+# Random masks mixing tile tests with per-head and per-batch switches read from inputs (scalars per tile).
+_SWITCH_ATOMS = ["causal", "q - k < 5", "k <= q", "t[h] > 0.0", "t[h] <= 0.5", "on[h]", "not on[h]", "u[b] == 1",
+                 "(q + k) % 3 == 0", "t[h] * 2.0 > q - k", "k == 0", "g[h, k % 4] > 0.0", "h == 1",
+                 "t[h] > 0.0 or k == q"]
+
+
+def _switch_mask(rng, depth=0):
+    if depth > 2 or rng.random() < 0.35:
+        return rng.choice(_SWITCH_ATOMS)
+    op = rng.choice(["and", "or", "and", "not"])
+    if op == "not":
+        return f"not ({_switch_mask(rng, depth + 1)})"
+    return f"({_switch_mask(rng, depth + 1)}) {op} ({_switch_mask(rng, depth + 1)})"
+
+
+_switch_rng = random.Random(2611)
+for _i in range(6):
+    CASES[f"random_switches{_i}"] = (
+        "pattern p() {\n input t: float[heads]\n input on: bool[heads]\n input u: int[batch]\n"
+        f" input g: float[heads, 4]\n mask {_switch_mask(_switch_rng)}\n}}", "switches")
 SQUARE_ONLY = {"neighborhood_dilated", "neighborhood2d"}
 SHAPES = [(2, 4, 2, 67, 67, 16), (1, 2, 1, 45, 70, 32)]
 
@@ -54,6 +75,9 @@ def _inputs(kind, B, Hq, n, g):
         return {"s": torch.rand(Hq, generator=g)}
     if kind == "t":                      # heads alternate between the two sides of the switch
         return {"t": torch.arange(Hq) % 2 * 2.0 - 1.0}
+    if kind == "switches":
+        return {"t": torch.randn(Hq, generator=g), "on": torch.rand(Hq, generator=g) < 0.5,
+                "u": torch.randint(0, 2, (B,), generator=g), "g": torch.randn(Hq, 4, generator=g)}
     if kind == "rb":
         return {"rb": torch.randn(Hq, 17, generator=g)}
     if kind == "dense":                  # documents as a dense mask, one batch entry holes at random, rows empty
