@@ -528,7 +528,7 @@ class PlannedTiles:
 def list_plan(pir: PatternIR, status: torch.Tensor, n_q, n_k, batch, heads, block_m, block_n) -> Plan:
     reps = (batch // status.shape[0]) * (heads // status.shape[1])
     computed = full = 0
-    flat = status.reshape(-1, status.shape[-1])
+    flat = status.flatten(0, -2)                           # (rows of blocks, key blocks), also when empty
     for start in range(0, flat.shape[0], 1024):           # bounded temporaries for huge plans
         part = flat[start:start + 1024]
         computed += int(torch.count_nonzero(part))

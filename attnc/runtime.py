@@ -266,8 +266,15 @@ class Kernel:
         for name, value in (("block_m", block_m), ("block_n", block_n)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise InputError(f"{name} must be a positive int (or None for the kernel's own), got {value!r}")
+        from .launch import check_grid
+
+        def launchable(block_q: int, block_k: int):         # what the GPU kernels could launch
+            for n, block, what in ((n_q, block_q, "queries"), (n_k, block_k, "keys")):
+                check_grid(-(-n // block), block, n, what, torch.device("cuda"))
+        launchable(block_m or 128, block_n or 128)          # no tiles at all (the largest) before choosing any
         bm, bn = (block_m, block_n) if block_m and block_n else self.block_sizes(n_q=n_q, n_k=n_k)
         bm, bn = block_m or bm, block_n or bn
+        launchable(bm, bn)
         sizes = check_inputs(self.ir, inputs, batch=batch, heads=heads, n_q=n_q, n_k=n_k)
         mode = kernel_mode(self.ir)
         if mode == "ranges":

@@ -272,3 +272,14 @@ def test_empty_queries_or_keys(window, n_q, n_k):
         assert out.shape == (B, H, n_q, D) and not out.any() and bool((lse == -float("inf")).all())
         (out.sum() + lse.nan_to_num(0.0, 0.0, 0.0).sum()).backward()
         assert not q.grad.any() and k.grad.shape == k.shape
+
+
+def test_plans_of_empty_and_of_unlaunchable_lengths(window, inputs_kernel):
+    for kern in (window, inputs_kernel, attnc.compile(
+            "pattern buckets() {\n input qb: int[batch, heads, N]\n input kb: int[batch, heads, N]\n"
+            " mask buckets(qb, kb) and causal\n}")):
+        inputs = kern.example_inputs(0, 0, batch=2, heads=2)
+        plan = kern.plan(0, 0, batch=2, heads=2, **inputs)         # tile lists of no blocks
+        assert sum(plan.tiles.values()) == 0
+    raises(lambda: window.plan(1 << 40, 1 << 40), "more than the 65535 a CUDA grid allows")
+    raises(lambda: window.plan(64, 1 << 30, block_m=64, block_n=16), "keys make", "blocks of 16")
