@@ -149,7 +149,7 @@ class ElementwisePrinter:
         name = node.attr
         offsets, tile_checks, scalar_checks = [], [], []
         for i, (index, a) in enumerate(zip(node.args, args)):
-            if ir.free_vars(index) & {"q", "k"}:
+            if _varies_in_tile(index):
                 tile_checks.append((a, i))
                 offsets.append(f"({a}).to(tl.int64) * {name}_s{i}")
             else:
@@ -247,7 +247,7 @@ def tile_proofs(mask: ir.Node, prefix: str = "m") -> tuple[list[ir.Node], dict, 
     ev = IntervalEvaluator(TritonOps(em), leaves)
     proofs = {}
     for c in conjuncts:
-        if ir.free_vars(c) & {"q", "k"} and not ir.uses(c, "read"):
+        if _varies_in_tile(c) and not ir.uses(c, "read"):
             must = ev(c)[0]
             if isinstance(must, Sym):
                 proofs[c] = must.text

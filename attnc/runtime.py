@@ -263,9 +263,7 @@ class Kernel:
         from .codegen import kernel_mode
         from .plan import list_plan, static_plan
         n_q, n_k, batch, heads = check_sizes(n_q=n_q, n_k=n_k, batch=batch, heads=heads)
-        for name, value in (("block_m", block_m), ("block_n", block_n)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise InputError(f"{name} must be a positive int (or None for the kernel's own), got {value!r}")
+        check_sizes(positive=True, **{k: v for k, v in (("block_m", block_m), ("block_n", block_n)) if v is not None})
         from .launch import check_grid
 
         def launchable(block_q: int, block_k: int):         # what the GPU kernels could launch

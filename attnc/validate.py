@@ -77,17 +77,17 @@ def check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def check_sizes(**sizes) -> list[int]:
-    """Sizes given by name (``n_q=...``): each a non-negative int (numpy and torch ints too); returned as
-    Python ints, in order, so that products of them cannot overflow."""
+def check_sizes(positive: bool = False, **sizes) -> list[int]:
+    """Sizes given by name (``n_q=...``): each a non-negative (``positive``: positive) int, numpy and torch
+    ints too; returned as Python ints, in order, so that products of them cannot overflow."""
     out = []
     for name, value in sizes.items():
         try:
             n = None if isinstance(value, bool) else operator.index(value)
         except TypeError:
             n = None
-        if n is None or n < 0:
-            raise InputError(f"{name} must be a non-negative int, got {value!r}")
+        if n is None or n < int(positive):
+            raise InputError(f"{name} must be a {'positive' if positive else 'non-negative'} int, got {value!r}")
         out.append(n)
     return out
 

@@ -23,6 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_all  # noqa: E402
+from profile_bwd import kernel_times  # noqa: E402
+
 from attnc import fastlaunch, launch  # noqa: E402
 from attnc.bench import _flex, time_ms, time_stats  # noqa: E402
 
@@ -114,18 +116,10 @@ def host_report(fn, label: str, calls: int = 50):
         print(f"[{label}] synchronizes: {str(e)[:200]}")
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            fn()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / 10, e.count // 10) for e in prof.key_averages() if e.device_time_total > 0]
-    rows.sort(key=lambda r: -r[1])
-    busy = sum(r[1] for r in rows)
-    print(f"[{label}] device busy {busy / 1e3:.4f} ms/call in kernels:")
-    for key, us, n in rows[:12]:
-        print(f"    {us:9.1f} us  x{n}  {key[:110]}")
+    times = kernel_times(fn, 10)
+    print(f"[{label}] device busy {sum(times.values()) / 1e3:.4f} ms/call in kernels:")
+    for key, us in list(times.items())[:12]:
+        print(f"    {us:9.1f} us  {key}")
     st = time_stats(fn, warmup=50, rep=300, clocks=True)
     print(f"[{label}] single calls {st['median']:.4f} ms, SM MHz {st.get('mhz')}, W {st.get('watts')}, "
           f"{st.get('clock_samples')} samples, busy {st.get('busy')}, {st.get('host')}")

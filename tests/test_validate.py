@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 import attnc
 
@@ -194,9 +196,6 @@ def test_source_as_bytes(window):
 
 
 # ---- any call: it runs or says what was wrong -----------------------------------------------------------
-
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _DTYPES = [torch.float32, torch.float16, torch.float64, torch.int32, torch.bool]
 _JUNK = [None, "x", 1.5, -3, [1, 2], float("nan"), np.zeros(3)]
