@@ -1,6 +1,7 @@
 """Backward kernels (dQ, dK/dV) under the interpreter against float64 autograd of the reference."""
 
 import random
+import zlib
 from unittest import mock
 
 import pytest
@@ -93,6 +94,18 @@ def _inputs(kind, B, Hq, n, g):
 @pytest.mark.parametrize("name", list(CASES))
 def test_gradients_match_float64(name, shape):
     check_gradients(name, shape)
+
+
+GPU_SHAPES = SHAPES + [(2, 4, 1, 333, 333, 64), (1, 2, 2, 200, 461, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}/{s[2]}N{s[3]}x{s[4]}D{s[5]}")
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradients_compiled_on_the_gpu(name, shape):
+    """The same gradient checks, compiled for the GPU (TRITON_INTERPRET=0) with its own backward tiles, in
+    float32 (ieee dots) against float64 autograd, plus lengths spanning several of the GPU's blocks."""
+    check_gradients(name, shape, device="cuda")
 
 
 @pytest.mark.parametrize("name", ["causal", "prefix_or_causal", "window_or_globals", "documents", "kept_keys",
@@ -395,18 +408,20 @@ def test_full_lists_read_as_runs_or_entry_by_entry(name, shape, runs):
     assert built and all(bool(lists.full_cnt.any()) != runs for lists in built)
 
 
-def check_gradients(name, shape):
+def check_gradients(name, shape, device=None):
     src, kind = CASES[name]
     B, Hq, Hkv, Nq, Nk, D = shape
     if name in SQUARE_ONLY:
         Nk = Nq
-    _check_kernel_gradients(attnc.compile(src), (B, Hq, Hkv, Nq, Nk, D), kind, hash((name, shape)) % 2**31)
+    _check_kernel_gradients(attnc.compile(src), (B, Hq, Hkv, Nq, Nk, D), kind, zlib.crc32(repr((name, shape)).encode()),
+                            device=device)
 
 
-def _check_kernel_gradients(kern, shape, kind, seed=0):
+def _check_kernel_gradients(kern, shape, kind, seed=0, device=None):
     """Outputs' gradients (and lse's) of ``kern`` at ``shape`` = (B, Hq, Hkv, Nq, Nk, D), into q, k, v and
     the float runtime inputs, against float64 autograd of the reference, runtime inputs of ``kind`` (see
-    _inputs)."""
+    _inputs). With ``device`` the kernels run on copies there (differentiable moves: the gradients come
+    back to the CPU leaves)."""
     B, Hq, Hkv, Nq, Nk, D = shape
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Nq, D, generator=g).requires_grad_()
@@ -414,8 +429,12 @@ def _check_kernel_gradients(kern, shape, kind, seed=0):
     v = torch.randn(B, Hkv, Nk, D, generator=g).requires_grad_()
     inputs = {n: (t.requires_grad_() if t.is_floating_point() else t)
               for n, t in _inputs(kind, B, Hq, max(Nq, Nk), g).items()}
+    there = (lambda t: t) if device is None else (lambda t: t.to(device))
     with poisoned_allocations():
-        out, lse = kern(q, k, v, return_lse=True, **inputs)
+        out, lse = kern(there(q), there(k), there(v), return_lse=True, **{n: there(t) for n, t in inputs.items()})
+    if device is not None:
+        assert out.device.type == torch.device(device).type
+        out, lse = out.cpu(), lse.cpu()
     dout = torch.randn(out.shape, generator=g)
     dlse = torch.where(torch.isinf(lse), 0.0, torch.randn(lse.shape, generator=g))
     loss = (out * dout).sum().add((lse * dlse).nan_to_num(0.0, 0.0, 0.0).sum())

@@ -367,14 +367,22 @@ def case_params(cases):
 
 
 def run_case(case: Case, n_q: int, n_k: int, *, dtype=torch.float32, heads_kv=None, D=32, Dv=None,
-             scale=None, seed=0):
+             scale=None, seed=0, device=None):
+    """Run ``case`` and check it against float64. Inputs are drawn on the CPU; with ``device`` (e.g.
+    "cuda": the compiled kernels) the kernel runs on copies there and its results come back to be checked."""
     kern = case.compile()
     H = case.heads
     inputs = {}
     if case.inputs is not None:
         inputs = case.inputs(case.batch, H, n_q, n_k, torch.Generator().manual_seed(seed + 99))
     q, k, v = make_qkv(case.batch, H, heads_kv or H, n_q, n_k, D, Dv, dtype, seed)
-    out, lse = run_kernel(kern, q, k, v, scale=scale, **inputs)
+    if device is None:
+        out, lse = run_kernel(kern, q, k, v, scale=scale, **inputs)
+    else:
+        out, lse = run_kernel(kern, q.to(device), k.to(device), v.to(device), scale=scale,
+                              **{n: t.to(device) for n, t in inputs.items()})
+        assert out.device.type == torch.device(device).type
+        out, lse = out.cpu(), lse.cpu()
     check_against_reference(kern, q, k, v, out, lse, scale=scale, **inputs)
     return kern, out, lse, inputs
 
@@ -454,6 +462,20 @@ def test_custom_and_random_patterns_fp32(case, size):
     except attnc.PatternError as exc:      # a random combination may be provably empty
         pytest.skip(f"pattern rejected: {exc}")
     run_case(case, *size)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 64), (torch.bfloat16, 128)], ids=["fp32-d64", "bf16-d128"])
+@pytest.mark.parametrize("case,size", case_params(EXAMPLE_CASES + CUSTOM_CASES + RANDOM_CASES))
+def test_every_case_compiled_on_the_gpu(case, size, dtype, D):
+    """The same cases as above, compiled for the GPU (run with TRITON_INTERPRET=0): the GPU's own tiles
+    (128-row blocks, tensor-descriptor loads, bf16 tensor cores), checked on the CPU against float64."""
+    try:
+        case.compile()
+    except attnc.PatternError as exc:
+        pytest.skip(f"pattern rejected: {exc}")
+    run_case(case, *size, dtype=dtype, D=D, heads_kv=1 if case.heads % 2 == 0 and dtype == torch.bfloat16 else None,
+             device="cuda")
 
 
 # ----------------------------------------------------------------------------------------------
