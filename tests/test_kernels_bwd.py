@@ -12,9 +12,11 @@ import attnc
 try:
     from tests.poison import poisoned_allocations
     from tests.spies import returns_of
+    from tests.test_kernels_fwd import low_precision_attention, rounding_slack
 except ImportError:                          # tests/ itself on sys.path
     from poison import poisoned_allocations
     from spies import returns_of
+    from test_kernels_fwd import low_precision_attention, rounding_slack
 
 
 CASES = {
@@ -106,6 +108,62 @@ def test_gradients_compiled_on_the_gpu(name, shape):
     """The same gradient checks, compiled for the GPU (TRITON_INTERPRET=0) with its own backward tiles, in
     float32 (ieee dots) against float64 autograd, plus lengths spanning several of the GPU's blocks."""
     check_gradients(name, shape, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 333, 333, 128), (1, 2, 1, 200, 461, 64)],
+                         ids=lambda s: f"B{s[0]}H{s[1]}/{s[2]}N{s[3]}x{s[4]}D{s[5]}")
+@pytest.mark.parametrize("name", list(CASES))
+def test_low_precision_gradients_on_the_gpu(name, shape, dtype):
+    """bf16 / fp16 on the GPU's default backward tiles, FlashAttention's rule for gradients: the kernel's max
+    error against float64 at most twice that of plain torch attention (autograd) in the same dtype, plus a few
+    rounding steps; for q, k, v and every float input the score reads."""
+    src, kind = CASES[name]
+    B, Hq, Hkv, Nq, Nk, D = shape
+    if name in SQUARE_ONLY:
+        Nk = Nq
+    kern = attnc.compile(src)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((name, shape)).encode()))
+    qkv = [torch.randn(B, h, n, D, generator=g) for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk))]
+    inputs = _inputs(kind, B, Hq, max(Nq, Nk), g)
+    floats = [n for n, t in inputs.items() if t.is_floating_point()]
+    dout = torch.randn(B, Hq, Nq, D, generator=g)
+    dlse = torch.randn(B, Hq, Nq, generator=g)
+
+    def grads(fn, dt, device):
+        leaves = [x.to(device, dt).requires_grad_() for x in qkv]
+        # float inputs stay float32 (as a caller's ALiBi slopes would), float64 for the reference
+        ins = {n: (t.to(device, torch.float64 if dt == torch.float64 else torch.float32).requires_grad_()
+                   if n in floats else t.to(device)) for n, t in inputs.items()}
+        out, lse = fn(leaves, ins)
+        live = ~torch.isinf(lse)
+        loss = (out.double() * dout.to(device, torch.float64)).sum() + (lse.double() * dlse.to(device).double())[
+            live].sum()
+        loss.backward()
+        for label, x in zip(["q", "k", "v"] + floats, leaves + [ins[n] for n in floats]):
+            yield label, (torch.zeros(x.shape, dtype=torch.float64) if x.grad is None else x.grad.double().cpu())
+
+    def run_kernel(leaves, ins):
+        with poisoned_allocations():
+            return kern(*leaves, return_lse=True, **ins)
+
+    def run_reference(leaves, ins):
+        return kern.reference(*leaves, return_lse=True, **ins)
+
+    def run_plain(leaves, ins):
+        return low_precision_attention(kern, *leaves, D ** -0.5, ins)
+
+    want = dict(grads(run_reference, torch.float64, "cpu"))
+    got = dict(grads(run_kernel, dtype, "cuda"))
+    plain = dict(grads(run_plain, dtype, "cuda"))
+    for label, ref in want.items():
+        assert torch.isfinite(got[label]).all(), f"d{label} not finite"
+        kern_err = float((got[label] - ref).abs().max())
+        base_err = float((plain[label] - ref).abs().max())
+        slack = rounding_slack(ref, dtype)
+        assert kern_err <= 2 * base_err + slack, (
+            f"d{label}: kernel max error {kern_err:.3g} > 2 x plain {dtype} error {base_err:.3g} + {slack:.3g}")
 
 
 @pytest.mark.parametrize("name", ["causal", "prefix_or_causal", "window_or_globals", "documents", "kept_keys",

@@ -93,12 +93,13 @@ def low_precision_attention(kern, q, k, v, scale, inputs):
     vv = v.repeat_interleave(group, dim=1)
     s = torch.matmul(q, kk.transpose(-1, -2)) * scale
     if kern.ir.score is not None:
-        env = index_env(B, Hq, torch.arange(Nq), Nk, _sizes(kern, B, Hq, Nq, Nk, inputs), q.device)
+        arange = torch.arange(Nq, device=q.device)
+        env = index_env(B, Hq, arange, Nk, _sizes(kern, B, Hq, Nq, Nk, inputs), q.device)
         env.update({n: (t.to(dt) if t.is_floating_point() else t) for n, t in inputs.items()})
         env["score"] = s
         env["__float__"] = dt
         s = torch.as_tensor(evaluate([kern.ir.score], env)[0]).to(dt).expand(B, Hq, Nq, Nk)
-    allowed = kern.mask(Nq, Nk, B, Hq, **inputs)
+    allowed = kern.mask(Nq, Nk, B, Hq, **inputs).to(q.device)     # on the CPU for a pattern without inputs
     s = s.masked_fill(~allowed, -math.inf)
     p = torch.softmax(s, dim=-1)
     p = torch.where(allowed, p, torch.zeros((), dtype=dt))
