@@ -112,13 +112,14 @@ def test_gradients_compiled_on_the_gpu(name, shape):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape", [(2, 4, 2, 333, 333, 128), (1, 2, 1, 200, 461, 64)],
+@pytest.mark.parametrize("shape", [(2, 4, 2, 333, 333, 128), (1, 2, 1, 200, 461, 64),
+                                   (1, 2, 2, 150, 150, 256)],
                          ids=lambda s: f"B{s[0]}H{s[1]}/{s[2]}N{s[3]}x{s[4]}D{s[5]}")
 @pytest.mark.parametrize("name", list(CASES))
 def test_low_precision_gradients_on_the_gpu(name, shape, dtype):
-    """bf16 / fp16 on the GPU's default backward tiles, FlashAttention's rule for gradients: the kernel's max
-    error against float64 at most twice that of plain torch attention (autograd) in the same dtype, plus a few
-    rounding steps; for q, k, v and every float input the score reads."""
+    """bf16 / fp16 on the GPU's default backward tiles (D 64, 128, 256), FlashAttention's rule for gradients:
+    the kernel's max error against float64 at most twice that of plain torch attention (autograd) in the same
+    dtype, plus a few rounding steps; for q, k, v and every float input the score reads."""
     src, kind = CASES[name]
     B, Hq, Hkv, Nq, Nk, D = shape
     if name in SQUARE_ONLY:
