@@ -120,12 +120,9 @@ def test_low_precision_gradients_on_the_gpu(name, shape, dtype):
     """bf16 / fp16 on the GPU's default backward tiles (D 64, 128, 256), FlashAttention's rule for gradients:
     the kernel's max error against float64 at most twice that of plain torch attention (autograd) in the same
     dtype, plus a few rounding steps; for q, k, v and every float input the score reads."""
-    src, kind = CASES[name]
-    B, Hq, Hkv, Nq, Nk, D = shape
-    if name in SQUARE_ONLY:
-        Nk = Nq
+    src, kind, (B, Hq, Hkv, Nq, Nk, D), seed = _case_problem(name, shape)
     kern = attnc.compile(src)
-    g = torch.Generator().manual_seed(zlib.crc32(repr((name, shape)).encode()))
+    g = torch.Generator().manual_seed(seed)
     qkv = [torch.randn(B, h, n, D, generator=g) for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk))]
     inputs = _inputs(kind, B, Hq, max(Nq, Nk), g)
     floats = [n for n, t in inputs.items() if t.is_floating_point()]
@@ -467,13 +464,19 @@ def test_full_lists_read_as_runs_or_entry_by_entry(name, shape, runs):
     assert built and all(bool(lists.full_cnt.any()) != runs for lists in built)
 
 
-def check_gradients(name, shape, device=None):
+def _case_problem(name, shape):
+    """A case's source, its kind of runtime inputs, its shape (square where the pattern needs it) and a seed
+    that is the same in every process."""
     src, kind = CASES[name]
     B, Hq, Hkv, Nq, Nk, D = shape
     if name in SQUARE_ONLY:
         Nk = Nq
-    _check_kernel_gradients(attnc.compile(src), (B, Hq, Hkv, Nq, Nk, D), kind, zlib.crc32(repr((name, shape)).encode()),
-                            device=device)
+    return src, kind, (B, Hq, Hkv, Nq, Nk, D), zlib.crc32(repr((name, shape)).encode())
+
+
+def check_gradients(name, shape, device=None):
+    src, kind, shape, seed = _case_problem(name, shape)
+    _check_kernel_gradients(attnc.compile(src), shape, kind, seed, device=device)
 
 
 def _check_kernel_gradients(kern, shape, kind, seed=0, device=None):
