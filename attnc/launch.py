@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -116,6 +116,7 @@ class FwdConfig:
     tma: bool = False        # K/V (forward, dQ) or Q/dO (dK/dV) tiles through tensor descriptors (Hopper)
     dkdv: "FwdConfig | None" = None   # backward: the dK/dV kernel's own tiles (else the same as dQ's)
     head_group: int | None = None     # HEAD_GROUP of the launches (an autotune result); None: head_group()'s rule
+    ws: bool = False         # forward: one warp-specialized loop (Hopper; see ws_config), where the plan allows it
 
     @property
     def dkdv_config(self) -> "FwdConfig":
@@ -139,17 +140,17 @@ def parse_config(text: str, name: str = "a configuration") -> FwdConfig:
 
 
 def _parse_one(name: str, text: str, whole: str) -> FwdConfig:
-    fields = text.split(",")
-    tma = len(fields) == 5 and fields[4].strip() == "tma"
+    fields = [f.strip() for f in text.split(",")]
+    flags = fields[4:]
     try:
-        if len(fields) != 4 and not tma:
+        if len(fields) < 4 or flags not in ([], ["tma"], ["tma", "ws"]):
             raise ValueError
         bm, bn, warps, stages = (int(x) for x in fields[:4])
     except ValueError:
-        raise InputError(f"{name} must be 'block_m,block_n,num_warps,num_stages' with an optional ',tma' "
-                         f"(and for the backward an optional '/' and the dK/dV kernel's tiles), got "
+        raise InputError(f"{name} must be 'block_m,block_n,num_warps,num_stages' with an optional ',tma' or "
+                         f"',tma,ws' (and for the backward an optional '/' and the dK/dV kernel's tiles), got "
                          f"{whole!r}") from None
-    return FwdConfig(bm, bn, warps, stages, tma)
+    return FwdConfig(bm, bn, warps, stages, "tma" in flags, ws="ws" in flags)
 
 
 def _ensure_allocator(device_type: str) -> None:
@@ -177,13 +178,15 @@ def _tma_usable(cfg: FwdConfig, gathered: bool, k: torch.Tensor, v: torch.Tensor
     """Tensor descriptors need rows addressed in order or in residue classes (not ``gathered`` through
     loaded positions), a unit last stride, and 16-byte aligned base and strides; anything else falls
     back to pointer loads."""
-    if not cfg.tma or gathered:
+    if not cfg.tma or gathered or not (_descriptor_ok(k) and _descriptor_ok(v)):
         return False
-    for t in (k, v):
-        es = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
-            return False
     return _tma_available(cfg, k.device)
+
+
+def _descriptor_ok(t: torch.Tensor) -> bool:
+    """Whether tensor descriptors can address ``t``'s rows: a unit last stride, 16-byte aligned base and strides."""
+    es = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and not any((s * es) % 16 for s in t.stride()[:-1])
 
 
 def _tma_available(cfg: FwdConfig, device: torch.device) -> bool:
@@ -433,6 +436,8 @@ def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int
         if d <= 64:
             return FwdConfig(128, 64, 4, 3)          # measured in session 1; TMA untested at D=64
         if d <= 128:
+            # The warp-specialized loop (FwdConfig.ws, ATTNC_WS=1) ran 7-10% faster here but wrote wrong rows
+            # at 4k tokens and more with Triton 3.6 (NOTES item 79): not the default.
             return FwdConfig(128, 128, 8, 3, tma=True)
         return FwdConfig(128, 64, 8, 2, tma=True)    # D=256 (H200, RESULTS.md run 10: TMA 4% faster)
     if d <= 64:
@@ -440,6 +445,76 @@ def forward_table(head_dim: int, head_dim_v: int, dtype: torch.dtype, major: int
     if d <= 128:
         return FwdConfig(128, 32, 4, 2)
     return FwdConfig(64, 32, 4, 1)
+
+
+def ws_enabled() -> bool:
+    """Whether warp-specialized forwards may run on a GPU: ``ATTNC_WS=1`` (experimental; NOTES item 79: with
+    Triton 3.6 on the H200 the specialized kernel wrote wrong rows from 4k tokens on) and a Triton that has
+    the Hopper pass. The interpreter runs the same loop unspecialized whatever this says."""
+    return os.environ.get("ATTNC_WS") == "1" and triton_has_hopper_ws()
+
+
+@functools.lru_cache(maxsize=None)
+def triton_has_hopper_ws() -> bool:
+    """Whether this Triton warp-specializes loops on Hopper (``tl.range(..., warp_specialize=True)`` and the
+    Hopper pass behind it, 3.6 on the lent GPU; NOTES item 79)."""
+    import inspect
+
+    import triton
+    import triton.language as tl
+    try:
+        major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (3, 6) and "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+
+
+def ws_fallback(cfg: FwdConfig) -> FwdConfig:
+    """The tiles a warp-specialized configuration runs with where the plan or the call cannot take it: the
+    same blocks on 8 warps, 3 stages (the Hopper default before NOTES item 79)."""
+    return replace(cfg, num_warps=8, num_stages=3, ws=False)
+
+
+def ws_eligible(kern, n_q: int, n_k: int, cfg: FwdConfig, device: torch.device) -> bool:
+    """Whether the forward of ``kern`` at these lengths can run ``cfg``'s warp-specialized loop: a closed-form
+    plan (no lists, no layout) where every query block has at most one partial tile, 128-row query blocks
+    (two consumer warpgroups of 64 rows), and on a GPU a Hopper one with a Triton that specializes (the
+    interpreter runs the same loop unspecialized); on a GPU only with :func:`ws_enabled`. The plan is counted on
+    the host, once per shape."""
+    from .codegen import kernel_mode
+    if not cfg.ws or cfg.block_m != 128:
+        return False
+    if device.type == "cuda" and (_major(device) != 9 or not ws_enabled()):
+        return False
+    cache = kern.__dict__.setdefault("_ws_eligible", {})
+    key = (n_q, n_k, cfg.block_m, cfg.block_n)
+    if key not in cache:
+        cache[key] = kernel_mode(kern.ir) == "ranges" and max_partial_tiles(kern.ir, n_q, n_k, cfg.block_m,
+                                                                            cfg.block_n) <= 1
+    return cache[key]
+
+
+def max_partial_tiles(pir, n_q: int, n_k: int, block_m: int, block_n: int) -> int:
+    """The most tiles a query block's closed-form loop bounds (the kernels' ``_loop_bounds``: the hull of the
+    disjuncts' ranges and the largest full range in it) leave to mask, over every query block."""
+    from .plan import static_block_ranges
+    ranges = static_block_ranges(pir, n_q, n_k, block_m, block_n)
+    lo, hi, flo, fhi = ranges[0]
+    if len(ranges) > 1:
+        active = hi > lo
+        lo, hi = torch.where(active, lo, torch.iinfo(torch.int64).max), torch.where(active, hi, -1)
+        for lo_i, hi_i, flo_i, fhi_i in ranges[1:]:
+            active = hi_i > lo_i
+            lo = torch.where(active, torch.minimum(lo, lo_i), lo)
+            hi = torch.where(active, torch.maximum(hi, hi_i), hi)
+            bigger = (fhi_i - flo_i) > (fhi - flo)
+            flo, fhi = torch.where(bigger, flo_i, flo), torch.where(bigger, fhi_i, fhi)
+        nothing = hi <= lo
+        lo, hi = torch.where(nothing, 0, lo), torch.where(nothing, 0, hi)
+    flo = torch.minimum(torch.maximum(flo, lo), hi)
+    fhi = torch.minimum(torch.maximum(fhi, flo), hi)
+    full = torch.clamp(fhi - flo, min=0)
+    return int(((hi - lo) - full).max()) if len(lo) else 0
 
 
 NARROW_KEYS = 2048
@@ -742,6 +817,7 @@ def _launch_forward(kern, q, k, v, scale: float, sizes: dict, inputs: dict, cfg:
         return out, lse, None
     check_grid(math.ceil(Nq / cfg.block_m), cfg.block_m, Nq, "queries", q.device)
     qk_scale = scale * 1.4426950408889634
+    ws = ws_eligible(kern, Nq, Nk, cfg, q.device)
     layout, launches = forward_launches(kern, q, k, v, sizes=sizes, inputs=inputs, config=cfg)
     # Query blocks of the sorted order: more than Nq / block_m where buckets are padded to whole blocks.
     grid = (B * Hq, math.ceil((layout.rows_q if layout is not None else Nq) / cfg.block_m))
@@ -750,6 +826,9 @@ def _launch_forward(kern, q, k, v, scale: float, sizes: dict, inputs: dict, cfg:
     for module, extra, kx, vx, heads_kv, guard, residue, gathered, pure, plain_lists, rows_k in launches:
         use_tma = _tma_usable(cfg, gathered, kx, vx)
         kd, vd = host_row_pair(use_tma, kx, vx, heads_kv, rows_k, cfg.block_n, residue)
+        # The warp-specialized loop reads Q, K and V and writes O through descriptors on a GPU.
+        specialized = ws and (q.device.type != "cuda" or (use_tma and _descriptor_ok(q) and _descriptor_ok(out)))
+        run_cfg = cfg if specialized or not cfg.ws else ws_fallback(cfg)
         launch_kernel(module.attnc_fwd, grid,
             q, kx, vx, out, lse, kd, vd,
             *q.stride(), *kx.stride(), *vx.stride(), *out.stride(),
@@ -760,8 +839,8 @@ def _launch_forward(kern, q, k, v, scale: float, sizes: dict, inputs: dict, cfg:
             REVERSE=True, USE_TMA=use_tma, HOST_DESC=kd is not None, WIDE_ROWS=wide_rows(kx, vx), RESIDUE=residue,
             PADDED=padded(layout, Nq, Nk), POS_SCALE=scale > 0,
             GUARD=guard, DOT_PRECISION=precision, BUCKET_PURE=pure,
-            HEAD_GROUP=head_group(plain_lists, cfg.head_group), TAIL_PROGRAMS=tail,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HEAD_GROUP=head_group(plain_lists, cfg.head_group), TAIL_PROGRAMS=tail, WS=specialized,
+            num_warps=run_cfg.num_warps, num_stages=run_cfg.num_stages,
         )
     return out, lse, layout
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .launch import FwdConfig, cache_dir, source_key
+from .launch import FwdConfig, cache_dir, source_key, ws_enabled
 
 TUNING_FORMAT = 1
 KINDS = ("fwd", "bwd")
@@ -141,7 +141,8 @@ def entry_key(gpu: str, pattern: str, dtype, head_dim, bucket: int, kind: str) -
 
 
 def config_text(cfg: FwdConfig) -> str:
-    text = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}" + (" tma" if cfg.tma else "")
+    text = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}" + (" tma" if cfg.tma else "") \
+        + (" ws" if cfg.ws else "")
     if cfg.dkdv is not None:
         text += f" / dK,dV {config_text(cfg.dkdv)}"
     if cfg.head_group is not None:
@@ -154,6 +155,8 @@ def config_obj(cfg: FwdConfig) -> dict:
     obj = {"block_m": cfg.block_m, "block_n": cfg.block_n, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     if cfg.tma:
         obj["tma"] = True
+    if cfg.ws:
+        obj["ws"] = True
     if cfg.dkdv is not None:
         obj["dkdv"] = config_obj(cfg.dkdv)
     if cfg.head_group is not None:
@@ -172,8 +175,8 @@ def _config_from(obj) -> FwdConfig | None:
         return None
     if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in values):
         return None
-    tma = obj.get("tma", False)
-    if not isinstance(tma, bool):
+    tma, ws = obj.get("tma", False), obj.get("ws", False)
+    if not isinstance(tma, bool) or not isinstance(ws, bool):
         return None
     dkdv = None
     if obj.get("dkdv") is not None:
@@ -183,7 +186,7 @@ def _config_from(obj) -> FwdConfig | None:
     group = obj.get("head_group")
     if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group < 0):
         return None
-    return FwdConfig(*values, tma=tma, dkdv=dkdv, head_group=group)
+    return FwdConfig(*values, tma=tma, dkdv=dkdv, head_group=group, ws=ws)
 
 
 def _valid_entry(entry) -> bool:
@@ -411,6 +414,10 @@ def search_space(kind: str, head_dim: int, head_dim_v: int | None = None, dtype=
                     variants = [base]
                     if hopper:
                         variants.append(FwdConfig(bm, bn, warps, stages, tma=True))
+                    if hopper and kind == "fwd" and bm == 128 and warps == 4 and stages == 2 and ws_enabled():
+                        # One warp-specialized loop (12 warps: a producer and two consumers), where the plan takes it
+                        # (experimental, ATTNC_WS=1: launch.ws_enabled).
+                        variants.append(FwdConfig(bm, bn, warps, stages, tma=True, ws=True))
                     if hopper and kind == "bwd" and bm != bn:
                         for tma in (False, True):
                             variants.append(FwdConfig(bm, bn, warps, stages, tma,
@@ -418,7 +425,7 @@ def search_space(kind: str, head_dim: int, head_dim_v: int | None = None, dtype=
                     for cfg in variants:
                         if smem_estimate(kind, cfg, head_dim, head_dim_v, dtype) > budget:
                             continue
-                        if register_estimate(kind, cfg, head_dim, head_dim_v) > MAX_REGS:
+                        if not cfg.ws and register_estimate(kind, cfg, head_dim, head_dim_v) > MAX_REGS:
                             continue
                         out.append(cfg)
     out.sort(key=lambda c: (-c.block_m * c.block_n, -c.block_m, -c.num_stages, c.num_warps, not c.tma,

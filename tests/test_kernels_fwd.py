@@ -920,7 +920,9 @@ def test_env_config_accepts_tma_and_rejects_junk(monkeypatch):
     assert launch._env_config("ATTNC_FWD_CONFIG") == launch.FwdConfig(128, 64, 8, 3, True)
     monkeypatch.setenv("ATTNC_FWD_CONFIG", "128,64,8,3")
     assert launch._env_config("ATTNC_FWD_CONFIG") == launch.FwdConfig(128, 64, 8, 3, False)
-    for junk in ("128,64,8", "128,64,8,3,fast", "a,b,c,d"):
+    monkeypatch.setenv("ATTNC_FWD_CONFIG", "128,128,4,2,tma,ws")
+    assert launch._env_config("ATTNC_FWD_CONFIG") == launch.FwdConfig(128, 128, 4, 2, True, ws=True)
+    for junk in ("128,64,8", "128,64,8,3,fast", "a,b,c,d", "128,64,8,3,ws", "128,64,8,3,tma,ws,ws"):
         monkeypatch.setenv("ATTNC_FWD_CONFIG", junk)
         with pytest.raises(attnc.InputError):
             launch._env_config("ATTNC_FWD_CONFIG")
@@ -932,3 +934,70 @@ def test_too_many_blocks_for_a_cuda_grid_is_an_input_error():
     launch.check_grid(70000, 64, 70000 * 64, "queries", torch.device("cpu"))           # the interpreter has no limit
     with pytest.raises(attnc.InputError, match="65535"):
         launch.check_grid(65536, 64, 65536 * 64, "keys", torch.device("cuda"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The warp-specialized forward (FwdConfig.ws; on a GPU experimental, ATTNC_WS=1): one loop over the partial and
+# full tiles, the partial tile's mask an additive tile made before the loop. The interpreter runs the same loop
+# unspecialized; where the plan has more than one partial tile per query block the launch falls back to 8 warps.
+
+
+WS_CASES = ["causal", "causal-nq<nk", "sliding_window-w5", "sliding_window-w45", "prefix_lm-p10",
+            "prefix_lm-p70", "block_local-b64", "global_tokens-g40", "longformer-w40-g33", "alibi", "softcap-c2",
+            "softcap-default", "multi-maybe_causal-true", "multi-self_bonus-w6", "half-causal-score",
+            "rows-masked-static", "float-key-bias-score", "opaque-mod"]
+# The (case, size) pairs of WS_CASES whose plan leaves more than one partial 128 x 128 tile to some query block (a
+# band's two edges, a window beside global tokens): the launch falls back to 8 warps there; the rest run the loop.
+WS_FALLBACK = {(case_id, (130, 130)) for case_id in ("sliding_window-w5", "sliding_window-w45", "longformer-w40-g33",
+                                                     "global_tokens-g40", "multi-self_bonus-w6", "half-causal-score")}
+
+
+@pytest.mark.parametrize("case,size", case_params([c for c in EXAMPLE_CASES + CUSTOM_CASES if c.id in WS_CASES]))
+def test_warp_specialized_forward(case, size):
+    from attnc import launch
+    kern = case.compile()
+    n_q, n_k = size
+    inputs = {} if case.inputs is None else case.inputs(case.batch, case.heads, n_q, n_k,
+                                                        torch.Generator().manual_seed(99))
+    q, k, v = make_qkv(case.batch, case.heads, 1, n_q, n_k, D=32)          # MQA: one K/V head
+    cfg = launch.parse_config("128,128,4,2,tma,ws")
+    eligible = launch.ws_eligible(kern, n_q, n_k, cfg, q.device)
+    assert eligible == ((case.id, size) not in WS_FALLBACK)
+    sizes = _sizes(kern, case.batch, case.heads, n_q, n_k, inputs)
+    with poisoned_allocations():
+        out, lse, _ = launch.launch_forward(kern, q, k, v, scale=32 ** -0.5, sizes=sizes, inputs=inputs, config=cfg)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    check_against_reference(kern, q, k, v, out, lse, **inputs)
+
+
+def test_warp_specialized_loop_hides_whole_rows():
+    """A row that sees no key at all in the WS loop's only tile (strict causal: row 0; bottom-right causal with
+    more queries than keys) outputs exactly 0 with lse -inf, although the bias left its scores finite."""
+    from attnc import launch
+    kern = attnc.compile("pattern strict() {\n    mask k < q\n}\n")
+    q, k, v = make_qkv(1, 2, 2, 100, 100, D=32)
+    cfg = launch.parse_config("128,128,4,2,tma,ws")
+    assert launch.ws_eligible(kern, 100, 100, cfg, q.device)
+    out, lse, _ = launch.launch_forward(kern, q, k, v, scale=0.2, sizes=_sizes(kern, 1, 2, 100, 100, {}), inputs={},
+                                        config=cfg)
+    assert (out[:, :, 0] == 0).all() and torch.isneginf(lse[:, :, 0]).all()
+    check_against_reference(kern, q, k, v, out, lse, scale=0.2)
+
+
+def test_ws_eligibility_counts_partial_tiles():
+    from attnc import launch
+    causal = attnc.compile("pattern causal() {\n    mask k <= q\n}\n")
+    window = attnc.compile("pattern w(window: int) {\n    mask k <= q and q - k < window\n}\n", window=1024)
+    prefix = attnc.compile("pattern p(prefix: int) {\n    mask k < prefix or k <= q\n}\n", prefix=200)
+    assert launch.max_partial_tiles(causal.ir, 300, 300, 128, 128) == 1
+    assert launch.max_partial_tiles(causal.ir, 1024, 1024, 128, 64) == 2        # the diagonal spans two key blocks
+    assert launch.max_partial_tiles(window.ir, 4096, 4096, 128, 128) == 2       # the band's two edges
+    assert launch.max_partial_tiles(prefix.ir, 1024, 1024, 128, 128) == 1       # the prefix edge or the diagonal
+    cfg = launch.parse_config("128,128,4,2,tma,ws")
+    cpu = torch.device("cpu")
+    assert launch.ws_eligible(causal, 300, 300, cfg, cpu) and not launch.ws_eligible(window, 4096, 4096, cfg, cpu)
+    assert not launch.ws_eligible(causal, 300, 300, launch.parse_config("128,128,8,3,tma"), cpu)
+    assert not launch.ws_eligible(causal, 300, 300, launch.parse_config("64,64,4,2,tma,ws"), cpu)
+    docs = case_by_id("documents-sorted").compile()                             # tile lists: never
+    assert not launch.ws_eligible(docs, 300, 300, cfg, cpu)
+    assert launch.ws_fallback(cfg) == launch.FwdConfig(128, 128, 8, 3, tma=True)

@@ -521,10 +521,12 @@ def test_hopper_search_space_has_tma_and_split_backward_variants():
 
 def test_tma_and_split_configs_round_trip_through_json():
     for cfg in (FwdConfig(128, 128, 8, 3, tma=True), FwdConfig(128, 64, 8, 3, dkdv=FwdConfig(64, 128, 8, 3)),
-                FwdConfig(64, 64, 4, 2)):
+                FwdConfig(64, 64, 4, 2), FwdConfig(128, 128, 4, 2, tma=True, ws=True)):
         obj = tuning.config_obj(cfg)
         assert tuning._config_from(json.loads(json.dumps(obj))) == cfg
     assert "tma" in tuning.config_text(FwdConfig(128, 128, 8, 3, tma=True))
+    assert tuning.config_text(FwdConfig(128, 128, 4, 2, tma=True, ws=True)).endswith("tma ws")
+    assert tuning._config_from({"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "ws": 1}) is None
     assert "dK,dV 64x128" in tuning.config_text(FwdConfig(128, 64, 8, 3, dkdv=FwdConfig(64, 128, 8, 3)))
     assert tuning._config_from({"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "tma": "yes"}) is None
     nested = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2,
