@@ -116,7 +116,7 @@ class FwdConfig:
     tma: bool = False        # K/V (forward, dQ) or Q/dO (dK/dV) tiles through tensor descriptors (Hopper)
     dkdv: "FwdConfig | None" = None   # backward: the dK/dV kernel's own tiles (else the same as dQ's)
     head_group: int | None = None     # HEAD_GROUP of the launches (an autotune result); None: head_group()'s rule
-    ws: bool = False         # forward: one warp-specialized loop (Hopper; see ws_config), where the plan allows it
+    ws: bool = False         # forward: one warp-specialized loop (Hopper, ATTNC_WS=1), where ws_eligible allows it
 
     @property
     def dkdv_config(self) -> "FwdConfig":
